@@ -1,0 +1,23 @@
+"""lmkern: fused attention, LayerNorm/GELU feed-forward and cross-entropy kernels for
+language models, each with a PyTorch reference, Triton kernels and a C++/CUDA extension
+behind one function (choose with `backend=` or `lmkern.use_backend`), and GPT and BERT
+models built on them (lmkern.models).
+
+Importing lmkern queries no device and does not import triton.
+"""
+
+from lmkern import functional, nn
+from lmkern.backend import BackendUnavailableError, use_backend
+from lmkern.ops.cross_entropy import cross_entropy
+from lmkern.ops.cross_entropy.linear import linear_cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "cross_entropy",
+    "functional",
+    "linear_cross_entropy",
+    "nn",
+    "use_backend",
+]

@@ -1,0 +1,191 @@
+"""The dispatch point: which implementation of an op runs a given call.
+
+Every op has three implementations with one contract (see lmkern/ops/<op>/):
+
+    torch   the PyTorch reference (reference.py), runs anywhere
+    triton  Triton kernels (triton_kernels.py): CUDA tensors, or CPU tensors under
+            TRITON_INTERPRET=1 (slow, for tests)
+    native  the compiled extension lmkern._C (native.py): C++ kernels for CPU tensors,
+            CUDA kernels for CUDA tensors when built with CUDA
+
+The backend asked for is, first that is set: the call's `backend=` argument, the innermost
+`with lmkern.use_backend(...)`, the environment variable LMKERN_BACKEND, else "auto". An
+explicit backend that cannot run the call raises BackendUnavailableError saying why and
+what to do; "auto" takes the first backend in AUTO that can run it.
+
+Importing this module queries no device and does not import triton.
+"""
+
+import contextlib
+import importlib
+import os
+import sys
+import threading
+
+import torch
+
+BACKENDS = ("torch", "triton", "native")
+CHOICES = (*BACKENDS, "auto")
+
+# What "auto" tries, in order, per op and device type. The CUDA order is a placeholder
+# (triton first, as both kernel backends are exact) until a GPU benchmark result under
+# benchmarks/results/ is cited here to order it.
+AUTO = {
+    "cross_entropy": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
+}
+
+# The kernels take these; float64 runs on the torch reference.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_MODULES = {"torch": "reference", "triton": "triton_kernels", "native": "native"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the call."""
+
+
+class _Requested(threading.local):
+    # A plain per-thread stack rather than a ContextVar, because torch.compile traces
+    # (and guards on) attribute reads of a threading.local but not ContextVar.get.
+    def __init__(self):
+        self.stack = []
+
+
+_requested = _Requested()
+
+
+def _check_choice(name, source):
+    if name not in CHOICES:
+        raise ValueError(f"{source} must be one of {', '.join(map(repr, CHOICES))}, got {name!r}")
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run lmkern ops inside the block on backend `name` ("torch", "triton", "native" or "auto")."""
+    _check_choice(name, "use_backend(name)")
+    _requested.stack.append(name)
+    try:
+        yield
+    finally:
+        _requested.stack.pop()
+
+
+def requested_backend(backend=None):
+    """The backend asked for: `backend`, else the innermost use_backend, else $LMKERN_BACKEND, else "auto"."""
+    if backend is not None:
+        _check_choice(backend, "backend")
+        return backend
+    if _requested.stack:
+        return _requested.stack[-1]
+    from_env = os.environ.get("LMKERN_BACKEND", "") or "auto"
+    _check_choice(from_env, "the environment variable LMKERN_BACKEND")
+    return from_env
+
+
+def constant_under_compile(fn):
+    """What torch.compiler.assume_constant_result does, without importing torch._dynamo
+    (which takes seconds and imports triton): torch.compile calls fn while tracing and
+    keeps its result. tests/test_backend.py checks that torch still marks functions so."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+_import_errors = {}
+
+
+@constant_under_compile
+def import_error(module):
+    """None if `module` imports, else the ImportError's message; tried once per process."""
+    if module not in _import_errors:
+        try:
+            importlib.import_module(module)
+            _import_errors[module] = None
+        except ImportError as error:
+            _import_errors[module] = str(error)
+    return _import_errors[module]
+
+
+def triton_error():
+    """None if triton imports, else why not and what to do."""
+    error = import_error("triton")
+    return error and f"triton is not installed ({error}); install it with `pip install triton`"
+
+
+def native_error():
+    """None if the extension lmkern._C loads (registering its ops), else why not and what to do."""
+    error = import_error("lmkern._C")
+    return error and (
+        f"the extension lmkern._C is not built or does not load ({error}); build it from the "
+        "repository root with `pip install --no-build-isolation -e .`"
+    )
+
+
+def triton_interpreting():
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# What is installed and built does not change within a process.
+@constant_under_compile
+def unavailable_reason(name, op, device_type, dtype=None):
+    """None if backend `name` can run `op` on tensors of this device type and dtype, else why not."""
+    if name == "torch":
+        return None
+    if dtype is not None and dtype not in KERNEL_DTYPES:
+        return f"its kernels take float32, float16 or bfloat16, got {dtype}; use backend='torch'"
+    if name == "triton":
+        if device_type not in ("cuda", "cpu"):
+            return f"triton runs on CUDA tensors, not {device_type}"
+        if triton_error():
+            return triton_error()
+        if device_type == "cpu" and not triton_interpreting():
+            return (
+                "triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before "
+                "triton is imported (slow; meant for tests), or move the tensors to CUDA"
+            )
+        return None
+    if native_error():
+        return native_error()
+    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if dispatch_key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"lmkern::{op}_fwd", dispatch_key
+    ):
+        if device_type == "cuda":
+            return (
+                f"lmkern._C has no CUDA kernel for {op}: rebuild it with a CUDA toolkit and a "
+                "CUDA build of torch (`LMKERN_BUILD_CUDA=1 pip install --no-build-isolation -e .`)"
+            )
+        return f"lmkern._C has no {device_type} kernel for {op}"
+    return None
+
+
+def auto_backend(op, device_type, dtype=None):
+    """What "auto" picks for `op` on this device type and dtype."""
+    for candidate in AUTO[op].get(device_type, ("torch",)):
+        if unavailable_reason(candidate, op, device_type, dtype) is None:
+            return candidate
+    return "torch"
+
+
+def resolve(op, tensor, backend=None):
+    """The backend that runs `op` on `tensor` (an input that fixes device and dtype)."""
+    name = requested_backend(backend)
+    device_type, dtype = tensor.device.type, tensor.dtype
+    if name == "auto":
+        return auto_backend(op, device_type, dtype)
+    reason = unavailable_reason(name, op, device_type, dtype)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"lmkern.{op}: backend {name!r} cannot run on a {device_type} {dtype} tensor: {reason}"
+        )
+    return name
+
+
+def implementation(op_package, name):
+    """The module of backend `name` in an op's package, e.g. lmkern.ops.cross_entropy.reference."""
+    module = f"{op_package}.{_MODULES[name]}"
+    error = import_error(module)
+    if error is not None:
+        raise ImportError(error)
+    # sys.modules rather than importlib, which torch.compile does not trace.
+    return sys.modules[module]

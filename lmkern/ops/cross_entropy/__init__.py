@@ -1,0 +1,165 @@
+"""Fused softmax cross-entropy on logits: the autograd Function and lmkern.cross_entropy.
+
+The forward kernel of the backend in use computes each row's loss and its gradient in one
+pass over the logits, so backward is only a scale of that gradient (by the incoming
+gradient, and by 1/denominator for "mean"). The scale is the same for every backend and
+is done here with one torch multiply.
+"""
+
+import torch
+
+from lmkern.backend import implementation, resolve
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def reduce_rows(row_loss, target, weight, ignore_index, reduction):
+    """The reduced loss in fp32 and, for "mean", the denominator it was divided by.
+
+    As in torch, "mean" divides by the number of non-ignored rows, or by the sum of their
+    target classes' weights; with every row ignored that is 0/0 = NaN.
+    """
+    if reduction == "none":
+        return row_loss, None
+    if reduction == "sum":
+        return row_loss.sum(), None
+    counted = target != ignore_index
+    if weight is None:
+        denominator = counted.sum(dtype=torch.float32)
+    else:
+        target_weight = weight[target.clamp(0, weight.shape[0] - 1)]
+        denominator = torch.where(counted, target_weight, 0.0).sum()
+    return row_loss.sum() / denominator, denominator
+
+
+def grad_scale(grad_loss, denominator, reduction):
+    """What each row's saved gradient is multiplied by in backward (broadcasts over (N, V))."""
+    if reduction == "none":
+        return grad_loss[:, None]
+    if reduction == "sum":
+        return grad_loss
+    # With every row ignored the saved gradient is all zeros: divide by 1, not 0, to keep it so.
+    return grad_loss / torch.where(denominator > 0, denominator, 1.0)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, inplace_backward, backend):
+        fwd = implementation(__name__, backend).cross_entropy_fwd
+        row_loss, grad = fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_backward)
+        if inplace_backward:
+            # Anything else that saved the logits must now fail loudly instead of reading gradients.
+            torch.autograd.graph.increment_version(logits)
+        loss, denominator = reduce_rows(row_loss, target, weight, ignore_index, reduction)
+        ctx.save_for_backward(grad, denominator)
+        ctx.reduction = reduction
+        ctx.inplace_backward = inplace_backward
+        return loss.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad, denominator = ctx.saved_tensors
+        scale = grad_scale(grad_loss, denominator, ctx.reduction)
+        # Out of place by default so that backward may run twice (retain_graph=True).
+        grad_logits = grad.mul_(scale) if ctx.inplace_backward else grad * scale
+        return grad_logits, None, None, None, None, None, None, None, None
+
+
+def check_reduction_args(ignore_index, reduction, label_smoothing, z_loss):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not z_loss >= 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+
+
+def check_target(target, input, input_name):
+    """target must hold class indices with the shape of input without its last dimension."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(
+            f"target must have shape {tuple(input.shape[:-1])} ({input_name} {tuple(input.shape)} "
+            f"without its last dimension), got {tuple(target.shape)}"
+        )
+    if target.device != input.device:
+        raise ValueError(f"target must be on {input.device} like {input_name}, got {target.device}")
+
+
+def check_float_tensor(tensor, name, dims):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if tensor.dim() not in dims:
+        expected = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+
+
+def cross_entropy(
+    input,
+    target,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    *,
+    z_loss=0.0,
+    inplace_backward=False,
+    backend=None,
+):
+    """Softmax cross-entropy of logits against class indices, fused in one pass.
+
+    Args:
+        input: logits (N, V) or (B, T, V), float32/float16/bfloat16 (float64 runs on the
+            torch backend). The classes are the last dimension: for 3-D input this is
+            F.cross_entropy(input.flatten(0, 1), target.flatten()), whereas torch's own
+            3-D layout puts classes in dim 1 (lmkern.functional.cross_entropy keeps that).
+        target: (N,) or (B, T) int64 (or int32) class indices in [0, V), or ignore_index.
+        weight: (V,) class weights, as in torch.
+        ignore_index: target value whose rows add nothing to the loss or the gradient.
+        reduction: "mean" (over non-ignored rows, weighted like torch), "sum" or "none"
+            (per-row losses of shape (N,) or (B, T)).
+        label_smoothing: in [0, 1], as in torch.
+        z_loss: coefficient of logsumexp(row)^2, added to each non-ignored row's loss and
+            reduced with it.
+        inplace_backward: write the gradient over the logits' memory during forward instead
+            of allocating a new (N, V) tensor. The logits' values are lost, and backward
+            may run only once. Saves memory only when the rows are contiguous in the last
+            dimension (a copy is overwritten otherwise).
+        backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
+
+    Returns the loss in the input's dtype: a scalar, or per row for reduction="none".
+    A target outside [0, V) that is not ignore_index raises ValueError naming it on CPU;
+    on CUDA, where checking would stall the stream, that row's loss and gradient are NaN
+    (so the reduced loss is NaN) and nothing is read out of bounds. With every target
+    ignored, "mean" gives NaN (0/0) and zero gradients, like torch.
+    """
+    check_float_tensor(input, "input", (2, 3))
+    check_target(target, input, "input")
+    check_reduction_args(ignore_index, reduction, label_smoothing, z_loss)
+    vocab = input.shape[-1]
+    if vocab == 0:
+        raise ValueError(f"input must have at least one class in its last dimension, got shape {tuple(input.shape)}")
+    if weight is not None:
+        check_float_tensor(weight, "weight", (1,))
+        if weight.shape[0] != vocab or weight.device != input.device:
+            raise ValueError(
+                f"weight must have shape ({vocab},) on {input.device}, got {tuple(weight.shape)} on {weight.device}"
+            )
+        # The kernels take float32 weights; float64 input runs on the torch backend in float64.
+        weight = weight.to(torch.promote_types(torch.float32, input.dtype)).contiguous()
+    name = resolve("cross_entropy", input, backend)
+    logits = input.reshape(-1, vocab)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    rows_target = target.reshape(-1).to(torch.int64).contiguous()
+    loss = CrossEntropyFunction.apply(
+        logits, rows_target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), inplace_backward, name
+    )
+    return loss.view(target.shape) if reduction == "none" else loss

@@ -1,0 +1,73 @@
+"""Builds lmkern and its extension lmkern._C: C++ kernels always, CUDA kernels when possible.
+
+Install with `pip install --no-build-isolation -e .`. torch must be installed first: with
+build isolation pip would download a multi-GB CUDA torch just to build against it.
+
+The CUDA kernels are built when a CUDA toolkit is found and the installed torch is a CUDA
+build (no GPU is needed to build them); LMKERN_BUILD_CUDA=0 or 1 forces either way.
+TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100/H200).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+
+
+def build_cuda() -> bool:
+    flag = os.environ.get("LMKERN_BUILD_CUDA", "")
+    if flag not in ("", "0", "1"):
+        raise SystemExit(f"LMKERN_BUILD_CUDA must be 0 or 1, got {flag!r}")
+    possible = CUDA_HOME is not None and torch.version.cuda is not None
+    if flag == "1" and not possible:
+        raise SystemExit(
+            "LMKERN_BUILD_CUDA=1 needs a CUDA toolkit and a CUDA build of torch; found "
+            f"CUDA_HOME={CUDA_HOME}, torch {torch.__version__} (CUDA {torch.version.cuda})"
+        )
+    return possible if flag == "" else flag == "1"
+
+
+def extension():
+    sources = ["csrc/lmkern.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # -fopenmp-simd honours `omp simd` (vectorised reductions) without the OpenMP runtime;
+    # without trapping math the compiler may vectorise branch-free selects.
+    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    if not build_cuda():
+        return CppExtension("lmkern._C", sources, extra_compile_args={"cxx": cxx_flags})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    return CUDAExtension(
+        "lmkern._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS}
+    )
+
+
+def packages():
+    """lmkern and its subpackages, plus models/ installed as lmkern.models."""
+    found = []
+    for top, name in (("lmkern", "lmkern"), ("models", "lmkern.models")):
+        for init in sorted(glob.glob(f"{top}/**/__init__.py", recursive=True)):
+            sub = os.path.dirname(init)[len(top):].strip("/").replace("/", ".")
+            found.append(f"{name}.{sub}" if sub else name)
+    return found
+
+
+setup(
+    name="lmkern",
+    version="0.1.0",
+    description="Fused attention, LayerNorm/GELU feed-forward and cross-entropy kernels, "
+    "and GPT and BERT models built on them",
+    python_requires=">=3.10",
+    packages=packages(),
+    package_dir={"lmkern": "lmkern", "lmkern.models": "models"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    install_requires=["torch>=2.6", "triton>=3.2; platform_system == 'Linux'"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest"],
+        "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],
+    },
+)

@@ -1,0 +1,34 @@
+"""Test set-up: Triton's interpreter when there is no GPU, the device/backend/dtype
+parameters, and skips that say why."""
+
+import os
+
+import torch
+
+# Triton reads this when its kernels are defined, so before any test imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from lmkern import backend  # noqa: E402
+
+BACKENDS = ("torch", "native", "triton")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
+
+
+def require(name, device, dtype, op):
+    """Skip, saying why, unless backend `name` can run `op` on this device and dtype here."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    reason = backend.unavailable_reason(name, op, device, dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    if name == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter gave wrong bf16 values (triton 3.9): bf16 Triton runs on GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

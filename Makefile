@@ -4,8 +4,12 @@
 #
 #   make demo        the main job: fused cross-entropy on every backend, against torch
 #   make test        the test suite (CI runs this)
+#   make bench       the benchmark suite; results in benchmarks/results/<device>/
+#   make bench-quick its small sizes, and its pytest-benchmark form run once (CI runs this)
 #   make cuda-check  compile-check the CUDA sources with nvcc (no GPU needed)
 #   make info        what lmkern sees: versions, devices, backends
+#   make gpu-check OUT=DIR   on a GPU machine, with its own torch (no .venv): build with
+#                    CUDA, all tests, the benchmarks; logs, results and a summary in DIR
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -14,7 +18,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 
-.PHONY: install demo test cuda-check info
+.PHONY: install demo test bench bench-quick cuda-check info gpu-check
 
 $(INSTALLED): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +37,19 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	LMKERN_REQUIRE_BACKENDS=native,triton $(PY) -m pytest -q tests
 
+bench: $(INSTALLED)
+	$(PY) -m benchmarks.run
+
+bench-quick: $(INSTALLED)
+	$(PY) -m benchmarks.run --quick
+	$(PY) -m pytest benchmarks --quick --benchmark-disable -q -p no:cacheprovider
+
 cuda-check: $(INSTALLED)
 	$(PY) scripts/check_cuda.py
 
 info: $(INSTALLED)
 	$(PY) -m lmkern.info
+
+OUT ?= build/gpu-check
+gpu-check:
+	scripts/gpu_check.sh $(OUT)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import lmkern
 from lmkern import backend
-from lmkern.timing import measure
+from lmkern.measure import time_ms
 
 # Agreement asked of each backend with torch's own cross_entropy, per dtype.
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=1e-4)}
@@ -57,7 +57,7 @@ def main(argv=None):
         )
         all_match &= match
         x = logits.detach().requires_grad_()
-        timing = measure(lambda: function(x, target).backward(), device)
+        timing = time_ms(lambda: function(x, target).backward(), device)
         print(
             f"{label:<22} {timing.median_ms:>9.2f} ({timing.p20_ms:.2f}-{timing.p80_ms:.2f})"
             f" {(loss - expected_loss).abs().item():>12.2e} {(grad - expected_grad).abs().max().item():>16.2e}"

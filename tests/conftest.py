@@ -29,6 +29,17 @@ def require(name, device, dtype, op):
         pytest.skip("the Triton interpreter gave wrong bf16 values (triton 3.9): bf16 Triton runs on GPU")
 
 
+def assert_compiles_like_eager(step, x):
+    """torch.compile(step, fullgraph=True) gives step's value and input gradient at x."""
+    eager_x = x.clone().requires_grad_()
+    step(eager_x).backward()
+    compiled_x = x.clone().requires_grad_()
+    loss = torch.compile(step, fullgraph=True)(compiled_x)
+    loss.backward()
+    torch.testing.assert_close(loss, step(x))
+    torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,10 +1,6 @@
-"""The tolerance rule of DESIGN.md, and a peak-memory probe for CPU tensors."""
-
-import weakref
+"""The tolerance rule of DESIGN.md."""
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 
 def truth_dtype(dtype):
@@ -33,37 +29,3 @@ def assert_close_to_truth(actual, truth, baseline, factor=2.0, name="output"):
     floor = eps * truth[finite].abs().max().item()
     bound = factor * baseline_error + floor
     assert error <= bound, f"{name}: max error {error:.3g} > {factor} * baseline {baseline_error:.3g} + floor {floor:.3g}"
-
-
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes held by tensor storages that ops inside the block created.
-
-    Counts each storage once while any tensor made inside the block still refers to it;
-    what the ops allocate and free internally is not seen.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._refs = {}
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, key, nbytes):
-        self._refs[key] -= 1
-        if self._refs[key] == 0:
-            del self._refs[key]
-            self.current -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-                if key not in self._refs:
-                    self._refs[key] = 0
-                    self.current += nbytes
-                    self.peak = max(self.peak, self.current)
-                self._refs[key] += 1
-                weakref.finalize(tensor, self._release, key, nbytes)
-        return out

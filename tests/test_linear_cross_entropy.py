@@ -3,10 +3,11 @@ computation under the tolerance rule, chunking, memory, and bad input."""
 
 import pytest
 import torch
-from conftest import BACKENDS, DEVICES, DTYPES, require
-from numerics import PeakMemory, assert_close_to_truth, truth_dtype
+from conftest import BACKENDS, DEVICES, DTYPES, assert_compiles_like_eager, require
+from numerics import assert_close_to_truth, truth_dtype
 
 import lmkern
+from lmkern.measure import PeakMemory
 
 # id -> (hidden shape, vocab, bias, keyword arguments)
 CASES = {
@@ -70,6 +71,16 @@ def test_frozen_weight_gets_no_gradient():
     hidden.requires_grad_()
     lmkern.linear_cross_entropy(hidden, weight, target, bias).backward()
     assert hidden.grad is not None and weight.grad is None and bias.grad is None
+
+
+def test_compiles_with_fullgraph_on_cpu():
+    require("native", "cpu", torch.float32, "cross_entropy")
+    hidden, weight, bias, target, kwargs = make_case("mean", torch.float32, "cpu")
+
+    def step(h):
+        return lmkern.linear_cross_entropy(h, weight, target, bias, chunk_size=8)
+
+    assert_compiles_like_eager(step, hidden)
 
 
 def test_peak_memory_is_one_chunk_of_logits():

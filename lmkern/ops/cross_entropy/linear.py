@@ -99,16 +99,29 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             _, grads = chunked_loss_and_grads(
                 ctx.fwd, hidden, weight, bias, target, ctx.options, ctx.chunk_size, needs_grad, row_scale=grad_loss
             )
+            grad_hidden, grad_weight, grad_bias = grads
+            scale = None
         else:
-            *grads, denominator = ctx.saved_tensors
+            grad_hidden, grad_weight, grad_bias, denominator = ctx.saved_tensors
             scale = ce.grad_scale(grad_loss, denominator, ctx.reduction)
-            grads = [None if g is None else g * scale for g in grads]
-        grad_hidden, grad_weight, grad_bias = grads
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(ctx.weight_dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return (
+            _scaled(grad_hidden, scale, grad_loss.dtype),
+            _scaled(grad_weight, scale, ctx.weight_dtype),
+            _scaled(grad_bias, scale, ctx.weight_dtype),
+            None, None, None, None, None, None, None,
+        )
+
+
+def _scaled(grad, scale, dtype):
+    """grad * scale in `dtype`, rounded once and without an fp32 temporary of grad's size.
+
+    Out of place, so that backward may run twice (retain_graph=True).
+    """
+    if grad is None:
+        return None
+    if scale is None:
+        return grad.to(dtype)
+    return torch.mul(grad, scale, out=torch.empty_like(grad, dtype=dtype))
 
 
 def linear_cross_entropy(

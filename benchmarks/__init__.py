@@ -1,0 +1,1 @@
+"""lmkern's benchmark suite: `python -m benchmarks.run [--op NAME] [--quick]`."""

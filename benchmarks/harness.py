@@ -1,0 +1,208 @@
+"""The harness every benchmarks/bench_<op>.py uses: providers, the three passes, timing
+and memory, throughput against the device's peak, and the result record.
+
+An op's benchmark module defines:
+
+    OP          the op's name, e.g. "cross_entropy"
+    METRIC      "GB/s" for a memory-bound op, "TFLOP/s" for a compute-bound one
+    cases(device, quick)              the sizes: a list of dicts
+    label(case)                       a short name for a case, e.g. "8192x50257"
+    dtype(device)                     the dtype it runs in there
+    make_inputs(case, device, dtype)  a tuple of tensors (requires_grad where trained)
+    providers(device, dtype)          a list of Provider
+    work(case, dtype, pass_name)      bytes moved (GB/s) or FLOPs (TFLOP/s) in that pass
+"""
+
+import dataclasses
+import datetime
+import platform
+import re
+import subprocess
+import traceback
+
+import torch
+import torch._functorch.config
+
+import lmkern
+from lmkern import backend
+from lmkern.measure import peak_memory_bytes, time_ms
+
+PASSES = ("fwd", "bwd", "fwd+bwd")
+
+# Peaks of known devices (DESIGN.md): dense bf16 TFLOP/s and memory TB/s, by the name
+# torch.cuda.get_device_name gives. Unknown devices get no "% of peak".
+DEVICE_PEAKS = {
+    "NVIDIA H100 80GB HBM3": {"TFLOP/s": 989.0, "GB/s": 3350.0},  # H100 SXM
+    "NVIDIA H200": {"TFLOP/s": 989.0, "GB/s": 4800.0},
+    "NVIDIA A100-SXM4-80GB": {"TFLOP/s": 312.0, "GB/s": 2000.0},
+}
+
+
+@dataclasses.dataclass
+class Provider:
+    """One implementation to time: run(*inputs) returns the output whose backward is timed."""
+
+    name: str
+    run: object = None
+    absent: str = None  # why it cannot run here; run is None then
+
+
+def compiled_provider(function):
+    """torch.compile of the same eager code. Its backward keeps its buffers (no donation,
+    set for the whole benchmark process) so that backward can be timed alone with
+    retain_graph; its peak memory may read a little high for it."""
+    torch._functorch.config.donated_buffer = False
+    return Provider("torch.compile", torch.compile(function))
+
+
+def lmkern_providers(op, device, dtype, function):
+    """A provider per lmkern backend: function(*inputs, backend=name); op names the
+    kernel whose availability decides (see lmkern.backend.AUTO)."""
+    providers = []
+    for name in backend.BACKENDS:
+        reason = backend.unavailable_reason(name, op, device, dtype)
+        if name == "triton" and device == "cpu":
+            reason = "Triton runs CPU tensors only in its interpreter, whose timings mean nothing"
+        run = None if reason else (lambda *inputs, name=name: function(*inputs, backend=name))
+        providers.append(Provider(f"lmkern {name}", run, reason))
+    return providers
+
+
+def optional_provider(name, device, load):
+    """A provider from another library: load() returns its run function and may raise ImportError."""
+    if device != "cuda":
+        return Provider(name, absent="runs on CUDA only")
+    try:
+        return Provider(name, load())
+    except ImportError as error:
+        return Provider(name, absent=f"not importable ({error})")
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with open("/proc/cpuinfo") as cpuinfo:
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    return f"{model or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(name):
+    """A folder name for a device: lowercase words joined by '-'."""
+    words = re.sub(r"\(r\)|\(tm\)", "", name.lower())
+    return re.sub(r"[^a-z0-9]+", "-", words).strip("-")
+
+
+def stamp(device):
+    """When, what code and what machine a result comes from."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        commit += "+changes" if dirty.stdout.strip() else ""
+    except OSError:
+        commit = "unknown"
+    triton_version = "not installed"
+    if backend.triton_error() is None:
+        import triton
+
+        triton_version = triton.__version__
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit or "unknown",
+        "device": device_name(device),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": triton_version,
+            "lmkern": lmkern.__version__,
+        },
+    }
+
+
+def throughput(module, case, dtype, pass_name, median_ms, device):
+    """(value in module.METRIC, % of the device's peak or None)."""
+    per_second = module.work(case, dtype, pass_name) / (median_ms * 1e-3)
+    value = per_second / (1e9 if module.METRIC == "GB/s" else 1e12)
+    peaks = DEVICE_PEAKS.get(device_name(device)) if device == "cuda" else None
+    # The TFLOP/s peak is for bf16/fp16 tensor cores; fp32 work has another.
+    if peaks is None or (module.METRIC == "TFLOP/s" and dtype == torch.float32):
+        return value, None
+    return value, 100.0 * value / peaks[module.METRIC]
+
+
+def pass_functions(module, case, provider, device, dtype):
+    """{pass name: a callable running that pass once} for one provider on one case."""
+    inputs = module.make_inputs(case, device, dtype)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    output = provider.run(*inputs)
+    grad_output = torch.randn_like(output)
+
+    def clear_grads():
+        for leaf in leaves:
+            leaf.grad = None
+
+    def backward():
+        clear_grads()
+        output.backward(grad_output, retain_graph=True)
+
+    def forward_backward():
+        clear_grads()
+        provider.run(*inputs).backward(grad_output)
+
+    return {"fwd": lambda: provider.run(*inputs), "bwd": backward, "fwd+bwd": forward_backward}
+
+
+def measure_provider(module, case, provider, device, dtype, min_run_time):
+    """Rows (one per pass) for one provider on one case."""
+    functions = pass_functions(module, case, provider, device, dtype)
+    rows = []
+    for pass_name in PASSES:
+        timing = time_ms(functions[pass_name], device, min_run_time=min_run_time)
+        value, percent = throughput(module, case, dtype, pass_name, timing.median_ms, device)
+        rows.append(
+            dict(pass_name=pass_name, median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                 throughput=value, percent_of_peak=percent)
+        )
+    memory = peak_memory_bytes(functions["fwd+bwd"], device) / 2**20
+    for row in rows:
+        row["fwd_bwd_peak_mib"] = memory
+    return rows
+
+
+def run_op(module, device, quick, log=print):
+    """Measures every provider on every case of an op; returns the result record."""
+    dtype = module.dtype(device)
+    min_run_time = 0.05 if quick else 0.5
+    providers = module.providers(device, dtype)
+    rows = []
+    for case in module.cases(device, quick):
+        for provider in providers:
+            base = dict(case=case, label=module.label(case), provider=provider.name)
+            if provider.run is None:
+                rows.append(dict(base, absent=provider.absent))
+                continue
+            try:
+                measured = measure_provider(module, case, provider, device, dtype, min_run_time)
+            except Exception as error:  # one provider failing (e.g. out of memory) must not lose the others
+                log(f"{module.OP} {base['label']} {provider.name}: {type(error).__name__}: {error}")
+                log(traceback.format_exc(limit=3))
+                rows.append(dict(base, error=f"{type(error).__name__}: {str(error)[:300]}"))
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            rows.extend(dict(base, **row) for row in measured)
+            fwd_bwd = measured[-1]
+            log(f"{module.OP:<22} {base['label']:<22} {provider.name:<16} fwd+bwd {fwd_bwd['median_ms']:9.3f} ms "
+                f"{fwd_bwd['throughput']:9.1f} {module.METRIC}  peak {fwd_bwd['fwd_bwd_peak_mib']:.0f} MiB")
+    return dict(op=module.OP, metric=module.METRIC, dtype=str(dtype).removeprefix("torch."), quick=quick,
+                device_slug=device_slug(device_name(device)), **stamp(device), rows=rows)
+
+
+def best_by_provider(result, pass_name="fwd+bwd"):
+    """{case label: {provider: throughput}} for one pass."""
+    table = {}
+    for row in result["rows"]:
+        if row.get("pass_name") == pass_name:
+            table.setdefault(row["label"], {})[row["provider"]] = row["throughput"]
+    return table
+

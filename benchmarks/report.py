@@ -1,0 +1,92 @@
+"""Result files of a benchmark run: <op>.json (every measurement and its stamp), <op>.md
+(the table) and <op>.png (forward+backward throughput per case and provider)."""
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on benchmark machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _cell(row, metric):
+    if "absent" in row:
+        return "absent"
+    if "error" in row:
+        return "error"
+    percent = "" if row["percent_of_peak"] is None else f", {row['percent_of_peak']:.0f}%"
+    return f"{row['median_ms']:.3f} ms ({row['throughput']:.1f} {metric}{percent})"
+
+
+def markdown(result):
+    providers = list(dict.fromkeys(row["provider"] for row in result["rows"]))
+    labels = list(dict.fromkeys(row["label"] for row in result["rows"]))
+    by_key = {}
+    for row in result["rows"]:
+        by_key[(row["label"], row.get("pass_name"), row["provider"])] = row
+    versions = ", ".join(f"{name} {version}" for name, version in result["versions"].items())
+    lines = [
+        f"# {result['op']} on {result['device']}",
+        "",
+        f"{result['dtype']}{', quick sizes' if result['quick'] else ''}; commit {result['commit']}, "
+        f"{result['date']}; {versions}.",
+        "",
+        f"Median time (throughput in {result['metric']}, % of the device's peak where known).",
+        "",
+        "| case | pass | " + " | ".join(providers) + " |",
+        "|---|---|" + "---|" * len(providers),
+    ]
+    passes = list(dict.fromkeys(row["pass_name"] for row in result["rows"] if "pass_name" in row))
+    for label in labels:
+        for pass_name in passes:
+            cells = []
+            for provider in providers:
+                row = by_key.get((label, pass_name, provider)) or by_key.get((label, None, provider))
+                cells.append(_cell(row, result["metric"]) if row else "")
+            lines.append(f"| {label} | {pass_name} | " + " | ".join(cells) + " |")
+    lines += ["", "Peak memory of forward+backward above the inputs (MiB).", ""]
+    lines += ["| case | " + " | ".join(providers) + " |", "|---|" + "---|" * len(providers)]
+    for label in labels:
+        cells = []
+        for provider in providers:
+            row = by_key.get((label, "fwd+bwd", provider))
+            cells.append(f"{row['fwd_bwd_peak_mib']:.0f}" if row else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    notes = {row["provider"]: row["absent"] for row in result["rows"] if "absent" in row}
+    notes.update({f"{row['provider']} on {row['label']}": row["error"] for row in result["rows"] if "error" in row})
+    if notes:
+        lines += ["", *(f"- {name}: {why}" for name, why in notes.items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path):
+    table = {}
+    for row in result["rows"]:
+        if row.get("pass_name") == "fwd+bwd":
+            table.setdefault(row["provider"], {})[row["label"]] = row["throughput"]
+    labels = list(dict.fromkeys(row["label"] for row in result["rows"]))
+    figure, axes = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
+    width = 0.8 / max(1, len(table))
+    for index, (provider, values) in enumerate(table.items()):
+        positions = [i + index * width for i, label in enumerate(labels) if label in values]
+        axes.bar(positions, [values[label] for label in labels if label in values], width, label=provider)
+    axes.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=15)
+    axes.set_ylabel(f"forward+backward {result['metric']}")
+    axes.set_title(f"{result['op']}, {result['dtype']}, {result['device']}", fontsize=9)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write(result, folder):
+    """Writes <op>.json, <op>.md and <op>.png into folder; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, result["op"])
+    with open(stem + ".json", "w") as file:
+        json.dump(result, file, indent=1)
+    with open(stem + ".md", "w") as file:
+        file.write(markdown(result))
+    plot(result, stem + ".png")
+    return [stem + ".json", stem + ".md", stem + ".png"]

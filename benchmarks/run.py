@@ -1,0 +1,41 @@
+"""Runs the benchmark suite: prints each op's table and writes its result files
+(benchmarks/report.py) to benchmarks/results/<device>/.
+
+    python -m benchmarks.run [--op NAME ...] [--quick] [--device cpu|cuda] [--out DIR]
+
+--quick runs small sizes as a smoke test (CI does); its files go to
+benchmarks/results/<device>/quick/ unless --out says otherwise.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+from benchmarks import bench_cross_entropy, bench_linear_cross_entropy, report
+from benchmarks.harness import run_op
+
+OPS = {module.OP: module for module in (bench_cross_entropy, bench_linear_cross_entropy)}
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="lmkern's benchmark suite")
+    parser.add_argument("--op", action="append", choices=list(OPS), help="run only this op (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="folder for the result files")
+    args = parser.parse_args(argv)
+    for name in args.op or OPS:
+        result = run_op(OPS[name], args.device, args.quick)
+        folder = args.out or os.path.join(RESULTS, result["device_slug"], "quick" if args.quick else "")
+        paths = report.write(result, folder)
+        print()
+        print(report.markdown(result))
+        print("wrote " + ", ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -74,7 +74,7 @@ def plot(result, path):
     axes.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=15)
     axes.set_ylabel(f"forward+backward {result['metric']}")
     axes.set_title(f"{result['op']}, {result['dtype']}, {result['device']}", fontsize=9)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

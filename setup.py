@@ -65,7 +65,14 @@ setup(
     package_dir={"lmkern": "lmkern", "lmkern.models": "models"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
-    install_requires=["torch>=2.8", "triton>=3.2; platform_system == 'Linux'"],
+    install_requires=[
+        "torch>=2.8",
+        "triton>=3.2; platform_system == 'Linux'",
+        "numpy",  # memory-mapped token files
+        "tokenizers>=0.19",
+        "tqdm",  # progress bars
+    ],
+    entry_points={"console_scripts": ["lmkern = lmkern.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest"],
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],

@@ -58,11 +58,11 @@ def main(argv=None):
         all_match &= match
         x = logits.detach().requires_grad_()
         timing = time_ms(lambda: function(x, target).backward(), device)
-        print(
-            f"{label:<22} {timing.median_ms:>9.2f} ({timing.p20_ms:.2f}-{timing.p80_ms:.2f})"
-            f" {(loss - expected_loss).abs().item():>12.2e} {(grad - expected_grad).abs().max().item():>16.2e}"
-            f"  {'matches torch' if match else 'MISMATCH'}"
-        )
+        timing_text = f"{timing.median_ms:.2f} ({timing.p20_ms:.2f}-{timing.p80_ms:.2f})"
+        loss_diff = (loss - expected_loss).abs().item()
+        grad_diff = (grad - expected_grad).abs().max().item()
+        status = "matches torch" if match else "MISMATCH"
+        print(f"{label:<22} {timing_text:>24} {loss_diff:>12.2e} {grad_diff:>16.2e}  {status}")
     return 0 if all_match else 1
 
 

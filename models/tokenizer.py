@@ -1,0 +1,63 @@
+"""Tokenizers trained on local text with the `tokenizers` library, saved as DIR/tokenizer.json:
+byte-level BPE for GPT (any text round-trips exactly) and WordPiece for BERT (lower-cased,
+with [PAD] [UNK] [CLS] [SEP] [MASK])."""
+
+import os
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+KINDS = ("bpe", "wordpiece")
+END_OF_TEXT = "<|endoftext|>"  # GPT's document separator
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+FILE_NAME = "tokenizer.json"
+
+
+def train_tokenizer(texts, kind, vocab_size):
+    """A tokenizer of `kind` ("bpe" or "wordpiece") trained on an iterable of strings."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    minimum = 256 + 1 if kind == "bpe" else len(BERT_SPECIALS) + 1
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size must be at least {minimum} for {kind}, got {vocab_size}")
+    if kind == "bpe":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[END_OF_TEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, so nothing is unknown
+            show_progress=False,
+        )
+    else:
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS), show_progress=False
+        )
+    tokenizer.train_from_iterator(texts, trainer)
+    if kind == "wordpiece":
+        cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, directory):
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save(os.path.join(directory, FILE_NAME))
+
+
+def load_tokenizer(directory):
+    path = os.path.join(directory, FILE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no tokenizer in {directory}: expected {path} (made by `lmkern tokenizer train`)")
+    return Tokenizer.from_file(path)
+
+
+def tokenizer_kind(tokenizer):
+    """ "bpe" or "wordpiece", from the tokenizer's model."""
+    return "wordpiece" if isinstance(tokenizer.model, models.WordPiece) else "bpe"

@@ -1,0 +1,126 @@
+"""Tokenizers, token files and their command line: round trips, document boundaries, the
+validation split, memory maps, and bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lmkern.cli import main
+from lmkern.models import data
+from lmkern.models.tokenizer import END_OF_TEXT, load_tokenizer, save_tokenizer, train_tokenizer
+
+DOCUMENTS = [
+    "The quick brown fox jumps over the lazy dog.\nA second line of the first document.",
+    "Ünïcödé survives: naïve café, 東京, emoji 🙂.",
+    "Short.",
+] + [f"Document number {i} talks about tokens, batches and kernels." for i in range(40)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Two text files (one in a sub-folder), documents separated by blank lines."""
+    (tmp_path / "text" / "more").mkdir(parents=True)
+    (tmp_path / "text" / "a.txt").write_text("\n\n".join(DOCUMENTS[:20]) + "\n", encoding="utf-8")
+    (tmp_path / "text" / "more" / "b.md").write_text("\n\n\n".join(DOCUMENTS[20:]), encoding="utf-8")
+    (tmp_path / "text" / "ignored.bin").write_bytes(b"\xff\xfe not text")
+    return tmp_path
+
+
+def test_documents_are_split_on_blank_lines(corpus):
+    files = data.text_files([str(corpus / "text")])
+    assert [os.path.basename(f) for f in files] == ["a.txt", "b.md"]
+    assert [doc.strip() for doc in data.documents(files)] == DOCUMENTS
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_tokenizer_round_trip(tmp_path, kind):
+    tokenizer = train_tokenizer(DOCUMENTS * 5, kind, 400)
+    save_tokenizer(tokenizer, tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    text = DOCUMENTS[1] if kind == "bpe" else DOCUMENTS[0]
+    ids = loaded.encode(text, add_special_tokens=False).ids
+    if kind == "bpe":  # byte-level: every string comes back exactly
+        assert loaded.decode(ids) == text
+    else:  # lower-cased, and pairs get [CLS] A [SEP] B [SEP] with token types
+        assert loaded.decode(ids) == text.lower().replace("\n", " ")
+        pair = loaded.encode("a fox", "the dog")
+        assert pair.tokens[0] == "[CLS]" and pair.tokens.count("[SEP]") == 2
+        assert pair.type_ids == [0] * (pair.tokens.index("[SEP]") + 1) + [1] * (len(pair.tokens) - pair.tokens.index("[SEP]") - 1)
+
+
+def test_prepare_writes_documents_back_to_back(corpus, tmp_path):
+    tokenizer_dir = tmp_path / "tokenizer"
+    save_tokenizer(train_tokenizer(DOCUMENTS * 5, "bpe", 400), tokenizer_dir)
+    out = tmp_path / "prepared"
+    meta = data.prepare([str(corpus / "text")], str(tokenizer_dir), str(out), val_fraction=0.2, seed=1, progress=False)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    end_of_text = tokenizer.token_to_id(END_OF_TEXT)
+    decoded = []
+    for split in data.SPLITS:
+        tokens = data.TokenData(str(out), split)
+        assert tokens.tokens.dtype == np.uint16 and not tokens.tokens.flags.writeable
+        assert len(tokens) == meta["splits"][split]["tokens"] and len(tokens.starts) - 1 == meta["splits"][split]["documents"]
+        for start, end in zip(tokens.starts[:-1], tokens.starts[1:]):
+            ids = tokens.tokens[start:end].tolist()
+            assert ids[-1] == end_of_text
+            decoded.append(tokenizer.decode(ids[:-1]).strip())
+    assert sorted(decoded) == sorted(DOCUMENTS)
+    assert 0 < meta["splits"]["val"]["documents"] < len(DOCUMENTS)
+    again = data.prepare([str(corpus / "text")], str(tokenizer_dir), str(tmp_path / "again"), 0.2, 1, progress=False)
+    assert again["splits"] == meta["splits"]  # the split is fixed by the seed
+    assert sorted(os.listdir(tmp_path)) == ["again", "prepared", "text", "tokenizer"]  # nothing left over
+
+
+def test_token_data_checks_its_tokenizer_and_dtype(corpus, tmp_path):
+    save_tokenizer(train_tokenizer(DOCUMENTS * 5, "bpe", 400), tmp_path / "tok")
+    data.prepare([str(corpus / "text")], str(tmp_path / "tok"), str(tmp_path / "out"), 0.2, progress=False)
+    tokens = data.TokenData(str(tmp_path / "out"), "train")
+    tokens.check_tokenizer(str(tmp_path / "out"))  # the copy beside the tokens
+    save_tokenizer(train_tokenizer(DOCUMENTS, "bpe", 300), tmp_path / "other")
+    with pytest.raises(ValueError, match="is not the one"):
+        tokens.check_tokenizer(str(tmp_path / "other"))
+    meta_path = tmp_path / "out" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(dict(meta, vocab_size=70000)))
+    with pytest.raises(ValueError, match="does not fit the token files' uint16"):
+        data.TokenData(str(tmp_path / "out"), "train")
+    assert data.token_dtype(2**16) == np.uint16 and data.token_dtype(2**16 + 1) == np.uint32
+
+
+def test_cli_trains_a_tokenizer_and_prepares(corpus, tmp_path, capsys):
+    assert main(["tokenizer", "train", "--data", str(corpus / "text"), "--kind", "wordpiece",
+                 "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
+    assert main(["prepare", "--data", str(corpus / "text"), "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained a wordpiece tokenizer" in printed and "prepared" in printed
+    assert data.TokenData(str(tmp_path / "out"), "train").meta["end_of_text_id"] is None
+
+
+@pytest.mark.parametrize(
+    "setup, arguments, message",
+    [
+        (None, ["--data", "{tmp}/missing"], "no such file or folder"),
+        ("empty_folder", ["--data", "{tmp}/empty"], "has no"),
+        ("blank_file", ["--data", "{tmp}/blank.txt"], "no tokens for the train split"),
+        ("latin1", ["--data", "{tmp}/latin1.txt"], "is not UTF-8 text"),
+        (None, ["--data", "{corpus}", "--tokenizer", "{tmp}/nowhere"], "no tokenizer in"),
+        (None, ["--data", "{corpus}", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+    ],
+)
+def test_prepare_bad_input_is_a_clear_error_and_leaves_nothing(corpus, tmp_path, capsys, setup, arguments, message):
+    save_tokenizer(train_tokenizer(DOCUMENTS, "bpe", 300), tmp_path / "tok")
+    if setup == "empty_folder":
+        (tmp_path / "empty").mkdir()
+    elif setup == "blank_file":
+        (tmp_path / "blank.txt").write_text("\n\n  \n")
+    elif setup == "latin1":
+        (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    argv = ["prepare", "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "out"), "--quiet"]
+    argv += [a.format(tmp=tmp_path, corpus=corpus / "text") for a in arguments]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error, error
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -8,12 +8,11 @@ the end of a file. Folders are searched recursively for *.txt, *.md, *.rst and *
 into DIR/train.bin and DIR/val.bin (every document's tokens back to back, uint16 when the
 vocabulary fits in 16 bits, else uint32; a GPT tokenizer's end-of-text token after each
 document), DIR/train.docs.npy and DIR/val.docs.npy (int64: where each document starts,
-then the end), and DIR/meta.json. Whole documents go to the validation split at random
-(fixed by the seed). The folder is written under a temporary name and renamed at the
-end, so a failure never leaves a half-written one.
+then the end), DIR/meta.json and a copy of the tokenizer. Whole documents go to the
+validation split at random (fixed by the seed). The folder is written under a temporary
+name and renamed at the end, so a failure never leaves a half-written one.
 """
 
-import hashlib
 import json
 import os
 import random
@@ -22,6 +21,7 @@ import shutil
 import numpy as np
 from tqdm import tqdm
 
+from lmkern.models.files import file_sha256, new_directory
 from lmkern.models.tokenizer import END_OF_TEXT, FILE_NAME, load_tokenizer, tokenizer_kind
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
@@ -72,14 +72,6 @@ def documents(files, on_bytes=None):
             yield "".join(lines)
 
 
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
@@ -90,11 +82,8 @@ def prepare(paths, tokenizer_dir, out_dir, val_fraction=0.05, seed=0, batch_docu
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     files = text_files(paths)
     tokenizer = load_tokenizer(tokenizer_dir)
-    partial = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    try:
-        splits = _tokenize(files, tokenizer, partial, val_fraction, seed, batch_documents, progress)
+    with new_directory(out_dir) as folder:
+        splits = _tokenize(files, tokenizer, folder, val_fraction, seed, batch_documents, progress)
         empty = [name for name, split in splits.items() if split["tokens"] == 0 and (name == "train" or val_fraction)]
         if empty:
             documents_seen = sum(split["documents"] for split in splits.values())
@@ -112,13 +101,9 @@ def prepare(paths, tokenizer_dir, out_dir, val_fraction=0.05, seed=0, batch_docu
             "splits": splits,
             "sources": files,
         }
-        shutil.copy(os.path.join(tokenizer_dir, FILE_NAME), os.path.join(partial, FILE_NAME))
-        with open(os.path.join(partial, "meta.json"), "w") as file:
+        shutil.copy(os.path.join(tokenizer_dir, FILE_NAME), os.path.join(folder, FILE_NAME))
+        with open(os.path.join(folder, "meta.json"), "w") as file:
             json.dump(meta, file, indent=1)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    replace_directory(partial, out_dir)
     return meta
 
 
@@ -158,16 +143,6 @@ def _tokenize(files, tokenizer, folder, val_fraction, seed, batch_documents, pro
     for split in SPLITS:
         np.save(os.path.join(folder, f"{split}.docs.npy"), np.asarray(starts[split], dtype=np.int64))
     return {split: {"tokens": starts[split][-1], "documents": len(starts[split]) - 1} for split in SPLITS}
-
-
-def replace_directory(new, target):
-    """Moves folder `new` to `target`, replacing what is there only once `new` is complete."""
-    old = target.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(target):
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class TokenData:

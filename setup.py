@@ -70,6 +70,7 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
         "numpy",  # memory-mapped token files
         "tokenizers>=0.19",
+        "safetensors",  # model checkpoints
         "tqdm",  # progress bars
     ],
     entry_points={"console_scripts": ["lmkern = lmkern.cli:main"]},

@@ -34,6 +34,8 @@ CHOICES = (*BACKENDS, "auto")
 # a GPU result is cited here.
 AUTO = {
     "cross_entropy": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
+    "layer_norm": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
+    "linear_gelu": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
 }
 
 # The kernels take these; float64 runs on the torch reference.

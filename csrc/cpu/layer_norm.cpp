@@ -1,7 +1,7 @@
 // LayerNorm with an optional residual add and dropout on CPU. Rows run in parallel
-// (at::parallel_for), each converted once into an fp32 buffer that stays in cache while
-// it is summed, normalised and written out; the inner loops are plain fp32 arithmetic
-// that the compiler vectorises.
+// (at::parallel_for), read as fp32 (in place for fp32 tensors, else converted once into a
+// buffer that stays in cache) and swept three times: sum, squared deviations, normalise
+// and write. The inner loops are plain fp32 arithmetic that the compiler vectorises.
 //
 // Forward, for s = residual + dropout(x) (stored, when kept, and normalised as rounded):
 //   mean = sum(s) / D,  rstd = 1 / sqrt(sum((s - mean)^2) / D + eps),  out = (s - mean) rstd w + b
@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../layer_norm.h"
@@ -28,73 +29,86 @@ namespace {
 // most kChunk / 4 terms), and the chunks add up in double: accurate for any row length.
 constexpr int64_t kChunk = 256;
 
-LMKERN_CPU_CLONES float chunk_sum(const float* v, int64_t n) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    sum += v[i];
-  }
-  return sum;
-}
-
-LMKERN_CPU_CLONES float chunk_dot(const float* a, const float* b, int64_t n) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    sum += a[i] * b[i];
-  }
-  return sum;
-}
-
-LMKERN_CPU_CLONES float chunk_squared_deviation(const float* v, int64_t n, float mean) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = v[i] - mean;
-    sum += d * d;
-  }
-  return sum;
-}
-
-// The mean of chunk_fn(begin, n) over a row of `width` elements, chunk by chunk.
-template <typename ChunkFn>
-float row_mean(int64_t width, const ChunkFn& chunk_fn) {
+// The mean and rstd of a row: its sum, then the squared deviations from the mean.
+LMKERN_CPU_CLONES void row_moments(const float* s, int64_t n, float eps, float* mean_out, float* rstd_out) {
   double total = 0.0;
-  for (int64_t begin = 0; begin < width; begin += kChunk) {
-    total += chunk_fn(begin, std::min(kChunk, width - begin));
+  for (int64_t begin = 0; begin < n; begin += kChunk) {
+    const int64_t end = std::min(begin + kChunk, n);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = begin; i < end; ++i) {
+      sum += s[i];
+    }
+    total += sum;
   }
-  return static_cast<float>(total / width);
+  const float mean = static_cast<float>(total / n);
+  double squares = 0.0;
+  for (int64_t begin = 0; begin < n; begin += kChunk) {
+    const int64_t end = std::min(begin + kChunk, n);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = begin; i < end; ++i) {
+      const float d = s[i] - mean;
+      sum += d * d;
+    }
+    squares += sum;
+  }
+  *mean_out = mean;
+  *rstd_out = static_cast<float>(1.0 / std::sqrt(squares / n + eps));
 }
 
-// v <- (v - mean) rstd.
-LMKERN_CPU_CLONES void standardize(float* v, int64_t n, float mean, float rstd) {
+// out = (s - mean) rstd w + b, w and b each possibly absent. out may be s.
+LMKERN_CPU_CLONES void normalize_row(
+    const float* s, int64_t n, float mean, float rstd, const float* w, const float* b, float* out) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    v[i] = (v[i] - mean) * rstd;
+    out[i] = (s[i] - mean) * rstd * (w ? w[i] : 1.0f) + (b ? b[i] : 0.0f);
   }
 }
 
-// v <- v w + b, either of w and b possibly absent.
-LMKERN_CPU_CLONES void affine(float* v, int64_t n, const float* w, const float* b) {
-  if (w) {
+// For xhat = (s - mean) rstd and g = dy w: ds = rstd (g - mean(g) - xhat mean(g xhat)), and
+// sum_dy_xhat += dy xhat (when given), sum_dy += dy. g goes through memory (into ds, then
+// overwritten) so that g - mean(g) sees g rounded as in its mean: a constant row (xhat = 0,
+// e.g. of width 1) must get exactly mean(g) - mean(g) = 0, whatever FMA contraction does.
+LMKERN_CPU_CLONES void backward_row(
+    const float* s,
+    const float* dy,
+    int64_t n,
+    float mean,
+    float rstd,
+    const float* w,
+    float* ds,
+    float* sum_dy_xhat,
+    float* sum_dy) {
+  double total_g = 0.0;
+  double total_gx = 0.0;
+  for (int64_t begin = 0; begin < n; begin += kChunk) {
+    const int64_t end = std::min(begin + kChunk, n);
+    float sum_g = 0.0f;
+    float sum_gx = 0.0f;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      v[i] *= w[i];
+    for (int64_t i = begin; i < end; ++i) {
+      ds[i] = dy[i] * (w ? w[i] : 1.0f);
     }
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+    for (int64_t i = begin; i < end; ++i) {
+      sum_g += ds[i];
+      sum_gx += ds[i] * ((s[i] - mean) * rstd);
+    }
+    total_g += sum_g;
+    total_gx += sum_gx;
   }
-  if (b) {
-    add_row(b, n, v);
+  const float mean_g = static_cast<float>(total_g / n);
+  const float mean_gx = static_cast<float>(total_gx / n);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float xhat = (s[i] - mean) * rstd;
+    ds[i] = (ds[i] - mean_g - xhat * mean_gx) * rstd;
+    if (sum_dy_xhat) {
+      sum_dy_xhat[i] += dy[i] * xhat;
+    }
+    sum_dy[i] += dy[i];
   }
-}
-
-// Normalises the row v in place; returns its mean and rstd.
-void normalize(float* v, int64_t width, float eps, const float* w, const float* b, float* mean, float* rstd) {
-  *mean = row_mean(width, [&](int64_t begin, int64_t n) { return chunk_sum(v + begin, n); });
-  const float var =
-      row_mean(width, [&](int64_t begin, int64_t n) { return chunk_squared_deviation(v + begin, n, *mean); });
-  *rstd = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var) + eps));
-  standardize(v, width, *mean, *rstd);
-  affine(v, width, w, b);
 }
 
 void layer_norm_fwd_cpu(
@@ -114,8 +128,10 @@ void layer_norm_fwd_cpu(
   const float* b = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
   float* mean_ptr = mean.data_ptr<float>();
   float* rstd_ptr = rstd.data_ptr<float>();
+  const bool adds = residual.has_value() || dropout.p > 0.0f || summed.defined();
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / width);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cpu", [&] {
+    constexpr bool is_float = std::is_same_v<scalar_t, float>;
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const scalar_t* residual_ptr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     const int64_t residual_stride = residual.has_value() ? residual->stride(0) : 0;
@@ -123,40 +139,36 @@ void layer_norm_fwd_cpu(
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> buffer(width);
-      float* s = buffer.data();
       for (int64_t row = begin; row < end; ++row) {
-        load_row(x_ptr + row * x.stride(0), width, s);
-        if (dropout.p > 0.0f) {
-          dropout_row(s, width, dropout, row * width);
+        const scalar_t* x_row = x_ptr + row * x.stride(0);
+        const float* s = buffer.data();
+        if (adds) {  // s = residual + dropout(x), in the buffer (and in summed)
+          load_row(x_row, width, buffer.data());
+          if (dropout.p > 0.0f) {
+            dropout_row(buffer.data(), width, dropout, row * width);
+          }
+          if (residual_ptr) {
+            add_row(residual_ptr + row * residual_stride, width, buffer.data());
+          }
+          if (summed_ptr) {  // normalise s as stored, so that backward sees the same rows
+            store_row(buffer.data(), width, summed_ptr + row * width);
+            if (!is_float) {
+              load_row(summed_ptr + row * width, width, buffer.data());
+            }
+          }
+        } else {
+          s = row_as_float(x_row, width, buffer.data());
         }
-        if (residual_ptr) {
-          add_row(residual_ptr + row * residual_stride, width, s);
+        row_moments(s, width, eps, mean_ptr + row, rstd_ptr + row);
+        scalar_t* out_row = out_ptr + row * width;
+        float* normalized = float_row_or(out_row, buffer.data());
+        normalize_row(s, width, mean_ptr[row], rstd_ptr[row], w, b, normalized);
+        if (!is_float) {
+          store_row(normalized, width, out_row);
         }
-        if (summed_ptr) {  // normalise s as stored, so that backward sees the same rows
-          store_row(s, width, summed_ptr + row * width);
-          load_row(summed_ptr + row * width, width, s);
-        }
-        normalize(s, width, eps, w, b, mean_ptr + row, rstd_ptr + row);
-        store_row(s, width, out_ptr + row * width);
       }
     });
   });
-}
-
-// g <- rstd (g - mean(g) - xhat mean(g xhat)).
-LMKERN_CPU_CLONES void input_grad(float* g, const float* xhat, int64_t n, float mean_g, float mean_gx, float rstd) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    g[i] = (g[i] - mean_g - xhat[i] * mean_gx) * rstd;
-  }
-}
-
-// sums[i] += a[i] b[i] in double.
-LMKERN_CPU_CLONES void add_products_to_sums(const float* a, const float* b, int64_t n, double* sums) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    sums[i] += a[i] * b[i];
-  }
 }
 
 void layer_norm_bwd_cpu(
@@ -178,38 +190,35 @@ void layer_norm_bwd_cpu(
   const float* rstd_ptr = rstd.const_data_ptr<float>();
   std::vector<float> totals(2 * width);  // sum_rows(dy xhat), then sum_rows(dy)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, summed.scalar_type(), "layer_norm_bwd_cpu", [&] {
+    constexpr bool is_float = std::is_same_v<scalar_t, float>;
     const scalar_t* s_ptr = summed.const_data_ptr<scalar_t>();
     const scalar_t* dy_ptr = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* grad_sum_ptr = grad_sum.has_value() ? grad_sum->const_data_ptr<scalar_t>() : nullptr;
     const int64_t grad_sum_stride = grad_sum.has_value() ? grad_sum->stride(0) : 0;
     scalar_t* ds_ptr = grad_summed.data_ptr<scalar_t>();
     scalar_t* dx_ptr = grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr;
-    column_sums_over_rows(n_rows, width, 2, totals.data(), [&](int64_t begin, int64_t end, double* sums) {
+    column_sums_over_rows(n_rows, width, 2, totals.data(), [&](int64_t begin, int64_t end, float* sums) {
       std::vector<float> buffers(3 * width);
-      float* xhat = buffers.data();
-      float* dy = xhat + width;
-      float* g = dy + width;
+      float* s_buffer = buffers.data();
+      float* dy_buffer = s_buffer + width;
+      float* ds_buffer = dy_buffer + width;
       for (int64_t row = begin; row < end; ++row) {
-        load_row(s_ptr + row * summed.stride(0), width, xhat);
-        standardize(xhat, width, mean_ptr[row], rstd_ptr[row]);
-        load_row(dy_ptr + row * grad_out.stride(0), width, dy);
-        std::copy(dy, dy + width, g);
-        affine(g, width, w, nullptr);
-        const float mean_g = row_mean(width, [&](int64_t b, int64_t n) { return chunk_sum(g + b, n); });
-        const float mean_gx = row_mean(width, [&](int64_t b, int64_t n) { return chunk_dot(g + b, xhat + b, n); });
-        input_grad(g, xhat, width, mean_g, mean_gx, rstd_ptr[row]);
+        const float* s = row_as_float(s_ptr + row * summed.stride(0), width, s_buffer);
+        const float* dy = row_as_float(dy_ptr + row * grad_out.stride(0), width, dy_buffer);
+        scalar_t* ds_row = ds_ptr + row * width;
+        float* ds = float_row_or(ds_row, ds_buffer);
+        backward_row(s, dy, width, mean_ptr[row], rstd_ptr[row], w, ds, w ? sums : nullptr, sums + width);
         if (grad_sum_ptr) {
-          add_row(grad_sum_ptr + row * grad_sum_stride, width, g);
+          add_row(grad_sum_ptr + row * grad_sum_stride, width, ds);
         }
-        store_row(g, width, ds_ptr + row * width);
+        if (!is_float) {
+          store_row(ds, width, ds_row);
+        }
         if (dx_ptr) {
-          dropout_row(g, width, dropout, row * width);
-          store_row(g, width, dx_ptr + row * width);
+          std::copy(ds, ds + width, ds_buffer);
+          dropout_row(ds_buffer, width, dropout, row * width);
+          store_row(ds_buffer, width, dx_ptr + row * width);
         }
-        if (w) {
-          add_products_to_sums(dy, xhat, width, sums);
-        }
-        add_to_sums(dy, width, sums + width);
       }
     });
   });

@@ -151,7 +151,7 @@ void epilogue_bwd_cpu(
     const int64_t pre_stride = pre.has_value() ? pre->stride(0) : 0;
     scalar_t* grad_pre_ptr = grad_pre.data_ptr<scalar_t>();
     scalar_t* act_ptr = act.defined() ? act.data_ptr<scalar_t>() : nullptr;
-    column_sums_over_rows(n_rows, n_cols, 1, grad_bias.data_ptr<float>(), [&](int64_t begin, int64_t end, double* sums) {
+    column_sums_over_rows(n_rows, n_cols, 1, grad_bias.data_ptr<float>(), [&](int64_t begin, int64_t end, float* sums) {
       std::vector<float> buffers(2 * n_cols);
       float* grad = buffers.data();
       float* v = grad + n_cols;

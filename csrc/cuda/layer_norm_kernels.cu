@@ -167,7 +167,9 @@ __global__ void __launch_bounds__(kThreads) layer_norm_bwd_kernel(const LayerNor
       for (int k = 0; k < kN; ++k) {
         const int64_t col = first + k;
         xhat[i][k] = col < width ? (xhat[i][k] - mean) * rstd : 0.0f;
-        g[i][k] = dy[k] * param(p.weight, col, width, 1.0f);
+        // Not contracted into an FMA below: a constant row (xhat = 0, e.g. of width 1) must get
+        // exactly g - mean(g) = 0.
+        g[i][k] = __fmul_rn(dy[k], param(p.weight, col, width, 1.0f));
         sums[0] += g[i][k];
         sums[1] += g[i][k] * xhat[i][k];
         sum_dy_xhat[i][k] += dy[k] * xhat[i][k];

@@ -55,9 +55,12 @@ class FFNFunction(torch.autograd.Function):
             g, pre = linear.linear_gelu_fwd(x, w1, b1, opt.activation, keep_pre)
             y, _ = linear.linear_gelu_fwd(g, w2, b2, "none", False)
             del g
+            adds = residual is not None or opt.dropout_p > 0
             out, mean, rstd, summed = norm.layer_norm_fwd(
-                y, norm_weight, norm_bias, opt.eps, residual, opt.dropout_p, opt.seed, keep_sum=True
+                y, norm_weight, norm_bias, opt.eps, residual, opt.dropout_p, opt.seed, keep_sum=adds
             )
+            if not adds:
+                summed = y
         ctx.save_for_backward(x, norm_weight, norm_bias, w1, b1, w2, mean, rstd, pre, summed)
         ctx.norm, ctx.linear, ctx.opt = norm, linear, opt
         return out

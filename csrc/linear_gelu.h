@@ -1,4 +1,4 @@
-// Argument checks and the op forms of lmkern::linear_gelu_fwd / linear_gelu_bwd, shared by
+// Argument checks and the op forms of lmkern::linear_gelu_fwd / linear_gelu_bwd[_], shared by
 // the CPU and CUDA registrations. The matmul is ATen's (a BLAS on CPU, cuBLAS on CUDA);
 // each device supplies the epilogue kernel after it and the epilogue's backward.
 #pragma once
@@ -71,7 +71,8 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(
 
 // A device's epilogue backward: grad_pre = act'(pre) * dropout(grad_out), its column sums
 // into grad_bias (float32, deterministic), and act(pre) into act when that is defined.
-// pre is undefined for activation "none". May be called with zero rows.
+// pre is undefined for activation "none"; grad_pre may be grad_out itself (each element
+// is read before it is written). May be called with zero rows.
 using EpilogueBwdInto = void (*)(
     const at::Tensor& grad_out,
     const std::optional<at::Tensor>& pre,
@@ -80,6 +81,19 @@ using EpilogueBwdInto = void (*)(
     const at::Tensor& grad_pre,
     const at::Tensor& grad_bias,
     const at::Tensor& act);
+
+inline void check_linear_gelu_bwd_args(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& pre, Activation activation, double dropout_p) {
+  constexpr const char* op = "linear_gelu_bwd";
+  check_float_rows(grad_out, op, "grad_out");
+  TORCH_CHECK(
+      pre.has_value() == (activation != Activation::kNone), op,
+      ": preactivation must be given exactly when there is an activation");
+  if (pre.has_value()) {
+    check_rows(*pre, grad_out, op, "preactivation");
+  }
+  check_dropout(dropout_p, op);
+}
 
 // Returns (grad_pre, grad_bias, act); act has no elements unless want_activation (with an
 // activation other than "none").
@@ -91,22 +105,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(
     double dropout_p,
     int64_t seed,
     bool want_activation) {
-  constexpr const char* op = "linear_gelu_bwd";
-  check_float_rows(grad_out, op, "grad_out");
-  const Activation activation = parse_activation(std::string_view(activation_name.data(), activation_name.size()), op);
-  TORCH_CHECK(
-      pre.has_value() == (activation != Activation::kNone), op,
-      ": preactivation must be given exactly when there is an activation");
-  if (pre.has_value()) {
-    check_rows(*pre, grad_out, op, "preactivation");
-  }
-  check_dropout(dropout_p, op);
+  const Activation activation =
+      parse_activation(std::string_view(activation_name.data(), activation_name.size()), "linear_gelu_bwd");
+  check_linear_gelu_bwd_args(grad_out, pre, activation, dropout_p);
   const bool want = want_activation && activation != Activation::kNone;
   at::Tensor grad_pre = at::empty(grad_out.sizes(), grad_out.options());
   at::Tensor grad_bias = at::empty({grad_out.size(1)}, grad_out.options().dtype(at::kFloat));
   at::Tensor act = want ? at::empty(grad_out.sizes(), grad_out.options()) : at::empty({0}, grad_out.options());
   into(grad_out, pre, activation, make_dropout(dropout_p, seed), grad_pre, grad_bias, want ? act : at::Tensor());
   return {grad_pre, grad_bias, act};
+}
+
+// The same, writing grad_pre over grad_out (contiguous); returns (grad_bias, act).
+template <EpilogueBwdInto into>
+std::tuple<at::Tensor, at::Tensor> linear_gelu_bwd_(
+    at::Tensor& grad_out,
+    const std::optional<at::Tensor>& pre,
+    c10::string_view activation_name,  // the schema's str
+    double dropout_p,
+    int64_t seed,
+    bool want_activation) {
+  const Activation activation =
+      parse_activation(std::string_view(activation_name.data(), activation_name.size()), "linear_gelu_bwd_");
+  check_linear_gelu_bwd_args(grad_out, pre, activation, dropout_p);
+  TORCH_CHECK(grad_out.is_contiguous(), "linear_gelu_bwd_: grad_out must be contiguous to be overwritten");
+  const bool want = want_activation && activation != Activation::kNone;
+  at::Tensor grad_bias = at::empty({grad_out.size(1)}, grad_out.options().dtype(at::kFloat));
+  at::Tensor act = want ? at::empty(grad_out.sizes(), grad_out.options()) : at::empty({0}, grad_out.options());
+  into(grad_out, pre, activation, make_dropout(dropout_p, seed), grad_out, grad_bias, want ? act : at::Tensor());
+  return {grad_bias, act};
 }
 
 }  // namespace lmkern

@@ -52,4 +52,8 @@ TORCH_LIBRARY(lmkern, m) {
   m.def(
       "linear_gelu_bwd(Tensor grad_out, Tensor? preactivation, str activation, float dropout_p, SymInt seed, "
       "bool want_activation) -> (Tensor, Tensor, Tensor)");
+  // The same, writing grad_pre over grad_out (contiguous); returns the bias gradient and act(pre).
+  m.def(
+      "linear_gelu_bwd_(Tensor(a!) grad_out, Tensor? preactivation, str activation, float dropout_p, "
+      "SymInt seed, bool want_activation) -> (Tensor, Tensor)");
 }

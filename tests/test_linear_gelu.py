@@ -96,6 +96,11 @@ def test_epilogue_dropout_and_residual_match_reference(backend, dtype, activatio
             assert got is None
         else:
             torch.testing.assert_close(got, want.to(got.dtype), **tolerance)
+    grad_copy = grad_out.clone()
+    overwritten = kernels.linear_gelu_bwd(grad_copy, pre, activation, p, seed, True, inplace=True)
+    assert overwritten[0] is grad_copy
+    for got, want in zip(overwritten, grads):
+        assert (got is None and want is None) or torch.equal(got, want)
     # Backward regenerates forward's mask: with pre = 1, grad_pre is 0 exactly where dropped.
     ones = torch.ones_like(grad_out)
     regenerated = kernels.linear_gelu_bwd(ones, None if activation == "none" else ones, activation, p, seed, False)
@@ -157,6 +162,9 @@ def test_native_ops_pass_opcheck(device):
     grad = torch.randn(10, 40, device=device)
     torch.library.opcheck(backward, (grad, torch.randn_like(grad), "gelu", 0.0, 0, True))
     torch.library.opcheck(backward, (grad, None, "none", 0.3, 5, False))
+    overwriting = torch.ops.lmkern.linear_gelu_bwd_.default
+    torch.library.opcheck(overwriting, (grad.clone(), torch.randn_like(grad), "gelu_tanh", 0.2, 5, True))
+    torch.library.opcheck(overwriting, (grad.clone(), None, "none", 0.3, 5, False))
 
 
 def test_compiles_with_fullgraph_on_cpu():
@@ -198,3 +206,5 @@ def test_native_ops_check_their_arguments():
         torch.ops.lmkern.linear_gelu_fwd(x, w, None, "gelu", False, 0.0, 0, torch.randn(4, 5))
     with pytest.raises(RuntimeError, match="preactivation must be given exactly when there is an activation"):
         torch.ops.lmkern.linear_gelu_bwd(torch.randn(4, 6), None, "gelu", 0.0, 0, False)
+    with pytest.raises(RuntimeError, match="linear_gelu_bwd_: grad_out must be contiguous to be overwritten"):
+        torch.ops.lmkern.linear_gelu_bwd_(torch.randn(6, 8)[:, :4], None, "none", 0.1, 0, False)

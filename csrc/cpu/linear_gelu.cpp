@@ -179,6 +179,7 @@ void epilogue_bwd_cpu(
 TORCH_LIBRARY_IMPL(lmkern, CPU, m) {
   m.impl("linear_gelu_fwd", &linear_gelu_fwd<epilogue_fwd_cpu>);
   m.impl("linear_gelu_bwd", &linear_gelu_bwd<epilogue_bwd_cpu>);
+  m.impl("linear_gelu_bwd_", &linear_gelu_bwd_<epilogue_bwd_cpu>);
 }
 
 }  // namespace lmkern

@@ -1,4 +1,4 @@
-// CUDA registration of lmkern::linear_gelu_fwd / linear_gelu_bwd: the matmul is ATen's
+// CUDA registration of lmkern::linear_gelu_fwd / linear_gelu_bwd[_]: the matmul is ATen's
 // (cuBLAS, in csrc/linear_gelu.h), then the pure-CUDA epilogue launchers in
 // linear_gelu_kernels.cu on the current device and stream; the bias gradient is the sum
 // of the backward kernel's per-block partial sums.
@@ -75,6 +75,7 @@ void epilogue_bwd_cuda(
 TORCH_LIBRARY_IMPL(lmkern, CUDA, m) {
   m.impl("linear_gelu_fwd", &linear_gelu_fwd<epilogue_fwd_cuda>);
   m.impl("linear_gelu_bwd", &linear_gelu_bwd<epilogue_bwd_cuda>);
+  m.impl("linear_gelu_bwd_", &linear_gelu_bwd_<epilogue_bwd_cuda>);
 }
 
 }  // namespace lmkern

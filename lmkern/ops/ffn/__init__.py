@@ -84,9 +84,9 @@ class FFNFunction(torch.autograd.Function):
             _, grad_b2, _ = lg_ops.epilogue_bwd(linear, grad_y, None, "none")
         if pre is None:  # recompute=True
             pre, _ = linear.linear_gelu_fwd(h, w1, b1, "none", False)
-        grad_g = grad_y @ w2
-        grad_pre, grad_b1, g = linear.linear_gelu_bwd(grad_g, pre, opt.activation, 0.0, 0, True)
-        del grad_g, pre
+        # grad_pre overwrites grad_g: backward's peak holds three (N, F) tensors, as eager's does.
+        grad_pre, grad_b1, g = linear.linear_gelu_bwd(grad_y @ w2, pre, opt.activation, 0.0, 0, True, inplace=True)
+        del pre
         grad_w2 = grad_y.T @ g if needs[5] else None
         del g
         grad_h, grad_w1 = lg_ops.matmul_grads(grad_pre, h, w1, (True, needs[3]))

@@ -40,17 +40,20 @@ def linear_gelu_fwd(x, weight, bias, activation, keep_preactivation, dropout_p=0
     return out, pre if keep_preactivation and activation != "none" else None
 
 
-def linear_gelu_bwd(grad_out, pre, activation, dropout_p, seed, want_activation):
+def linear_gelu_bwd(grad_out, pre, activation, dropout_p, seed, want_activation, inplace=False):
     """Backward of the epilogue of linear_gelu_fwd.
 
-    grad_out: (N, F) gradient of out. pre: (N, F) the saved pre-activation (None for
-    activation "none"). Returns grad_pre (N, F) in grad_out's dtype, grad_bias (F,) in
-    fp32 (fp64 for fp64 input), and, if want_activation, act(pre) (N, F) (the input of a
-    following linear layer, recomputed rather than saved), else None.
+    grad_out: (N, F) gradient of out, last dim contiguous (contiguous if inplace). pre:
+    (N, F) the saved pre-activation (None for activation "none"). Returns grad_pre (N, F)
+    in grad_out's dtype (written over grad_out if inplace), grad_bias (F,) in fp32 (fp64
+    for fp64 input), and, if want_activation, act(pre) (N, F) (the input of a following
+    linear layer, recomputed rather than saved), else None.
     """
     grad = dropout(grad_out, seed, dropout_p)
     if activation != "none":
         approximate = "tanh" if activation == "gelu_tanh" else "none"
         grad = torch.ops.aten.gelu_backward(grad, pre, approximate=approximate)
     grad_bias = grad.sum(dim=0, dtype=torch.promote_types(grad.dtype, torch.float32))
+    if inplace:
+        grad = grad_out.copy_(grad)
     return grad, grad_bias, activate(pre, activation) if want_activation else None

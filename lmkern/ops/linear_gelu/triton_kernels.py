@@ -229,11 +229,12 @@ def linear_gelu_fwd(x, weight, bias, activation, keep_preactivation, dropout_p=0
     return out, pre
 
 
-def linear_gelu_bwd(grad_out, pre, activation, dropout_p, seed, want_activation):
-    """Same contract as reference.linear_gelu_bwd; grad_out's last dim contiguous."""
+def linear_gelu_bwd(grad_out, pre, activation, dropout_p, seed, want_activation, inplace=False):
+    """Same contract as reference.linear_gelu_bwd."""
     M, N = grad_out.shape
     want_activation = want_activation and activation != "none"
-    grad_pre = torch.empty((M, N), dtype=grad_out.dtype, device=grad_out.device)
+    # Each program reads its tile before it writes it, so grad_pre may be grad_out.
+    grad_pre = grad_out if inplace else torch.empty((M, N), dtype=grad_out.dtype, device=grad_out.device)
     act = torch.empty_like(grad_pre) if want_activation else None
     block_m, block_n = (16, 32) if triton_interpreting() else (64, 128)
     partial = torch.zeros((triton.cdiv(M, block_m), N), dtype=torch.float32, device=grad_out.device)

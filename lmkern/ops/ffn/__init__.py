@@ -11,18 +11,20 @@ dropout + LayerNorm (post-LN).
 It saves as little as possible: the fp32 LayerNorm statistics, the (N, F) pre-activation
 of GELU and, post-LN, the normalised sum (N, D); with recompute=True not even the
 pre-activation. The LayerNorm output, the GELU output and the dropout mask are recomputed
-in backward (the GELU output by the same kernel that applies GELU', the mask from its
-seed). Eager PyTorch keeps all of them.
+in backward (the GELU output by the same kernel that applies GELU', a row chunk at a
+time; the mask from its seed). Eager PyTorch keeps all of them.
 """
 
 import dataclasses
+import math
 
 import torch
 
 from lmkern import random
+from lmkern.backend import implementation, resolve
 from lmkern.ops import layer_norm as ln_ops
 from lmkern.ops import linear_gelu as lg_ops
-from lmkern.backend import implementation, resolve
+from lmkern.ops.cross_entropy.linear import add_matmul_fp32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,22 +75,18 @@ class FFNFunction(torch.autograd.Function):
         has_bias = norm_bias is not None
         grad_out = ln_ops.last_dim_contiguous(grad_out)
         if opt.prenorm:
-            h, _, _, _ = norm.layer_norm_fwd(x, norm_weight, norm_bias, opt.eps)
             # Through dropout and the second bias; the residual's gradient is grad_out itself.
             grad_y, grad_b2, _ = lg_ops.epilogue_bwd(linear, grad_out, None, "none", opt.dropout_p, opt.seed)
         else:
-            h = x
             grad_y, grad_x_residual, grad_norm_weight, grad_norm_bias = norm.layer_norm_bwd(
                 grad_out, None, summed, norm_weight, mean, rstd, opt.dropout_p, opt.seed, has_bias
             )
             _, grad_b2, _ = lg_ops.epilogue_bwd(linear, grad_y, None, "none")
+        h = norm.layer_norm_fwd(x, norm_weight, norm_bias, opt.eps)[0] if opt.prenorm else x
         if pre is None:  # recompute=True
             pre, _ = linear.linear_gelu_fwd(h, w1, b1, "none", False)
-        # grad_pre overwrites grad_g: backward's peak holds three (N, F) tensors, as eager's does.
-        grad_pre, grad_b1, g = linear.linear_gelu_bwd(grad_y @ w2, pre, opt.activation, 0.0, 0, True, inplace=True)
-        del pre
-        grad_w2 = grad_y.T @ g if needs[5] else None
-        del g
+        grad_pre, grad_b1, grad_w2 = gelu_and_fc2_grads(linear, grad_y, pre, w2, opt.activation, needs[5])
+        del pre, grad_y
         grad_h, grad_w1 = lg_ops.matmul_grads(grad_pre, h, w1, (True, needs[3]))
         if opt.prenorm:
             # The residual's gradient enters LayerNorm's backward as the gradient of its input.
@@ -107,6 +105,35 @@ class FFNFunction(torch.autograd.Function):
             grad_b2 if needs[6] else None,
             None,
         )
+
+
+# Row chunks of the backward through fc2 and GELU: GELU's output, recomputed there, exists
+# one chunk at a time.
+BACKWARD_CHUNKS = 4
+
+
+def gelu_and_fc2_grads(linear, grad_y, pre, w2, activation, needs_w2):
+    """Backward through g = gelu(pre) and y = g @ w2.T + b2, given d(y) = grad_y (N, D).
+
+    Returns d(pre) = gelu'(pre) (grad_y @ w2) (N, F), d(b1) (F,) in fp32 and d(w2) =
+    grad_y.T @ g (None unless needs_w2). Row chunk by row chunk: the matmul writes d(g)
+    into d(pre)'s rows, one kernel turns them into d(pre) in place and recomputes the
+    chunk's g for d(w2), accumulated in fp32. Peak extra memory: d(pre) and one chunk of g,
+    where eager autograd holds the saved g, d(g) and d(pre) at once.
+    """
+    n_rows = grad_y.shape[0]
+    grad_pre = grad_y.new_empty(n_rows, w2.shape[1])
+    grad_b1 = torch.zeros(w2.shape[1], dtype=torch.promote_types(grad_y.dtype, torch.float32), device=grad_y.device)
+    grad_w2 = torch.zeros_like(w2, dtype=grad_b1.dtype) if needs_w2 else None
+    step = max(1, math.ceil(n_rows / BACKWARD_CHUNKS))
+    for start in range(0, n_rows, step):
+        rows = slice(start, start + step)
+        torch.mm(grad_y[rows], w2, out=grad_pre[rows])
+        _, chunk_b1, g = linear.linear_gelu_bwd(grad_pre[rows], pre[rows], activation, 0.0, 0, needs_w2, inplace=True)
+        grad_b1 += chunk_b1
+        if needs_w2:
+            add_matmul_fp32(grad_w2, grad_y[rows].T, g)
+    return grad_pre, grad_b1, None if grad_w2 is None else grad_w2.to(w2.dtype)
 
 
 def ffn(

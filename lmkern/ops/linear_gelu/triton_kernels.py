@@ -101,7 +101,7 @@ def linear_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     KEEP_PRE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, None (the default) otherwise
+    IEEE_FP32: tl.constexpr,  # fp32 inputs: multiply in IEEE fp32, not TF32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -131,7 +131,10 @@ def linear_fwd_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if IEEE_FP32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -224,7 +227,7 @@ def linear_gelu_fwd(x, weight, bias, activation, keep_preactivation, dropout_p=0
         HAS_RESIDUAL=residual is not None,
         HAS_DROPOUT=dropout_p > 0,
         KEEP_PRE=keep_pre,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
+        IEEE_FP32=x.dtype == torch.float32,
     )
     return out, pre
 

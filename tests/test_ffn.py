@@ -24,6 +24,8 @@ CASES = {
     "postnorm_dropout_recompute": ((7, 40), 100, dict(prenorm=False, dropout_p=0.3, recompute=True)),
     "no_residual_recompute": ((9, 24), 72, dict(residual=False, recompute=True)),
     "postnorm_no_residual": ((8, 32), 64, dict(prenorm=False, residual=False, approximate="tanh")),
+    # 90 rows of width 16: the backward through fc2 and GELU runs in row chunks 23, 23, 23, 21.
+    "chunked_backward": ((2, 45, 16), 40, dict(dropout_p=0.1)),
 }
 
 

@@ -108,7 +108,8 @@ class FFNFunction(torch.autograd.Function):
 
 
 # Row chunks of the backward through fc2 and GELU: GELU's output, recomputed there, exists
-# one chunk at a time.
+# one chunk at a time. At most this many chunks, and none shorter than D rows, so that
+# adding a chunk's d(w2) (D x F) moves no more memory than the chunk (rows x F) itself.
 BACKWARD_CHUNKS = 4
 
 
@@ -125,7 +126,7 @@ def gelu_and_fc2_grads(linear, grad_y, pre, w2, activation, needs_w2):
     grad_pre = grad_y.new_empty(n_rows, w2.shape[1])
     grad_b1 = torch.zeros(w2.shape[1], dtype=torch.promote_types(grad_y.dtype, torch.float32), device=grad_y.device)
     grad_w2 = torch.zeros_like(w2, dtype=grad_b1.dtype) if needs_w2 else None
-    step = max(1, math.ceil(n_rows / BACKWARD_CHUNKS))
+    step = max(1, math.ceil(n_rows / BACKWARD_CHUNKS), w2.shape[0])
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
         torch.mm(grad_y[rows], w2, out=grad_pre[rows])

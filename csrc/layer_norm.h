@@ -21,8 +21,8 @@ inline void check_rows(const at::Tensor& rows, const at::Tensor& like, const cha
       rows.scalar_type() == like.scalar_type() && rows.device() == like.device(), op, ": ", name, " must be ",
       like.scalar_type(), " on ", like.device(), ", got ", rows.scalar_type(), " on ", rows.device());
   TORCH_CHECK(
-      rows.stride(1) == 1 || rows.size(1) <= 1 || rows.numel() == 0, op, ": ", name, " must be contiguous in its last dimension, got strides ",
-      rows.strides());
+      rows.stride(1) == 1 || rows.size(1) <= 1 || rows.numel() == 0, op, ": ", name,
+      " must be contiguous in its last dimension, got strides ", rows.strides());
 }
 
 inline void check_column_params(

@@ -76,7 +76,9 @@ class LayerNorm(torch.nn.LayerNorm):
         self.backend = backend
 
     def forward(self, input):
-        return functional.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
+        return functional.layer_norm(
+            input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend
+        )
 
     def extra_repr(self):
         backend = f", backend={self.backend!r}" if self.backend is not None else ""
@@ -157,12 +159,12 @@ class FusedFFN(torch.nn.Module):
         if dropout is not None and not isinstance(dropout, torch.nn.Dropout):
             raise TypeError(f"dropout must be a torch.nn.Dropout or None, got {dropout!r}")
         hidden_size = norm.normalized_shape[0]
-        for name, linear, shape in (("fc1", fc1, (None, hidden_size)), ("fc2", fc2, (hidden_size, fc1.out_features))):
-            if not isinstance(linear, torch.nn.Linear) or shape[0] not in (None, linear.out_features) or linear.in_features != shape[1]:
-                raise ValueError(
-                    f"{name} must be a torch.nn.Linear from {shape[1]} features"
-                    + (f" to {shape[0]}" if shape[0] else "") + f", got {linear!r}"
-                )
+        if not isinstance(fc1, torch.nn.Linear) or fc1.in_features != hidden_size:
+            raise ValueError(f"fc1 must be a torch.nn.Linear from {hidden_size} features, got {fc1!r}")
+        if not isinstance(fc2, torch.nn.Linear) or (fc2.in_features, fc2.out_features) != (fc1.out_features, hidden_size):
+            raise ValueError(
+                f"fc2 must be a torch.nn.Linear from {fc1.out_features} features to {hidden_size}, got {fc2!r}"
+            )
         module = cls(
             hidden_size,
             fc1.out_features,

@@ -156,9 +156,8 @@ def test_module_state_dict_round_trips_with_torch_modules():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_from_sequential_matches_it(backend):
     require(backend, "cpu", torch.float32, "linear_gelu")
-    sequential = torch.nn.Sequential(
-        torch.nn.LayerNorm(40), torch.nn.Linear(40, 80), torch.nn.GELU("tanh"), torch.nn.Linear(80, 40), torch.nn.Dropout(0.1)
-    )
+    nn = torch.nn
+    sequential = nn.Sequential(nn.LayerNorm(40), nn.Linear(40, 80), nn.GELU("tanh"), nn.Linear(80, 40), nn.Dropout(0.1))
     fused = lmkern.nn.FusedFFN.from_modules(*sequential, residual=False, backend=backend)
     assert fused.fc1.weight is sequential[1].weight and fused.approximate == "tanh" and fused.dropout == 0.1
     x = torch.randn(6, 40)
@@ -199,7 +198,7 @@ def _bad_calls():
         (lambda: ffn(x, norm_w, norm_b, w1[:, :8], b1, w2, b2), ValueError, r"w1 must have shape \(out_features, 16\)"),
         (lambda: ffn(x, norm_w, norm_b, w1, b1[:5], w2, b2), ValueError, r"b1 must have shape \(32,\)"),
         (lambda: ffn(x, norm_w, norm_b, w1, b1, w2[:, :5], b2), ValueError, r"w2 must have shape \(out_features, 32\)"),
-        (lambda: ffn(x, norm_w, norm_b, w1, b1, w2[:8], None), ValueError, r"w2 must have shape \(16, 32\) to give back"),
+        (lambda: ffn(x, norm_w, norm_b, w1, b1, w2[:8], None), ValueError, r"w2 must have shape \(16, 32\) to give"),
         (lambda: ffn(x, norm_w, norm_b, w1, b1, w2.half(), b2), ValueError, "w2 must have the input's dtype"),
         (lambda: ffn(x, norm_w, norm_b, w1, b1, w2, b2, approximate="erf"), ValueError, "approximate must be one of"),
         (lambda: ffn(x, norm_w, norm_b, w1, b1, w2, b2, dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\]"),

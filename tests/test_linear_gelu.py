@@ -63,7 +63,9 @@ def test_reference_matches_torch(approximate):
     ours = outputs_and_grads(
         lambda *a: lmkern.linear_gelu(*a, approximate=approximate, backend="torch"), (x, w, b), torch.float64
     )
-    theirs = outputs_and_grads(lambda x, w, b: F.gelu(F.linear(x, w, b), approximate=approximate), (x, w, b), torch.float64)
+    theirs = outputs_and_grads(
+        lambda x, w, b: F.gelu(F.linear(x, w, b), approximate=approximate), (x, w, b), torch.float64
+    )
     for a, e in zip(ours, theirs):
         torch.testing.assert_close(a, e)
 

@@ -245,7 +245,8 @@ cudaError_t with_block_shape(int64_t width, Launch&& launch) {
 template <typename Launch>
 cudaError_t with_kernel_shape(FloatType dtype, int64_t width, Launch&& launch) {
   return with_float_type(dtype, [&](auto type) {
-    return with_block_shape<decltype(type)>(width, [&](auto threads, auto packs) { return launch(type, threads, packs); });
+    return with_block_shape<decltype(type)>(
+        width, [&](auto threads, auto packs) { return launch(type, threads, packs); });
   });
 }
 

@@ -30,7 +30,9 @@ __device__ __forceinline__ float activate(float x, Activation activation, float*
   if (activation == Activation::kGeluTanh) {
     const float x_sq = x * x;
     const float t = tanhf(kSqrt2OverPi * (x + kTanhCubic * x_sq * x));
-    if (slope) *slope = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * x_sq);
+    if (slope) {
+      *slope = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * x_sq);
+    }
     return 0.5f * x * (1.0f + t);
   }
   if (slope) *slope = 1.0f;

@@ -13,10 +13,28 @@ import sys
 
 import torch
 
-from benchmarks import bench_cross_entropy, bench_linear_cross_entropy, report
+from benchmarks import (
+    bench_add_layer_norm,
+    bench_cross_entropy,
+    bench_ffn,
+    bench_layer_norm,
+    bench_linear_cross_entropy,
+    bench_linear_gelu,
+    report,
+)
 from benchmarks.harness import run_op
 
-OPS = {module.OP: module for module in (bench_cross_entropy, bench_linear_cross_entropy)}
+OPS = {
+    module.OP: module
+    for module in (
+        bench_cross_entropy,
+        bench_linear_cross_entropy,
+        bench_layer_norm,
+        bench_add_layer_norm,
+        bench_linear_gelu,
+        bench_ffn,
+    )
+}
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 

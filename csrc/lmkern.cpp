@@ -23,4 +23,37 @@ TORCH_LIBRARY(lmkern, m) {
   m.def(
       "cross_entropy_fwd_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, float z_loss) -> Tensor");
+
+  // LayerNorm of s = residual + dropout(x) over rows (N, D), last dims contiguous, x and
+  // residual float32/float16/bfloat16, weight and bias (D,) float32 or absent. The element
+  // row * D + col is dropped when philox_uniform(seed, row * D + col) < dropout_p
+  // (csrc/dropout.h). Returns out (N, D) in x's dtype, mean and rstd (N,) float32, and s
+  // (N, D) if keep_sum (else an empty tensor); s is normalised as stored.
+  m.def(
+      "layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
+      "float dropout_p, SymInt seed, bool keep_sum) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Its backward from the normalised rows s: returns ds (N, D) (plus grad_sum, the gradient
+  // that reached s directly), dx = dropout(ds) (N, D) if dropout_p > 0 (else empty), and the
+  // float32 weight and bias gradients (D,) (empty without weight, or unless has_bias),
+  // summed deterministically.
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor? grad_sum, Tensor summed, Tensor? weight, Tensor mean, "
+      "Tensor rstd, float dropout_p, SymInt seed, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  // A linear layer with a fused epilogue: pre = x @ weight.T + bias, out = residual +
+  // dropout(act(pre)), act "gelu", "gelu_tanh" or "none". x (N, K) and weight (F, K) in one
+  // float dtype, bias (F,) float32. Returns out (N, F) and pre (N, F) if keep_preactivation
+  // and act is not "none" (else empty).
+  m.def(
+      "linear_gelu_fwd(Tensor x, Tensor weight, Tensor? bias, str activation, bool keep_preactivation, "
+      "float dropout_p, SymInt seed, Tensor? residual) -> (Tensor, Tensor)");
+  // The epilogue's backward: returns grad_pre = act'(pre) * dropout(grad_out) (N, F), its
+  // float32 column sums (F,) (the bias gradient, deterministic), and act(pre) (N, F) if
+  // want_activation (else empty). preactivation is given exactly when act is not "none".
+  m.def(
+      "linear_gelu_bwd(Tensor grad_out, Tensor? preactivation, str activation, float dropout_p, SymInt seed, "
+      "bool want_activation) -> (Tensor, Tensor, Tensor)");
+  // The same, writing grad_pre over grad_out (contiguous); returns the bias gradient and act(pre).
+  m.def(
+      "linear_gelu_bwd_(Tensor(a!) grad_out, Tensor? preactivation, str activation, float dropout_p, "
+      "SymInt seed, bool want_activation) -> (Tensor, Tensor)");
 }

@@ -10,14 +10,21 @@ from lmkern import functional, nn
 from lmkern.backend import BackendUnavailableError, use_backend
 from lmkern.ops.cross_entropy import cross_entropy
 from lmkern.ops.cross_entropy.linear import linear_cross_entropy
+from lmkern.ops.ffn import ffn
+from lmkern.ops.layer_norm import add_layer_norm, layer_norm
+from lmkern.ops.linear_gelu import linear_gelu
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "add_layer_norm",
     "cross_entropy",
+    "ffn",
     "functional",
+    "layer_norm",
     "linear_cross_entropy",
+    "linear_gelu",
     "nn",
     "use_backend",
 ]

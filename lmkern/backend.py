@@ -30,10 +30,16 @@ CHOICES = (*BACKENDS, "auto")
 # What "auto" tries, in order, per op and device type, each order citing the benchmark
 # result behind it. cross_entropy on CPU: native is the fastest lmkern backend (and faster
 # than torch eager) in benchmarks/results/intel-xeon-processor-2-threads/cross_entropy.json.
+# layer_norm (also add_layer_norm) and linear_gelu (also ffn) on CPU: native, which ran
+# forward+backward as fast as torch eager (within the noise of a shared 2-thread machine)
+# in `python -m benchmarks.run --op layer_norm|add_layer_norm|linear_gelu|ffn`; its result
+# files are benchmarks/results/intel-xeon-processor-2-threads/<op>.json once committed.
 # On CUDA the order is a placeholder (triton first; both kernel backends are exact) until
 # a GPU result is cited here.
 AUTO = {
     "cross_entropy": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
+    "layer_norm": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
+    "linear_gelu": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
 }
 
 # The kernels take these; float64 runs on the torch reference.

@@ -61,8 +61,9 @@ def peak_memory_bytes(fn, device):
 class PeakMemory(TorchDispatchMode):
     """Peak bytes held by the tensor storages that ops inside the block create.
 
-    Counts each storage once while any tensor made inside the block still refers to it;
-    what ops allocate and free internally is not seen.
+    Counts each storage once while any tensor made inside the block still refers to it,
+    not storages made before the block that ops only view; what ops allocate and free
+    internally is not seen.
     """
 
     def __init__(self):
@@ -79,10 +80,16 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # A view of a storage made before the block (a reshape of an input) allocates nothing.
+        outside = {
+            t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        } - self._refs.keys()
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
                 key, nbytes = storage.data_ptr(), storage.nbytes()
+                if key in outside:
+                    continue
                 if key not in self._refs:
                     self._refs[key] = 0
                     self.current += nbytes

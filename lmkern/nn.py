@@ -1,9 +1,12 @@
 """Drop-in modules: the same constructor arguments and state_dict keys as their torch
-counterparts (they subclass them), with lmkern's kernels in forward."""
+counterparts (they subclass them), with lmkern's kernels in forward; and FusedFFN, the
+transformer feed-forward sub-block as one module."""
 
 import torch
 
 from lmkern import functional
+from lmkern.ops.ffn import ffn
+from lmkern.ops.linear_gelu import check_approximate
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -47,6 +50,160 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         extras = [f"z_loss={self.z_loss}"] if self.z_loss else []
         if self.inplace_backward:
             extras.append("inplace_backward=True")
+        if self.backend is not None:
+            extras.append(f"backend={self.backend!r}")
+        return ", ".join(extras)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm on lmkern's kernels (see lmkern.layer_norm).
+
+    Keyword-only extra: backend (as in lmkern.layer_norm).
+    """
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps=1e-5,
+        elementwise_affine=True,
+        bias=True,
+        device=None,
+        dtype=None,
+        *,
+        backend=None,
+    ):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self.backend = backend
+
+    def forward(self, input):
+        return functional.layer_norm(
+            input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend
+        )
+
+    def extra_repr(self):
+        backend = f", backend={self.backend!r}" if self.backend is not None else ""
+        return super().extra_repr() + backend
+
+
+class FusedFFN(torch.nn.Module):
+    """The transformer feed-forward sub-block in one fused op (lmkern.ffn):
+
+        prenorm=True  (GPT):  x + dropout(fc2(gelu(fc1(norm(x)))))
+        prenorm=False (BERT): norm(x + dropout(fc2(gelu(fc1(x)))))
+
+    without the "x +" when residual=False. Dropout applies in training mode only.
+
+    Submodules and state_dict keys are those of a plain torch block with the same names:
+    norm (lmkern.nn.LayerNorm(hidden_size), a torch.nn.LayerNorm), fc1
+    (torch.nn.Linear(hidden_size, ffn_size)) and fc2 (torch.nn.Linear(ffn_size,
+    hidden_size)): "norm.weight", "norm.bias", "fc1.weight", "fc1.bias", "fc2.weight",
+    "fc2.bias" (the biases absent with bias=False). FusedFFN.from_modules wraps existing
+    torch modules.
+
+    Args:
+        hidden_size, ffn_size: D and F (GPT-2: 768 and 3072).
+        eps: LayerNorm's.
+        approximate: GELU's, "none" or "tanh" (GPT-2 uses "tanh").
+        dropout: drop probability of fc2's output.
+        prenorm, residual, recompute, backend: as in lmkern.ffn.
+        bias: whether the LayerNorm and both linear layers have biases.
+        device, dtype: of the parameters.
+    """
+
+    def __init__(
+        self,
+        hidden_size,
+        ffn_size,
+        *,
+        eps=1e-5,
+        approximate="none",
+        dropout=0.0,
+        prenorm=True,
+        residual=True,
+        recompute=False,
+        bias=True,
+        device=None,
+        dtype=None,
+        backend=None,
+    ):
+        super().__init__()
+        check_approximate(approximate)
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        factory = dict(device=device, dtype=dtype)
+        self.norm = LayerNorm(hidden_size, eps=eps, bias=bias, **factory, backend=backend)
+        self.fc1 = torch.nn.Linear(hidden_size, ffn_size, bias=bias, **factory)
+        self.fc2 = torch.nn.Linear(ffn_size, hidden_size, bias=bias, **factory)
+        self.approximate = approximate
+        self.dropout = dropout
+        self.prenorm = prenorm
+        self.residual = residual
+        self.recompute = recompute
+        self.backend = backend
+
+    @classmethod
+    def from_modules(
+        cls, norm, fc1, activation, fc2, dropout=None, *, prenorm=True, residual=True, recompute=False, backend=None
+    ):
+        """A FusedFFN that uses these modules' parameters (shared, not copied).
+
+        norm: torch.nn.LayerNorm over D; fc1: torch.nn.Linear(D, F); activation:
+        torch.nn.GELU; fc2: torch.nn.Linear(F, D); dropout: torch.nn.Dropout or None. So
+        FusedFFN.from_modules(*nn.Sequential(LayerNorm, Linear, GELU, Linear, Dropout),
+        residual=False) computes what that Sequential does.
+        """
+        if not isinstance(norm, torch.nn.LayerNorm) or len(norm.normalized_shape) != 1:
+            raise TypeError(f"norm must be a torch.nn.LayerNorm over the last dimension, got {norm!r}")
+        if not isinstance(activation, torch.nn.GELU):
+            raise TypeError(f"activation must be a torch.nn.GELU, got {activation!r}")
+        if dropout is not None and not isinstance(dropout, torch.nn.Dropout):
+            raise TypeError(f"dropout must be a torch.nn.Dropout or None, got {dropout!r}")
+        hidden_size = norm.normalized_shape[0]
+        if not isinstance(fc1, torch.nn.Linear) or fc1.in_features != hidden_size:
+            raise ValueError(f"fc1 must be a torch.nn.Linear from {hidden_size} features, got {fc1!r}")
+        if not isinstance(fc2, torch.nn.Linear) or (fc2.in_features, fc2.out_features) != (fc1.out_features, hidden_size):
+            raise ValueError(
+                f"fc2 must be a torch.nn.Linear from {fc1.out_features} features to {hidden_size}, got {fc2!r}"
+            )
+        module = cls(
+            hidden_size,
+            fc1.out_features,
+            eps=norm.eps,
+            approximate=activation.approximate,
+            dropout=0.0 if dropout is None else dropout.p,
+            prenorm=prenorm,
+            residual=residual,
+            recompute=recompute,
+            device="meta",  # placeholders, replaced by the given modules below
+            backend=backend,
+        )
+        module.norm, module.fc1, module.fc2 = norm, fc1, fc2
+        return module
+
+    def forward(self, x):
+        return ffn(
+            x,
+            self.norm.weight,
+            self.norm.bias,
+            self.fc1.weight,
+            self.fc1.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            eps=self.norm.eps,
+            approximate=self.approximate,
+            dropout_p=self.dropout if self.training else 0.0,
+            prenorm=self.prenorm,
+            residual=self.residual,
+            recompute=self.recompute,
+            backend=self.backend,
+        )
+
+    def extra_repr(self):
+        extras = [f"prenorm={self.prenorm}", f"approximate={self.approximate!r}", f"dropout={self.dropout}"]
+        if not self.residual:
+            extras.append("residual=False")
+        if self.recompute:
+            extras.append("recompute=True")
         if self.backend is not None:
             extras.append(f"backend={self.backend!r}")
         return ", ".join(extras)

@@ -19,8 +19,8 @@ namespace lmkern {
 // call per element. Cephes' method: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
 // parts for exactness), exp(r) by a degree-6 polynomial, 2^n built in the exponent bits.
 // Relative error about 1e-7; exactly 0 below -87.3 (where 2^n would be subnormal) and
-// for -inf.
-inline float exp_nonpositive(float x) {
+// for -inf. Always inlined: where the inliner declines, the call keeps its loop scalar.
+[[gnu::always_inline]] inline float exp_nonpositive(float x) {
   constexpr float kMinArg = -87.33654f;
   const float clamped = x < kMinArg ? kMinArg : x;  // NaN compares false and stays NaN
   // Round to nearest by adding and removing 1.5 * 2^23.

@@ -1,9 +1,12 @@
-// Device helpers shared by lmkern's CUDA kernels: conversions to and from fp32 and
-// 16-byte packs for vectorised loads and stores.
+// Helpers shared by lmkern's CUDA kernels: conversions to and from fp32, 16-byte packs
+// for vectorised loads and stores, and the element type of a FloatType for launchers.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "float_type.h"
 
 namespace lmkern::cuda {
 
@@ -26,5 +29,19 @@ struct alignas(16) Pack {
   static constexpr int kN = 16 / sizeof(T);
   T v[kN];
 };
+
+// Host side: launch(T{}) with T the element type that dtype names.
+template <typename Launch>
+cudaError_t with_float_type(FloatType dtype, Launch&& launch) {
+  switch (dtype) {
+    case FloatType::kFloat32:
+      return launch(float{});
+    case FloatType::kFloat16:
+      return launch(__half{});
+    case FloatType::kBFloat16:
+      return launch(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace lmkern::cuda

@@ -1,0 +1,58 @@
+"""The feed-forward sub-block, pre-LN as nn.Sequential(LayerNorm, Linear, GELU, Linear,
+Dropout) computes it (GELU tanh, dropout 0.1): lmkern.ffn against that block in torch
+eager and under torch.compile.
+
+Compute-bound, reported in TFLOP/s over the two matmuls of width D and F: forward
+4 N D F, backward 8 N D F, forward+backward 12 N D F. The peak memory of forward+backward
+is the other point: lmkern.ffn saves only the LayerNorm statistics and the GELU
+pre-activation.
+"""
+
+import torch
+import torch.nn.functional as F
+
+import lmkern
+from benchmarks.bench_linear_gelu import cases, dtype  # noqa: F401  (the same sizes)
+from benchmarks.harness import Provider, compiled_provider, lmkern_providers
+
+OP = "ffn"
+METRIC = "TFLOP/s"
+DROPOUT = 0.1
+
+
+def label(case):
+    return f"{case['tokens']}x{case['hidden']}/{case['ffn']}"
+
+
+def make_inputs(case, device, dtype):
+    hidden, ffn = case["hidden"], case["ffn"]
+
+    def param(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
+
+    x = param(case["tokens"], hidden)
+    return x, param(hidden), param(hidden), param(ffn, hidden, scale=hidden**-0.5), param(ffn), \
+        param(hidden, ffn, scale=ffn**-0.5), param(hidden)
+
+
+def work(case, dtype, pass_name):
+    matmuls = 4 * case["tokens"] * case["hidden"] * case["ffn"]
+    return {"fwd": matmuls, "bwd": 2 * matmuls, "fwd+bwd": 3 * matmuls}[pass_name]
+
+
+def eager(x, norm_weight, norm_bias, w1, b1, w2, b2):
+    """What nn.Sequential(LayerNorm, Linear, GELU("tanh"), Linear, Dropout) computes."""
+    h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias)
+    return F.dropout(F.linear(F.gelu(F.linear(h, w1, b1), approximate="tanh"), w2, b2), DROPOUT)
+
+
+def fused(*inputs, backend):
+    return lmkern.ffn(*inputs, approximate="tanh", dropout_p=DROPOUT, residual=False, backend=backend)
+
+
+def providers(device, dtype):
+    return [
+        Provider("torch eager", eager),
+        compiled_provider(eager),
+        *lmkern_providers("linear_gelu", device, dtype, fused),  # its kernel family
+    ]

@@ -1,0 +1,15 @@
+// The activations of lmkern's linear-layer epilogue, named without torch headers so that
+// the CPU kernels, the pure-CUDA kernels and the torch bindings share them.
+#pragma once
+
+namespace lmkern {
+
+enum class Activation { kNone, kGelu, kGeluTanh };
+
+// GELU's constants: 1/sqrt(2), 1/sqrt(2 pi), sqrt(2/pi) and the tanh form's cubic term.
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+constexpr float kSqrt2OverPi = 0.79788456080286536f;
+constexpr float kTanhCubic = 0.044715f;
+
+}  // namespace lmkern

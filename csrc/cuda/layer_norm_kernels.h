@@ -1,0 +1,67 @@
+// Launchers of the LayerNorm CUDA kernels: raw pointers and a stream, no torch headers.
+// The math is written at the top of layer_norm_kernels.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../dropout.h"
+#include "float_type.h"
+
+namespace lmkern::cuda {
+
+// The widest row the kernels hold in registers, in bytes (lmkern.ops.layer_norm.MAX_GPU_ROW_BYTES).
+constexpr int64_t kMaxLayerNormRowBytes = 65536;
+
+struct LayerNormFwdParams {
+  const void* x;              // (n_rows, width), rows x_row_stride elements apart
+  int64_t x_row_stride;
+  const void* residual;       // (n_rows, width), rows residual_row_stride apart, or nullptr
+  int64_t residual_row_stride;
+  const float* weight;        // (width,), or nullptr
+  const float* bias;          // (width,), or nullptr
+  void* out;                  // (n_rows, width) contiguous, out
+  void* summed;               // (n_rows, width) contiguous, out: s = residual + dropout(x), or nullptr
+  float* mean;                // (n_rows,) out
+  float* rstd;                // (n_rows,) out
+  int64_t n_rows;
+  int64_t width;              // >= 1, at most kMaxLayerNormRowBytes of dtype
+  float eps;
+  Dropout dropout;
+  bool vectorized;            // every row 16-byte aligned and width a multiple of 16 bytes
+  FloatType dtype;            // of x, residual, out and summed
+};
+
+struct LayerNormBwdParams {
+  const void* grad_out;       // (n_rows, width), rows grad_out_row_stride apart
+  int64_t grad_out_row_stride;
+  const void* grad_sum;       // (n_rows, width), rows grad_sum_row_stride apart, or nullptr
+  int64_t grad_sum_row_stride;
+  const void* summed;         // (n_rows, width) s, rows summed_row_stride apart
+  int64_t summed_row_stride;
+  const float* weight;        // (width,), or nullptr
+  const float* mean;          // (n_rows,)
+  const float* rstd;          // (n_rows,)
+  void* grad_summed;          // (n_rows, width) contiguous, out: ds
+  void* grad_x;               // (n_rows, width) contiguous, out: dropout(ds), or nullptr
+  float* partial;             // (blocks, 2, width) out: per block, sum of dy xhat and of dy
+  int64_t blocks;             // from layer_norm_bwd_blocks
+  int64_t n_rows;
+  int64_t width;
+  Dropout dropout;
+  bool vectorized;
+  FloatType dtype;
+};
+
+cudaError_t layer_norm_fwd(const LayerNormFwdParams& params, cudaStream_t stream);
+
+// How many thread blocks layer_norm_bwd runs on the current device (each writes one row
+// of partial sums): enough to fill the GPU once, at most n_rows.
+cudaError_t layer_norm_bwd_blocks(int64_t n_rows, int64_t width, FloatType dtype, int64_t* blocks);
+
+// Writes ds (and dx), and each block's partial sums; the weight and bias gradients are
+// the sums of partial over blocks.
+cudaError_t layer_norm_bwd(const LayerNormBwdParams& params, cudaStream_t stream);
+
+}  // namespace lmkern::cuda

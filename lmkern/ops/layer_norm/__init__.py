@@ -1,0 +1,209 @@
+"""LayerNorm, and residual add + dropout + LayerNorm in one pass: the autograd Function,
+lmkern.layer_norm and lmkern.add_layer_norm.
+
+Forward saves only what backward cannot cheaply get back: the normalised rows s (the
+input itself for a plain LayerNorm, or the new residual stream) and the fp32 mean and
+rstd per row. A dropout mask is never stored: backward draws it again from the seed.
+"""
+
+import math
+
+import torch
+
+from lmkern import random
+from lmkern.backend import implementation, requested_backend, resolve
+
+# The widest row the GPU kernels (Triton's, anywhere, and the native CUDA ones) hold in
+# registers. Wider rows run on the torch reference under "auto" (and natively on CPU).
+MAX_GPU_ROW_BYTES = 65536
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed, prenorm, backend):
+        impl = implementation(__name__, backend)
+        adds = residual is not None or dropout_p > 0
+        out, mean, rstd, summed = impl.layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed, keep_sum=adds)
+        if not adds:
+            summed = x
+        ctx.save_for_backward(summed, weight, mean, rstd)
+        ctx.set_materialize_grads(False)
+        ctx.impl, ctx.dropout_p, ctx.seed = impl, dropout_p, seed
+        ctx.has_residual, ctx.has_bias = residual is not None, bias is not None
+        return (out, summed) if prenorm else out
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_sum=None):
+        summed, weight, mean, rstd = ctx.saved_tensors
+        if grad_out is None:  # only the returned residual was used
+            grad_out = torch.zeros_like(summed)
+        grad_x, grad_residual, grad_weight, grad_bias = ctx.impl.layer_norm_bwd(
+            last_dim_contiguous(grad_out),
+            None if grad_sum is None else last_dim_contiguous(grad_sum),
+            summed,
+            weight,
+            mean,
+            rstd,
+            ctx.dropout_p,
+            ctx.seed,
+            ctx.has_bias,
+        )
+        grad_residual = grad_residual if ctx.has_residual else None
+        return grad_x, grad_residual, grad_weight, grad_bias, None, None, None, None, None
+
+
+def last_dim_contiguous(tensor):
+    """tensor, or a contiguous copy if its last dimension is strided (the kernels' need)."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def as_rows(tensor, width):
+    """tensor (..., width) as (N, width) rows with a contiguous last dimension (a view
+    where possible)."""
+    return last_dim_contiguous(tensor.reshape(-1, width))
+
+
+def resolve_rows(x, width, backend):
+    """The backend for LayerNorm rows of `width` elements of x's dtype: resolve(), except
+    that rows wider than the GPU kernels hold (MAX_GPU_ROW_BYTES) go to the torch reference
+    under "auto" and raise ValueError for an explicit backend."""
+    name = resolve("layer_norm", x, backend)
+    limited = name == "triton" or (name == "native" and x.device.type == "cuda")
+    row_bytes = width * x.element_size()
+    if limited and row_bytes > MAX_GPU_ROW_BYTES:
+        if requested_backend(backend) == "auto":
+            return "torch"
+        raise ValueError(
+            f"lmkern.layer_norm: rows of {width} {x.dtype} elements ({row_bytes} bytes) are wider than the "
+            f"{name} kernels on {x.device.type} take ({MAX_GPU_ROW_BYTES} bytes); use backend='torch'"
+            + (" or 'native'" if x.device.type == "cpu" else "")
+        )
+    return name
+
+
+def check_float_tensor(tensor, name):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+
+
+def check_param(param, name, shape, input):
+    """weight or bias: None, or a float tensor of `shape` on input's device."""
+    if param is None:
+        return
+    check_float_tensor(param, name)
+    if tuple(param.shape) != tuple(shape) or param.device != input.device:
+        raise ValueError(
+            f"{name} must have shape {tuple(shape)} on {input.device}, got {tuple(param.shape)} on {param.device}"
+        )
+
+
+def as_stats_param(param, width, dtype):
+    """weight or bias flattened to (width,) in the statistics' dtype (fp32, fp64 for fp64
+    input), which the kernels take; autograd carries the cast back."""
+    if param is None:
+        return None
+    return param.reshape(width).to(torch.promote_types(torch.float32, dtype))
+
+
+def check_eps_dropout(eps, dropout_p):
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
+    """torch.nn.functional.layer_norm on lmkern's kernels.
+
+    Args:
+        input: (..., *normalized_shape), float32/float16/bfloat16 (float64 runs on the
+            torch backend); any strides.
+        normalized_shape: the trailing dimensions to normalise over (an int or a sequence
+            of ints); they are normalised as one row of prod(normalized_shape) elements.
+        weight, bias: normalized_shape, or None; any float dtype (the kernels use them in
+            fp32, and their gradients are returned in their own dtype).
+        eps: added to the variance.
+        backend: "torch", "triton", "native" or "auto"; see lmkern.backend. Rows wider
+            than 64 KiB are refused by the GPU kernels (auto then runs the reference).
+
+    Returns the normalised input, same shape and dtype. Mean and variance are computed in
+    fp32 (two passes); backward saves only the input and the fp32 mean and rstd per row.
+    """
+    check_float_tensor(input, "input")
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(shape) == 0 or tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
+        raise ValueError(
+            f"normalized_shape must be the last dimensions of input {tuple(input.shape)} (at least one), "
+            f"got {normalized_shape}"
+        )
+    check_param(weight, "weight", shape, input)
+    check_param(bias, "bias", shape, input)
+    check_eps_dropout(eps, 0.0)
+    width = math.prod(shape)
+    if width == 0:
+        raise ValueError(f"normalized_shape must have at least one element, got {shape}")
+    name = resolve_rows(input, width, backend)
+    out = LayerNormFunction.apply(
+        as_rows(input, width),
+        None,
+        as_stats_param(weight, width, input.dtype),
+        as_stats_param(bias, width, input.dtype),
+        float(eps),
+        0.0,
+        0,
+        False,
+        name,
+    )
+    return out.view(input.shape)
+
+
+def add_layer_norm(x, residual, weight, bias, eps=1e-5, *, dropout_p=0.0, prenorm=True, backend=None):
+    """s = residual + dropout(x), then LayerNorm of s over the last dimension, in one pass.
+
+    Args:
+        x: (..., D), float32/float16/bfloat16: a sub-layer's output.
+        residual: the residual stream, shaped and typed like x, or None (s = dropout(x)).
+        weight, bias: (D,) or None.
+        eps: added to the variance.
+        dropout_p: drop probability for x (as F.dropout with training=True). The mask comes
+            from lmkern's counter-based RNG seeded from torch's generator (torch.manual_seed
+            reproduces it; every backend draws the same mask) and is drawn again in backward,
+            never stored.
+        prenorm: True (pre-LN, GPT) returns (LayerNorm(s), s), s being the new residual
+            stream in x's dtype; False (post-LN, BERT) returns LayerNorm(s) alone.
+        backend: as in lmkern.layer_norm.
+
+    Saves for backward s and the fp32 mean and rstd per row.
+    """
+    check_float_tensor(x, "x")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have at least one element in its last dimension, got shape {tuple(x.shape)}")
+    if residual is not None:
+        check_float_tensor(residual, "residual")
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(
+                f"residual must have x's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, {x.device}), "
+                f"got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
+            )
+    width = x.shape[-1]
+    check_param(weight, "weight", (width,), x)
+    check_param(bias, "bias", (width,), x)
+    check_eps_dropout(eps, dropout_p)
+    name = resolve_rows(x, width, backend)
+    outputs = LayerNormFunction.apply(
+        as_rows(x, width),
+        None if residual is None else as_rows(residual, width),
+        as_stats_param(weight, width, x.dtype),
+        as_stats_param(bias, width, x.dtype),
+        float(eps),
+        float(dropout_p),
+        random.draw_seed() if dropout_p > 0 else 0,
+        prenorm,
+        name,
+    )
+    if prenorm:
+        out, summed = outputs
+        return out.view(x.shape), summed.view(x.shape)
+    return outputs.view(x.shape)

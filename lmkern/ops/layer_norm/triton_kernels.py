@@ -1,0 +1,226 @@
+"""LayerNorm (with optional residual add and dropout) in Triton.
+
+Forward, one program per row held in registers (rows up to 64 KiB):
+    s = residual + dropout(x);  mean = sum(s) / D;  var = sum((s - mean)^2) / D
+    out = (s - mean) rstd w + b,  rstd = 1 / sqrt(var + eps)
+The two passes over the row (mean, then the centred variance) run on registers, so the
+variance has no cancellation. With a residual or dropout, s is stored in the input's
+dtype and the rounded s is what gets normalised, so that backward sees the same rows.
+
+Backward, a fixed number G of programs each taking rows pid, pid + G, ...:
+    xhat = (s - mean) rstd,  g = dy w
+    ds = rstd (g - mean(g) - xhat mean(g xhat)) [+ the gradient that reached s directly]
+    dx = dropout(ds) with the forward's mask (drawn again from the seed)
+Each program adds up dy xhat and dy over its rows in fp32 registers and writes them as
+one row of partial sums; the weight and bias gradients are the sums of those G rows, a
+second pass with a fixed order: deterministic, without atomics.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from lmkern.backend import triton_interpreting
+from lmkern.ops.layer_norm import MAX_GPU_ROW_BYTES
+from lmkern.ops.triton_dropout import dropout, dropout_args
+
+
+@triton.jit
+def layer_norm_fwd_kernel(
+    x_ptr,  # (N, D), rows x_row_stride apart, last dim contiguous
+    x_row_stride,
+    residual_ptr,  # (N, D), rows residual_row_stride apart; read if HAS_RESIDUAL
+    residual_row_stride,
+    weight_ptr,  # (D,) fp32, read if HAS_WEIGHT
+    bias_ptr,  # (D,) fp32, read if HAS_BIAS
+    out_ptr,  # (N, D) contiguous, out
+    summed_ptr,  # (N, D) contiguous, out: s, written if KEEP_SUM
+    mean_ptr,  # (N,) fp32 out
+    rstd_ptr,  # (N,) fp32 out
+    width,  # D
+    eps,
+    dropout_p,
+    dropout_scale,  # 1 / (1 - dropout_p)
+    seed,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    KEEP_SUM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < width
+    s = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        s = dropout(s, seed, row * width + cols, dropout_p, dropout_scale)
+    if HAS_RESIDUAL:
+        s += tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if KEEP_SUM:
+        rounded = s.to(summed_ptr.dtype.element_ty)
+        tl.store(summed_ptr + row * width + cols, rounded, mask=mask)
+        s = rounded.to(tl.float32)
+    mean = tl.sum(s, axis=0) / width
+    centered = tl.where(mask, s - mean, 0.0)
+    var = tl.sum(centered * centered, axis=0) / width
+    # Correctly rounded: one rstd scales the whole row.
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+    out = centered * rstd
+    if HAS_WEIGHT:
+        out *= tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * width + cols, out, mask=mask)
+
+
+@triton.jit
+def layer_norm_bwd_kernel(
+    grad_out_ptr,  # (N, D), rows grad_out_row_stride apart, last dim contiguous
+    grad_out_row_stride,
+    grad_sum_ptr,  # (N, D), rows grad_sum_row_stride apart; read if HAS_GRAD_SUM
+    grad_sum_row_stride,
+    summed_ptr,  # (N, D) s, rows summed_row_stride apart
+    summed_row_stride,
+    weight_ptr,  # (D,) fp32, read if HAS_WEIGHT
+    mean_ptr,  # (N,) fp32
+    rstd_ptr,  # (N,) fp32
+    grad_summed_ptr,  # (N, D) contiguous out: ds
+    grad_x_ptr,  # (N, D) contiguous out: dropout(ds), written if HAS_DROPOUT
+    partial_ptr,  # (G, 2, D) fp32 out: per program, sum of dy xhat (if HAS_WEIGHT) and of dy
+    n_rows,
+    width,
+    dropout_p,
+    dropout_scale,
+    seed,
+    HAS_GRAD_SUM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < width
+    weight = 1.0
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    sum_dy_xhat = tl.zeros([BLOCK_D], tl.float32)
+    sum_dy = tl.zeros([BLOCK_D], tl.float32)
+    # An int64 start makes the row index int64, so row offsets do not overflow.
+    for row in range(program.to(tl.int64), n_rows, tl.num_programs(0)):
+        s = tl.load(summed_ptr + row * summed_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(grad_out_ptr + row * grad_out_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = tl.where(mask, (s - tl.load(mean_ptr + row)) * rstd, 0.0)
+        g = dy * weight
+        ds = (g - tl.sum(g, axis=0) / width - xhat * (tl.sum(g * xhat, axis=0) / width)) * rstd
+        if HAS_GRAD_SUM:
+            ds += tl.load(grad_sum_ptr + row * grad_sum_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(grad_summed_ptr + row * width + cols, ds, mask=mask)
+        if HAS_DROPOUT:
+            grad_x = dropout(ds, seed, row * width + cols, dropout_p, dropout_scale)
+            tl.store(grad_x_ptr + row * width + cols, grad_x, mask=mask)
+        sum_dy_xhat += dy * xhat
+        sum_dy += dy
+    partial_ptr += program.to(tl.int64) * 2 * width
+    if HAS_WEIGHT:
+        tl.store(partial_ptr + cols, sum_dy_xhat, mask=mask)
+    tl.store(partial_ptr + width + cols, sum_dy, mask=mask)
+
+
+def block_width(width, dtype):
+    """The power-of-two block holding a row, refusing rows wider than MAX_GPU_ROW_BYTES."""
+    if width * dtype.itemsize > MAX_GPU_ROW_BYTES:
+        raise ValueError(
+            f"the Triton LayerNorm holds rows of at most {MAX_GPU_ROW_BYTES} bytes, got {width} {dtype} elements"
+        )
+    return triton.next_power_of_2(width)
+
+
+def num_warps_for(block):
+    return min(max(block // 256, 1), 16)
+
+
+def layer_norm_fwd(x, weight, bias, eps, residual=None, dropout_p=0.0, seed=0, keep_sum=False):
+    """Same contract as reference.layer_norm_fwd."""
+    n_rows, width = x.shape
+    block = block_width(width, x.dtype)
+    out = torch.empty((n_rows, width), dtype=x.dtype, device=x.device)
+    summed = torch.empty_like(out) if keep_sum else None
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if n_rows == 0:
+        return out, mean, rstd, summed
+    layer_norm_fwd_kernel[(n_rows,)](
+        x,
+        x.stride(0),
+        residual,
+        0 if residual is None else residual.stride(0),
+        weight,
+        bias,
+        out,
+        summed,
+        mean,
+        rstd,
+        width,
+        eps,
+        *dropout_args(dropout_p),
+        seed,
+        HAS_RESIDUAL=residual is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        KEEP_SUM=keep_sum,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_D=block,
+        num_warps=num_warps_for(block),
+    )
+    return out, mean, rstd, summed
+
+
+def num_row_programs(n_rows, device):
+    """G, the programs of the backward pass: a few per SM, each looping over its rows."""
+    if triton_interpreting() or device.type != "cuda":
+        return max(1, min(n_rows, 8))
+    return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+
+
+def layer_norm_bwd(grad_out, grad_sum, summed, weight, mean, rstd, dropout_p, seed, has_bias):
+    """Same contract as reference.layer_norm_bwd."""
+    n_rows, width = summed.shape
+    block = block_width(width, summed.dtype)
+    grad_summed = torch.empty((n_rows, width), dtype=summed.dtype, device=summed.device)
+    grad_x = torch.empty_like(grad_summed) if dropout_p > 0 else grad_summed
+    programs = num_row_programs(n_rows, summed.device)
+    partial = torch.zeros((programs, 2, width), dtype=torch.float32, device=summed.device)
+    if n_rows > 0:
+        layer_norm_bwd_kernel[(programs,)](
+            grad_out,
+            grad_out.stride(0),
+            grad_sum,
+            0 if grad_sum is None else grad_sum.stride(0),
+            summed,
+            summed.stride(0),
+            weight,
+            mean,
+            rstd,
+            grad_summed,
+            grad_x,
+            partial,
+            n_rows,
+            width,
+            *dropout_args(dropout_p),
+            seed,
+            HAS_GRAD_SUM=grad_sum is not None,
+            HAS_DROPOUT=dropout_p > 0,
+            HAS_WEIGHT=weight is not None,
+            BLOCK_D=block,
+            num_warps=num_warps_for(block),
+            # g = dy w is used rounded, not fused into g - mean(g): a constant row (xhat = 0,
+            # e.g. of width 1) must get exactly 0.
+            enable_fp_fusion=False,
+        )
+    grad_weight = partial[:, 0].sum(dim=0) if weight is not None else None
+    grad_bias = partial[:, 1].sum(dim=0) if has_bias else None
+    return grad_x, grad_summed, grad_weight, grad_bias

@@ -1,0 +1,108 @@
+"""Linear + GELU with the bias and the activation fused into the matmul's epilogue: the
+autograd Function and lmkern.linear_gelu.
+
+Forward: out = gelu(x @ weight.T + bias), one matmul whose epilogue adds the bias and
+applies GELU (on Triton inside the matmul kernel; natively an ATen matmul followed by one
+epilogue kernel). It saves the pre-activation, or with recompute=True nothing but its
+inputs. Backward: one kernel computes d(pre) = gelu'(pre) * d(out) and the bias gradient
+(its column sums, deterministic), then the two matmuls d(x) = d(pre) @ weight and
+d(weight) = d(pre).T @ x run in torch (cuBLAS, or ATen's CPU BLAS).
+"""
+
+import torch
+
+from lmkern.backend import implementation, resolve
+from lmkern.ops.layer_norm import as_stats_param, check_float_tensor
+
+# GELU's `approximate` argument (as in torch) -> the kernels' activation name.
+ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+class LinearGeluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation, recompute, backend):
+        impl = implementation(__name__, backend)
+        out, pre = impl.linear_gelu_fwd(x, weight, bias, activation, keep_preactivation=not recompute)
+        ctx.save_for_backward(x, weight, bias, pre)
+        ctx.impl, ctx.activation = impl, activation
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, pre = ctx.saved_tensors
+        if pre is None:  # recompute=True
+            pre, _ = ctx.impl.linear_gelu_fwd(x, weight, bias, "none", keep_preactivation=False)
+        grad_pre, grad_bias, _ = epilogue_bwd(ctx.impl, grad_out, pre, ctx.activation)
+        grad_x, grad_weight = matmul_grads(grad_pre, x, weight, ctx.needs_input_grad[:2])
+        grad_bias = grad_bias if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def epilogue_bwd(impl, grad_out, pre, activation, dropout_p=0.0, seed=0, want_activation=False):
+    """impl.linear_gelu_bwd: (grad_pre, grad_bias in fp32, act(pre) or None), without a
+    kernel launch when the epilogue was the identity (no activation, no dropout)."""
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    if activation == "none" and dropout_p == 0:
+        return grad_out, grad_out.sum(dim=0, dtype=torch.promote_types(grad_out.dtype, torch.float32)), None
+    return impl.linear_gelu_bwd(grad_out, pre, activation, dropout_p, seed, want_activation)
+
+
+def matmul_grads(grad_pre, x, weight, needs_grad):
+    """d(x) = grad_pre @ weight and d(weight) = grad_pre.T @ x for pre = x @ weight.T,
+    each only where needs_grad (a pair of bools) asks; None otherwise."""
+    grad_x = grad_pre @ weight if needs_grad[0] else None
+    grad_weight = grad_pre.T @ x if needs_grad[1] else None
+    return grad_x, grad_weight
+
+
+def check_linear(weight, bias, input, in_features, weight_name="weight", bias_name="bias"):
+    """weight (F, in_features) in input's dtype and device, and bias (F,) or None."""
+    check_float_tensor(weight, weight_name)
+    if weight.dim() != 2 or weight.shape[1] != in_features:
+        raise ValueError(
+            f"{weight_name} must have shape (out_features, {in_features}), got {tuple(weight.shape)}"
+        )
+    if weight.dtype != input.dtype or weight.device != input.device:
+        raise ValueError(
+            f"{weight_name} must have the input's dtype and device ({input.dtype}, {input.device}), "
+            f"got {weight.dtype} on {weight.device}"
+        )
+    if bias is not None:
+        check_float_tensor(bias, bias_name)
+        if tuple(bias.shape) != (weight.shape[0],) or bias.device != input.device:
+            raise ValueError(
+                f"{bias_name} must have shape ({weight.shape[0]},) on {input.device}, "
+                f"got {tuple(bias.shape)} on {bias.device}"
+            )
+
+
+def check_approximate(approximate):
+    if approximate not in ACTIVATION:
+        raise ValueError(f"approximate must be one of {tuple(ACTIVATION)}, got {approximate!r}")
+
+
+def linear_gelu(input, weight, bias=None, approximate="none", *, recompute=False, backend=None):
+    """gelu(input @ weight.T + bias, approximate), with bias and GELU fused into the matmul.
+
+    Args:
+        input: (..., K) float32/float16/bfloat16 (float64 runs on the torch backend).
+        weight: (F, K) in input's dtype, as torch.nn.Linear's weight.
+        bias: (F,) or None; the kernels add it in fp32.
+        approximate: "none" (exact erf GELU) or "tanh", as torch.nn.functional.gelu.
+        recompute: save no (N, F) pre-activation for backward but recompute it there with
+            one more matmul (N * F elements less memory, 2 N K F more FLOPs).
+        backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
+
+    Returns (..., F) in input's dtype. The bias gradient is a deterministic column sum.
+    """
+    check_float_tensor(input, "input")
+    if input.dim() == 0:
+        raise ValueError("input must have at least one dimension, got a scalar")
+    check_linear(weight, bias, input, input.shape[-1])
+    check_approximate(approximate)
+    name = resolve("linear_gelu", input, backend)
+    rows = input.reshape(-1, input.shape[-1])
+    out = LinearGeluFunction.apply(
+        rows, weight, as_stats_param(bias, weight.shape[0], input.dtype), ACTIVATION[approximate], recompute, name
+    )
+    return out.view(*input.shape[:-1], weight.shape[0])

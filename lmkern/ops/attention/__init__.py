@@ -64,9 +64,11 @@ def _head_counts(query_heads, key_heads, value_heads, enable_gqa):
 def _as_heads(x, batch, heads):
     """x (B or 1, heads or 1 or a divisor of heads, L, D) as (batch, heads, L, D): a view
     where it broadcasts, a copy where each head serves several (repeat_interleave)."""
-    if x.shape[1] not in (1, heads):
+    if x.shape[1] != 1 and x.shape[1] != heads:
         x = x.repeat_interleave(heads // x.shape[1], dim=1)
-    return x.expand(batch, heads, *x.shape[2:])
+    if x.shape[0] != batch or x.shape[1] != heads:
+        x = x.expand(batch, heads, *x.shape[2:])
+    return x
 
 
 def _check_mask(attn_mask, query, shape, is_causal):

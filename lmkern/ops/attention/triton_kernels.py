@@ -67,11 +67,17 @@ if triton_interpreting():
     FWD_CONFIGS = DKDV_CONFIGS = DQ_CONFIGS = _configs([(32, 32, 4, 1)])
     DECODE_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
 else:
+    # (BLOCK_M, BLOCK_N, warps, stages); the small last ones fit head dim 256 in fp32.
     FWD_CONFIGS = _configs(
-        [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)]
+        [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
+         (32, 32, 4, 2)]
     )
-    DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)])
-    DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 4)])
+    DKDV_CONFIGS = _configs(
+        [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4), (16, 32, 4, 2)]
+    )
+    DQ_CONFIGS = _configs(
+        [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 4), (32, 32, 4, 2)]
+    )
     DECODE_CONFIGS = [
         triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages)
         for n, warps, stages in [(64, 4, 2), (128, 4, 3), (64, 4, 4), (32, 2, 3)]
@@ -140,6 +146,21 @@ def _dropout_factor(seed, row_offsets, cols, seqlen_k, dropout_p, dropout_scale)
     has offset ((b H + h) Lq + i) Lk + j, with row_offsets = (b H + h) Lq + i, int64."""
     keep = tl.rand(seed, row_offsets * seqlen_k + cols) >= dropout_p
     return tl.where(keep, dropout_scale, 0.0)
+
+
+@triton.jit
+def _key_blocks(start_m, seqlen_k, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(unchecked_stop, stop) for the query rows [start_m, start_m + BLOCK_M): the key blocks
+    starting before unchecked_stop are seen whole by every row (no causal or bounds check);
+    those from there to stop need the checks; under is_causal the blocks after stop (above
+    the diagonal) are skipped."""
+    if IS_CAUSAL:
+        stop = tl.minimum(seqlen_k, start_m + BLOCK_M)
+        seen_by_all = tl.minimum(seqlen_k, start_m + 1)
+    else:
+        stop = seqlen_k
+        seen_by_all = seqlen_k
+    return seen_by_all // BLOCK_N * BLOCK_N, stop
 
 
 @triton.jit
@@ -267,15 +288,7 @@ def attention_fwd_kernel(
     mask_ptr += b * stride_mb + h * stride_mh
     dropout_rows = (b * heads + h) * seqlen_q + rows
 
-    # Keys [0, seen_by_all) are visible to every row of the tile: those blocks run without
-    # causal or bounds checks; the blocks after them, up to the diagonal, with.
-    if IS_CAUSAL:
-        stop = tl.minimum(seqlen_k, start_m + BLOCK_M)
-        seen_by_all = tl.minimum(seqlen_k, start_m + 1)
-    else:
-        stop = seqlen_k
-        seen_by_all = seqlen_k
-    unchecked_stop = seen_by_all // BLOCK_N * BLOCK_N
+    unchecked_stop, stop = _key_blocks(start_m, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], -FLT_MAX, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -628,13 +641,7 @@ def attention_bwd_dq_kernel(
     k_ptr += b * stride_kb + kv_head * stride_kh
     v_ptr += b * stride_vb + kv_head * stride_vh
     mask_ptr += b * stride_mb + h * stride_mh
-    if IS_CAUSAL:
-        stop = tl.minimum(seqlen_k, start_m + BLOCK_M)
-        seen_by_all = tl.minimum(seqlen_k, start_m + 1)
-    else:
-        stop = seqlen_k
-        seen_by_all = seqlen_k
-    unchecked_stop = seen_by_all // BLOCK_N * BLOCK_N
+    unchecked_stop, stop = _key_blocks(start_m, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_blocks(
         dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,

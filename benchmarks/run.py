@@ -13,10 +13,19 @@ import sys
 
 import torch
 
-from benchmarks import bench_cross_entropy, bench_linear_cross_entropy, report
+from benchmarks import (
+    bench_attention,
+    bench_attention_with_kv_cache,
+    bench_cross_entropy,
+    bench_linear_cross_entropy,
+    report,
+)
 from benchmarks.harness import run_op
 
-OPS = {module.OP: module for module in (bench_cross_entropy, bench_linear_cross_entropy)}
+OPS = {
+    module.OP: module
+    for module in (bench_cross_entropy, bench_linear_cross_entropy, bench_attention, bench_attention_with_kv_cache)
+}
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 

@@ -34,11 +34,11 @@ TORCH_LIBRARY(lmkern, m) {
   // (csrc/philox.h), and scales it by 1 / (1 - dropout_p).
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale, "
-      "float dropout_p, int seed) -> (Tensor, Tensor)");
+      "float dropout_p, SymInt seed) -> (Tensor, Tensor)");
   // Its backward from the forward's out and lse: (dq, dk, dv) shaped like q, k, v.
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-      "bool is_causal, float scale, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+      "bool is_causal, float scale, float dropout_p, SymInt seed) -> (Tensor, Tensor, Tensor)");
   // Decoding: writes k_new, v_new (B, H_kv, L_new, D | Dv) into k_cache, v_cache
   // (B, H_kv, L_max, D | Dv) at positions cache_seqlens[b] (int32 or int64) onwards, then
   // attends q (B, H, Lq, D) over each sequence's keys with bottom-right causal alignment:

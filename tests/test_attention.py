@@ -470,6 +470,17 @@ def test_compiles_with_fullgraph_on_cpu(case):
     assert_compiles_like_eager(step, q)
 
 
+def test_dropout_compiles_with_fullgraph_on_cpu():
+    """The seed is drawn inside the compiled graph: every call draws a new mask."""
+    require("native", "cpu", torch.float32, "attention")
+    probe = torch.compile(dropout_probe, fullgraph=True)
+    first, second = probe("native", 0.3), probe("native", 0.3)
+    kept = first != 0
+    assert abs(kept.double().mean().item() - 0.7) < 0.02
+    torch.testing.assert_close(first[kept], torch.full_like(first[kept], 1 / 0.7))
+    assert not torch.equal(first, second)
+
+
 def test_kv_cache_compiles_with_fullgraph_on_cpu():
     require("native", "cpu", torch.float32, "attention_with_kv_cache")
     q = torch.randn(2, 4, 1, 16)

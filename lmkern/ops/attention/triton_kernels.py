@@ -204,7 +204,7 @@ def _attend(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(start, stop, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
+        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # cols * stride may pass 2^31
         k_t = _load_tile(  # (BLOCK_D, BLOCK_N)
             k_ptr + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
             cols[None, :] < seqlen_k,
@@ -559,7 +559,7 @@ def _dq_blocks(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(start, stop, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
+        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # cols * stride may pass 2^31
         k_t = _load_tile(  # (BLOCK_D, BLOCK_N)
             k_ptr + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
             cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, CHECK_KEYS, HEAD_DIM != BLOCK_D,
@@ -807,7 +807,7 @@ def attention_decode_combine_kernel(
     """out = sum_s w_s out_s / sum_s w_s with w_s = 2^(lse_s - max lse): the softmax over
     all keys from the splits' softmaxes. A row no split saw anything for gets 0."""
     row = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, BLOCK_S)
+    s = tl.arange(0, BLOCK_S).to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
     lse = tl.load(partial_lse_ptr + s * n_rows + row, mask=s < splits, other=float("-inf"))
     weight = tl.where(lse > float("-inf"), tl.exp2(lse - tl.max(lse, 0)), 0.0)

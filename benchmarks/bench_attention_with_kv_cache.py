@@ -31,7 +31,9 @@ def cases(device, quick):
             for batch in (1, 8, 64)
             for cache in (4096, 16384, 32768)
         ]
-    return [dict(batch=batch, heads=8, kv_heads=2, cache=cache, head_dim=64) for batch in (1, 8) for cache in (1024, 4096)]
+    return [
+        dict(batch=batch, heads=8, kv_heads=2, cache=cache, head_dim=64) for batch in (1, 8) for cache in (1024, 4096)
+    ]
 
 
 def label(case):

@@ -233,7 +233,8 @@ def test_triton_refuses_head_dims_over_256_and_auto_goes_on():
     with pytest.raises(lmkern.BackendUnavailableError, match="head dims up to 256"):
         lmkern.scaled_dot_product_attention(q, q, q, backend="triton")
     with lmkern.use_backend("auto"):
-        torch.testing.assert_close(lmkern.scaled_dot_product_attention(q, q, q), F.scaled_dot_product_attention(q, q, q))
+        expected = F.scaled_dot_product_attention(q, q, q)
+        torch.testing.assert_close(lmkern.scaled_dot_product_attention(q, q, q), expected)
 
 
 def _bad_calls():
@@ -247,7 +248,8 @@ def _bad_calls():
         (lambda: sdpa(q, k, k[:, :, :9]), ValueError, "value must have key's length 10"),
         (lambda: sdpa(q, k[:1].expand(3, -1, -1, -1), k), ValueError, "same batch size, or 1, got 2, 3, 2"),
         (lambda: sdpa(q, k[:, :2], k[:, :2]), ValueError, "same number of heads, or 1.*enable_gqa=True"),
-        (lambda: sdpa(q, k[:, :3], k[:, :3], enable_gqa=True), ValueError, r"multiple of the number of key heads \(3\)"),
+        (lambda: sdpa(q, k[:, :3], k[:, :3], enable_gqa=True), ValueError,
+         r"multiple of the number of key heads \(3\)"),
         (lambda: sdpa(q, k, k, dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
         (lambda: sdpa(q, k, k, attn_mask=torch.ones(8, 10, dtype=torch.bool), is_causal=True), ValueError,
          "attn_mask and is_causal=True cannot both be set"),
@@ -374,14 +376,18 @@ def test_decoding_without_new_keys_and_queries_before_the_cache(backend):
     torch.testing.assert_close(out[1], full_attention(q[1], k_cache[1], v_cache[1], 20, scale=0.5))
 
 
+OVERFLOWS = [([3, 8], r"cache_seqlens\[1\] = 8"), ([-1, 0], r"cache_seqlens\[0\] = -1")]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("lengths, message", [([3, 8], r"cache_seqlens\[1\] = 8"), ([-1, 0], r"cache_seqlens\[0\] = -1")])
+@pytest.mark.parametrize("lengths, message", OVERFLOWS)
 def test_decoding_past_the_cache_raises_on_cpu_and_writes_nothing(backend, lengths, message):
     require(backend, "cpu", torch.float32, "attention_with_kv_cache")
     q, k_new = torch.randn(2, 2, 2, 1, 16)
     k_cache = torch.zeros(2, 2, 8, 16)
     with torch.no_grad(), pytest.raises(ValueError, match=message + ": with 1 new keys the sequence must fit"):
-        lmkern.attention_with_kv_cache(q, k_cache, k_cache.clone(), torch.tensor(lengths), k_new, k_new, backend=backend)
+        seqlens = torch.tensor(lengths)
+        lmkern.attention_with_kv_cache(q, k_cache, k_cache.clone(), seqlens, k_new, k_new, backend=backend)
     assert (k_cache == 0).all()
 
 
@@ -415,7 +421,8 @@ def _bad_cache_calls():
         (lambda: kv(q, cache, cache, lens.float()), TypeError, "cache_seqlens must be int32 or int64"),
         (lambda: kv(q, cache, cache, lens[:1]), ValueError, r"cache_seqlens must have shape \(2,\)"),
         (lambda: kv(q, cache, cache, lens, new), ValueError, "k_new and v_new must be given together"),
-        (lambda: kv(q, cache, cache, lens, new[:, :1], new), ValueError, r"k_new must have shape \(B, H_kv, L_new, D\)"),
+        (lambda: kv(q, cache, cache, lens, new[:, :1], new), ValueError,
+         r"k_new must have shape \(B, H_kv, L_new, D\)"),
         (lambda: kv(q, cache, cache, lens, new.half(), new), ValueError, "k_new must have k_cache's dtype"),
         (lambda: kv(q.requires_grad_(), cache, cache, lens), RuntimeError, "call it under torch.no_grad"),
     ]

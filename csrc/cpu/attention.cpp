@@ -17,9 +17,11 @@
 // Every value has one writer: no atomics, and for a given thread count the results are
 // deterministic.
 //
-// Memory beyond inputs and outputs is O(L D): tiles, and the fp32 dQ buffer(s).
-// All arithmetic is fp32, in loops the compiler vectorises (see vectorize.h): the matmuls
-// keep a 4 x 64 block of outputs in registers across the reduction.
+// Memory beyond inputs and outputs is O(L D): tiles, a thread's keys and values in fp32,
+// and the fp32 dQ buffer(s). All arithmetic is fp32, in loops the compiler vectorises (see
+// vectorize.h): the matmuls keep blocks of up to 6 x 32 outputs in registers across the
+// reduction. Their sums are split (two interleaved chains, partial sums of 32 terms) so
+// that the rounding error stays near that of torch's own fp32 attention.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,6 +30,7 @@
 #include <cfloat>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "../attention.h"
@@ -401,18 +404,30 @@ struct PackedKeys {
       kv_head = head;
       packed = 0;
       k_t.resize(round_up(p.seqlen_k) * p.head_dim);
-      v.resize(std::is_same_v<scalar_t, float> ? 0 : p.seqlen_k * p.head_dim_v);
+      v.resize(std::is_same_v<scalar_t, float> ? 0 : p.seqlen_k * p.head_dim_v);  // fp32: read in place
     }
     const scalar_t* k_head = k + k_strides.at(b, kv_head, 0);
     const scalar_t* v_head = values + v_strides.at(b, kv_head, 0);
     for (; packed < key_end; packed += kBlockN) {
       const int64_t n = std::min(kBlockN, p.seqlen_k - packed);
-      load_transposed(k_head + packed * k_strides.row, k_strides.row, n, p.head_dim, k_t.data() + packed * p.head_dim, kBlockN);
-      if (!v.empty()) {
-        load_rows(v_head + packed * v_strides.row, v_strides.row, n, p.head_dim_v, v.data() + packed * p.head_dim_v, p.head_dim_v);
+      float* k_t_block = k_t.data() + packed * p.head_dim;
+      load_transposed(k_head + packed * k_strides.row, k_strides.row, n, p.head_dim, k_t_block, kBlockN);
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        float* v_rows = v.data() + packed * p.head_dim_v;
+        load_rows(v_head + packed * v_strides.row, v_strides.row, n, p.head_dim_v, v_rows, p.head_dim_v);
       }
     }
   }
+
+  // The values as fp32 rows: (key 0's row, the distance between rows).
+  std::pair<const float*, int64_t> value_rows(const Problem& p, const scalar_t* values, Strides v_strides) const {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return {values + v_strides.at(b, kv_head, 0), v_strides.row};
+    } else {
+      return {v.data(), p.head_dim_v};
+    }
+  }
+
   static int64_t round_up(int64_t keys) {
     return (keys + kBlockN - 1) / kBlockN * kBlockN;
   }
@@ -449,10 +464,7 @@ void forward_tile(
   std::fill(buf.max.begin(), buf.max.end(), -FLT_MAX);  // not -inf: a row of only -inf then rescales by exp(0)
   std::fill(buf.sum.begin(), buf.sum.end(), 0.0f);
   buf.keys.prepare(p, tile.b, tile.kv_head, key_end, k, k_strides, v, v_strides);
-  const bool own_values = buf.keys.v.empty();  // fp32: the matmul reads v itself
-  const float* values = own_values ? reinterpret_cast<const float*>(v + v_strides.at(tile.b, tile.kv_head, 0))
-                                   : buf.keys.v.data();
-  const int64_t values_ld = own_values ? v_strides.row : dv;
+  const auto [values, values_ld] = buf.keys.value_rows(p, v, v_strides);
 
   for (int64_t n0 = 0; n0 < key_end; n0 += kBlockN) {
     const int64_t n = std::min(kBlockN, key_end - n0);
@@ -628,7 +640,8 @@ void backward_key_block(
         softmax_grad_row(buf.p.data() + r * kBlockN, buf.dp.data() + r * kBlockN, n, delta[row0 + r], p.scale);
       }
       // dP now holds scale dS.
-      matmul_accumulate(buf.dp.data(), 1, kBlockN, buf.q.data(), d, buf.dk.data(), d, n, d, m, nullptr, buf.scratch.data());
+      matmul_accumulate(
+          buf.dp.data(), 1, kBlockN, buf.q.data(), d, buf.dk.data(), d, n, d, m, nullptr, buf.scratch.data());
       matmul_accumulate(
           buf.dp.data(), kBlockN, 1, buf.k.data(), d, dq_acc + row0 * d, d, m, d, n, nullptr, buf.scratch.data());
     }

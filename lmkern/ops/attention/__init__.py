@@ -44,7 +44,8 @@ def _broadcast_size(sizes, what, hint=""):
     """The size that sizes broadcast to, as torch does (each equal or 1)."""
     size = max(sizes)
     if any(other != 1 and other != size for other in sizes):
-        raise ValueError(f"query, key and value must have the same {what}, or 1, got {', '.join(map(str, sizes))}{hint}")
+        got = ", ".join(map(str, sizes))
+        raise ValueError(f"query, key and value must have the same {what}, or 1, got {got}{hint}")
     return size
 
 

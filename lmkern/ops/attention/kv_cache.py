@@ -27,7 +27,9 @@ def _check_new(new, name, cache, cache_name):
     check_same_dtype_and_device(cache_name, cache, **{name: new})
     expected = (cache.shape[0], cache.shape[1], new.shape[2], cache.shape[3])
     if tuple(new.shape) != expected:
-        raise ValueError(f"{name} must have shape (B, H_kv, L_new, D) = {expected} like {cache_name}, got {tuple(new.shape)}")
+        raise ValueError(
+            f"{name} must have shape (B, H_kv, L_new, D) = {expected} like {cache_name}, got {tuple(new.shape)}"
+        )
 
 
 def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, scale=None, backend=None):

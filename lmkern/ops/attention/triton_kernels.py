@@ -692,14 +692,16 @@ def kv_cache_append_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     ok = rows_ok & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_new_ptr + b * stride_nb + h * stride_nh + n[:, None] * stride_nn + offs_d[None, :] * stride_nd, mask=ok)
+    k_new_ptr += b * stride_nb + h * stride_nh
+    k = tl.load(k_new_ptr + n[:, None] * stride_nn + offs_d[None, :] * stride_nd, mask=ok)
     tl.store(
         k_cache_ptr + b * stride_cb + h * stride_ch + (seqlen + n[:, None]) * stride_cn + offs_d[None, :] * stride_cd,
         k,
         mask=ok,
     )
     ok = rows_ok & (offs_dv[None, :] < HEAD_DIM_V)
-    v = tl.load(v_new_ptr + b * stride_wb + h * stride_wh + n[:, None] * stride_wn + offs_dv[None, :] * stride_wd, mask=ok)
+    v_new_ptr += b * stride_wb + h * stride_wh
+    v = tl.load(v_new_ptr + n[:, None] * stride_wn + offs_dv[None, :] * stride_wd, mask=ok)
     tl.store(
         v_cache_ptr + b * stride_ub + h * stride_uh + (seqlen + n[:, None]) * stride_un + offs_dv[None, :] * stride_ud,
         v,

@@ -14,9 +14,10 @@ Backward, with P = exp(s - lse) recomputed from the saved lse, Z the dropout fac
 
     dV = (P Z)^T dO,   dP = (dO V^T) Z,   dS = P (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q.
 
-One kernel per key block computes dK and dV, looping over the query blocks (and over the
-query heads that share a key/value head under GQA); another per query block computes dQ.
-Every gradient element has one writer: no atomics, and the results are deterministic.
+The backward kernel runs twice: once with a program per key block computing dK and dV,
+looping over the query blocks (and over the query heads that share a key/value head under
+GQA), once with a program per query block computing dQ. Every gradient element has one
+writer: no atomics, and the results are deterministic.
 
 Dropout regenerates its mask from (seed, offset) with tl.rand, in forward and in backward;
 the offsets number the (B, H, Lq, Lk) probabilities in row-major order, as in
@@ -64,7 +65,7 @@ def _configs(shapes):
 # Static lists: nothing here asks a GPU what it is. The interpreter gets one small config,
 # which the autotuner then runs without timing anything.
 if triton_interpreting():
-    FWD_CONFIGS = DKDV_CONFIGS = DQ_CONFIGS = _configs([(32, 32, 4, 1)])
+    FWD_CONFIGS = BWD_CONFIGS = _configs([(32, 32, 4, 1)])
     DECODE_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
 else:
     # (BLOCK_M, BLOCK_N, warps, stages); the small last ones fit head dim 256 in fp32.
@@ -72,11 +73,11 @@ else:
         [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
          (32, 32, 4, 2)]
     )
-    DKDV_CONFIGS = _configs(
-        [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4), (16, 32, 4, 2)]
-    )
-    DQ_CONFIGS = _configs(
-        [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 4), (32, 32, 4, 2)]
+    # Both backward roles are tuned over one list: wide key blocks suit dK/dV, wide query
+    # blocks dQ.
+    BWD_CONFIGS = _configs(
+        [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4), (16, 32, 4, 2),
+         (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (32, 32, 4, 2)]
     )
     DECODE_CONFIGS = [
         triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages)
@@ -164,6 +165,46 @@ def _key_blocks(start_m, seqlen_k, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
+def _block_scores(
+    q,  # (BLOCK_M, BLOCK_D)
+    k_ptr,  # this (batch, key/value head)'s keys, rows stride_kn apart
+    stride_kn,
+    stride_kd,
+    mask_ptr,
+    stride_mm,
+    stride_mn,
+    rows,  # (BLOCK_M,) query indices, int64
+    cols,  # (BLOCK_N,) key indices, int64
+    seqlen_q,
+    seqlen_k,
+    causal_shift,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    CHECK_KEYS: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """(s, k^T): the masked scores of rows x cols in base 2, (BLOCK_M, BLOCK_N), and the
+    keys they were computed from, read transposed, (BLOCK_D, BLOCK_N)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    k_t = _load_tile(
+        k_ptr + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        cols[None, :] < seqlen_k,
+        offs_d[:, None] < HEAD_DIM,
+        CHECK_KEYS,
+        HEAD_DIM != BLOCK_D,
+    )
+    s = tl.dot(q, k_t, input_precision="ieee") * qk_scale
+    s = _mask_scores(
+        s, rows[:, None], cols[None, :], mask_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
+        MASK_KIND, MASK_IS_BOOL, CAUSAL, CHECK_KEYS,
+    )
+    return s, k_t
+
+
+@triton.jit
 def _attend(
     acc,  # (BLOCK_M, BLOCK_DV) fp32: sum_j exp2(s_ij - m_i) Z_ij v_j so far
     m_i,  # (BLOCK_M,) running max of the scores, base 2
@@ -201,21 +242,12 @@ def _attend(
     HEAD_DIM_V: tl.constexpr,
 ):
     """The online softmax over the key blocks starting in [start, stop)."""
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # cols * stride may pass 2^31
-        k_t = _load_tile(  # (BLOCK_D, BLOCK_N)
-            k_ptr + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            cols[None, :] < seqlen_k,
-            offs_d[:, None] < HEAD_DIM,
-            CHECK_KEYS,
-            HEAD_DIM != BLOCK_D,
-        )
-        s = tl.dot(q, k_t, input_precision="ieee") * qk_scale
-        s = _mask_scores(
-            s, rows[:, None], cols[None, :], mask_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
-            MASK_KIND, MASK_IS_BOOL, CAUSAL, CHECK_KEYS,
+        s, _ = _block_scores(
+            q, k_ptr, stride_kn, stride_kd, mask_ptr, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
+            causal_shift, qk_scale, CAUSAL, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL, BLOCK_D, HEAD_DIM,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -422,102 +454,6 @@ def _dkdv_blocks(
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=ATTENTION_KEY)
-@triton.jit
-def attention_bwd_dkdv_kernel(
-    q_ptr,  # (B, H, Lq, D)
-    k_ptr,  # (B, H_kv, Lk, D)
-    v_ptr,  # (B, H_kv, Lk, Dv)
-    mask_ptr,  # as in attention_fwd_kernel
-    grad_out_ptr,  # (B, H, Lq, Dv)
-    lse_ptr,  # (B, H, Lq) fp32, contiguous
-    delta_ptr,  # (B, H, Lq) fp32, contiguous
-    dk_ptr,  # (B, H_kv, Lk, D) out, contiguous
-    dv_ptr,  # (B, H_kv, Lk, Dv) out, contiguous
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    heads,
-    kv_group,
-    seqlen_q,
-    seqlen_k,
-    seqlen_bucket,
-    qk_scale,
-    scale,
-    dropout_p,
-    dropout_scale,
-    seed,
-    IS_CAUSAL: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_IS_BOOL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    start_n = tl.program_id(0) * BLOCK_N
-    kv_head = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    kv_heads = tl.num_programs(1)
-    cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-    cols_ok = cols < seqlen_k
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(
-        k_ptr + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        cols_ok[:, None], offs_d[None, :] < HEAD_DIM, True, HEAD_DIM != BLOCK_D,
-    )
-    v = _load_tile(
-        v_ptr + b * stride_vb + kv_head * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-        cols_ok[:, None], offs_dv[None, :] < HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV,
-    )
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-
-    # Causal: queries before start_n see none of these keys (their blocks are skipped);
-    # from start_n + BLOCK_N - 1 on they see all of them (no causal check).
-    if IS_CAUSAL:
-        start = start_n // BLOCK_M * BLOCK_M
-        checked_stop = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seqlen_q)
-    else:
-        start = 0
-        checked_stop = 0
-    for group_index in range(kv_group):
-        h = kv_head * kv_group + group_index
-        q_head_ptr = q_ptr + b * stride_qb + h * stride_qh
-        grad_out_head_ptr = grad_out_ptr + b * stride_gb + h * stride_gh
-        row0 = (b * heads + h) * seqlen_q
-        mask_head_ptr = mask_ptr + b * stride_mb + h * stride_mh
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
-            lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale,
-            seed, row0, dropout_p, dropout_scale, start, checked_stop,
-            IS_CAUSAL, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
-        )
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
-            lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale,
-            seed, row0, dropout_p, dropout_scale, tl.maximum(start, checked_stop), seqlen_q,
-            False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
-        )
-    kv_row0 = (b * kv_heads + kv_head) * seqlen_k
-    tl.store(
-        dk_ptr + (kv_row0 + cols[:, None]) * HEAD_DIM + offs_d[None, :],
-        (dk * scale).to(dk_ptr.dtype.element_ty),
-        mask=cols_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
-    )
-    tl.store(
-        dv_ptr + (kv_row0 + cols[:, None]) * HEAD_DIM_V + offs_dv[None, :],
-        dv.to(dv_ptr.dtype.element_ty),
-        mask=cols_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
-    )
-
-
 @triton.jit
 def _dq_blocks(
     dq,  # (BLOCK_M, BLOCK_D) fp32, unscaled
@@ -556,22 +492,16 @@ def _dq_blocks(
     HEAD_DIM_V: tl.constexpr,
 ):
     """dQ of one query block from the key blocks starting in [start, stop)."""
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # cols * stride may pass 2^31
-        k_t = _load_tile(  # (BLOCK_D, BLOCK_N)
-            k_ptr + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, CHECK_KEYS, HEAD_DIM != BLOCK_D,
+        s, k_t = _block_scores(
+            q, k_ptr, stride_kn, stride_kd, mask_ptr, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
+            0, qk_scale, CAUSAL, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL, BLOCK_D, HEAD_DIM,
         )
         v_t = _load_tile(  # (BLOCK_DV, BLOCK_N)
             v_ptr + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
             cols[None, :] < seqlen_k, offs_dv[:, None] < HEAD_DIM_V, CHECK_KEYS, HEAD_DIM_V != BLOCK_DV,
-        )
-        s = tl.dot(q, k_t, input_precision="ieee") * qk_scale
-        s = _mask_scores(
-            s, rows[:, None], cols[None, :], mask_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, 0,
-            MASK_KIND, MASK_IS_BOOL, CAUSAL, CHECK_KEYS,
         )
         p = tl.exp2(s - lse[:, None] * LOG2E)
         dp = tl.dot(grad_out, v_t, input_precision="ieee")
@@ -582,9 +512,9 @@ def _dq_blocks(
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=ATTENTION_KEY)
+@triton.autotune(configs=BWD_CONFIGS, key=[*ATTENTION_KEY, "DKDV"])
 @triton.jit
-def attention_bwd_dq_kernel(
+def attention_bwd_kernel(
     q_ptr,  # (B, H, Lq, D)
     k_ptr,  # (B, H_kv, Lk, D)
     v_ptr,  # (B, H_kv, Lk, Dv)
@@ -592,7 +522,9 @@ def attention_bwd_dq_kernel(
     grad_out_ptr,  # (B, H, Lq, Dv)
     lse_ptr,  # (B, H, Lq) fp32, contiguous
     delta_ptr,  # (B, H, Lq) fp32, contiguous
-    dq_ptr,  # (B, H, Lq, D) out, contiguous
+    dq_ptr,  # (B, H, Lq, D) out, contiguous; written when not DKDV
+    dk_ptr,  # (B, H_kv, Lk, D) out, contiguous; written when DKDV
+    dv_ptr,  # (B, H_kv, Lk, Dv) out, contiguous; written when DKDV
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -608,6 +540,7 @@ def attention_bwd_dq_kernel(
     dropout_p,
     dropout_scale,
     seed,
+    DKDV: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
@@ -619,47 +552,108 @@ def attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    rows = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
-    rows_ok = rows < seqlen_q
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(
-        q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        rows_ok[:, None], offs_d[None, :] < HEAD_DIM, True, HEAD_DIM != BLOCK_D,
-    )
-    grad_out = _load_tile(
-        grad_out_ptr + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-        rows_ok[:, None], offs_dv[None, :] < HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV,
-    )
-    row0 = (b * heads + h) * seqlen_q
-    lse = tl.load(lse_ptr + row0 + rows, mask=rows_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + row0 + rows, mask=rows_ok, other=0.0)
-    kv_head = h // kv_group
-    k_ptr += b * stride_kb + kv_head * stride_kh
-    v_ptr += b * stride_vb + kv_head * stride_vh
-    mask_ptr += b * stride_mb + h * stride_mh
-    unchecked_stop, stop = _key_blocks(start_m, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _dq_blocks(
-        dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
-        stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale, seed, row0 + rows, dropout_p, dropout_scale,
-        0, unchecked_stop,
-        False, False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
-    )
-    dq = _dq_blocks(
-        dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
-        stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale, seed, row0 + rows, dropout_p, dropout_scale,
-        unchecked_stop, stop,
-        IS_CAUSAL, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
-    )
-    tl.store(
-        dq_ptr + (row0 + rows[:, None]) * HEAD_DIM + offs_d[None, :],
-        (dq * scale).to(dq_ptr.dtype.element_ty),
-        mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
-    )
+    """The backward in two launches. DKDV: one program per (key block, key/value head,
+    batch) computes the block's dK and dV over every query head of its group. Else: one
+    program per (query block, query head, batch) computes the block's dQ."""
+    if DKDV:
+        start_n = tl.program_id(0) * BLOCK_N
+        kv_head = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        kv_heads = tl.num_programs(1)
+        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        cols_ok = cols < seqlen_k
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        k = _load_tile(
+            k_ptr + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            cols_ok[:, None], offs_d[None, :] < HEAD_DIM, True, HEAD_DIM != BLOCK_D,
+        )
+        v = _load_tile(
+            v_ptr + b * stride_vb + kv_head * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            cols_ok[:, None], offs_dv[None, :] < HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV,
+        )
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+        # Causal: queries before start_n see none of these keys (their blocks are skipped);
+        # from start_n + BLOCK_N - 1 on they see all of them (no causal check).
+        if IS_CAUSAL:
+            start = start_n // BLOCK_M * BLOCK_M
+            checked_stop = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seqlen_q)
+        else:
+            start = 0
+            checked_stop = 0
+        for group_index in range(kv_group):
+            h = kv_head * kv_group + group_index
+            q_head_ptr = q_ptr + b * stride_qb + h * stride_qh
+            grad_out_head_ptr = grad_out_ptr + b * stride_gb + h * stride_gh
+            row0 = (b * heads + h) * seqlen_q
+            mask_head_ptr = mask_ptr + b * stride_mb + h * stride_mh
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
+                lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale,
+                seed, row0, dropout_p, dropout_scale, start, checked_stop,
+                IS_CAUSAL, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            )
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
+                lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale,
+                seed, row0, dropout_p, dropout_scale, tl.maximum(start, checked_stop), seqlen_q,
+                False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            )
+        kv_row0 = (b * kv_heads + kv_head) * seqlen_k
+        tl.store(
+            dk_ptr + (kv_row0 + cols[:, None]) * HEAD_DIM + offs_d[None, :],
+            (dk * scale).to(dk_ptr.dtype.element_ty),
+            mask=cols_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        )
+        tl.store(
+            dv_ptr + (kv_row0 + cols[:, None]) * HEAD_DIM_V + offs_dv[None, :],
+            dv.to(dv_ptr.dtype.element_ty),
+            mask=cols_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+        )
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
+        h = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        rows = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+        rows_ok = rows < seqlen_q
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        q = _load_tile(
+            q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            rows_ok[:, None], offs_d[None, :] < HEAD_DIM, True, HEAD_DIM != BLOCK_D,
+        )
+        grad_out = _load_tile(
+            grad_out_ptr + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+            rows_ok[:, None], offs_dv[None, :] < HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV,
+        )
+        row0 = (b * heads + h) * seqlen_q
+        lse = tl.load(lse_ptr + row0 + rows, mask=rows_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + row0 + rows, mask=rows_ok, other=0.0)
+        kv_head = h // kv_group
+        k_ptr += b * stride_kb + kv_head * stride_kh
+        v_ptr += b * stride_vb + kv_head * stride_vh
+        mask_ptr += b * stride_mb + h * stride_mh
+        unchecked_stop, stop = _key_blocks(start_m, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        dq = _dq_blocks(
+            dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
+            stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale, seed, row0 + rows, dropout_p, dropout_scale,
+            0, unchecked_stop,
+            False, False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+        dq = _dq_blocks(
+            dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
+            stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale, seed, row0 + rows, dropout_p, dropout_scale,
+            unchecked_stop, stop,
+            IS_CAUSAL, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+        tl.store(
+            dq_ptr + (row0 + rows[:, None]) * HEAD_DIM + offs_d[None, :],
+            (dq * scale).to(dq_ptr.dtype.element_ty),
+            mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        )
 
 
 @triton.jit
@@ -890,14 +884,14 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q,
         HEAD_DIM_V=constants["HEAD_DIM_V"], BLOCK_DV=constants["BLOCK_DV"], BLOCK_M=delta_rows,
     )
-    args = (q, k, v, mask, grad_out, lse, delta)
+    args = (q, k, v, mask, grad_out, lse, delta, grad_q, grad_k, grad_v)
     scalars = (scale * LOG2E.value, scale, dropout_p, dropout_scale(dropout_p), seed)
     strides = (*strides, *grad_out.stride())
-    attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), kv_heads, batch)](
-        *args, grad_k, grad_v, *strides, *sizes, *scalars, **constants
+    attention_bwd_kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), kv_heads, batch)](
+        *args, *strides, *sizes, *scalars, DKDV=True, **constants
     )
-    attention_bwd_dq_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)](
-        *args, grad_q, *strides, *sizes, *scalars, **constants
+    attention_bwd_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)](
+        *args, *strides, *sizes, *scalars, DKDV=False, **constants
     )
     return grad_q, grad_k, grad_v
 

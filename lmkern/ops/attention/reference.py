@@ -125,10 +125,14 @@ def check_cache_lengths_on_cpu(cache_seqlens, new_len, capacity):
 
 
 def _write_at_lengths(cache, new, lengths, fits):
-    """cache[b, :, lengths[b] + n] = new[b, :, n] for the sequences that fit."""
-    batch = torch.arange(cache.shape[0], device=cache.device)[fits][:, None]  # (B', 1)
-    positions = lengths[fits][:, None] + torch.arange(new.shape[2], device=cache.device)  # (B', L_new)
-    cache[batch, :, positions] = new[fits].transpose(1, 2)  # indexed as (B', L_new, H_kv, D)
+    """cache[b, :, lengths[b] + n] = new[b, :, n] for the sequences that fit. The others
+    write back their cache's own values (at clamped positions), so that nothing waits on
+    the host and CUDA graphs can capture the step."""
+    batch = torch.arange(cache.shape[0], device=cache.device)[:, None]  # (B, 1)
+    positions = lengths[:, None] + torch.arange(new.shape[2], device=cache.device)  # (B, L_new)
+    positions = positions.clamp(0, cache.shape[2] - 1)
+    current = cache[batch, :, positions]  # indexed as (B, L_new, H_kv, D)
+    cache[batch, :, positions] = torch.where(fits[:, None, None, None], new.transpose(1, 2), current)
 
 
 def attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):

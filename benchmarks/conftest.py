@@ -4,6 +4,7 @@ one test per op, case, provider and pass."""
 import pytest
 import torch
 
+from benchmarks.harness import op_passes
 from benchmarks.run import OPS
 
 
@@ -21,7 +22,7 @@ def pytest_generate_tests(metafunc):
         providers = module.providers(device, module.dtype(device))
         for case in module.cases(device, quick):
             for provider in providers:
-                for pass_name in ("fwd", "bwd", "fwd+bwd"):
+                for pass_name in op_passes(module):
                     params.append(
                         pytest.param(
                             (module, case, provider, pass_name, device),

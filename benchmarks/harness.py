@@ -11,6 +11,11 @@ An op's benchmark module defines:
     make_inputs(case, device, dtype)  a tuple of tensors (requires_grad where trained)
     providers(device, dtype)          a list of Provider
     work(case, dtype, pass_name)      bytes moved (GB/s) or FLOPs (TFLOP/s) in that pass
+
+and optionally:
+
+    PASSES      the passes it is timed in, if not all three: ("fwd",) for a forward-only op
+    CUDA_GRAPH  True to time it on CUDA as one CUDA graph (launch overhead not counted)
 """
 
 import dataclasses
@@ -28,6 +33,11 @@ from lmkern import backend
 from lmkern.measure import peak_memory_bytes, time_ms
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
+
+
+def op_passes(module):
+    """The passes an op is timed in; the last is its headline (plot, README, memory)."""
+    return getattr(module, "PASSES", PASSES)
 
 # Peaks of known devices (DESIGN.md): dense bf16 TFLOP/s and memory TB/s, by the name
 # torch.cuda.get_device_name gives. Unknown devices get no "% of peak".
@@ -133,6 +143,8 @@ def throughput(module, case, dtype, pass_name, median_ms, device):
 def pass_functions(module, case, provider, device, dtype):
     """{pass name: a callable running that pass once} for one provider on one case."""
     inputs = module.make_inputs(case, device, dtype)
+    if op_passes(module) == ("fwd",):
+        return {"fwd": lambda: provider.run(*inputs)}
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     output = provider.run(*inputs)
     grad_output = torch.randn_like(output)
@@ -153,17 +165,20 @@ def pass_functions(module, case, provider, device, dtype):
 
 
 def measure_provider(module, case, provider, device, dtype, min_run_time):
-    """Rows (one per pass) for one provider on one case."""
+    """Rows (one per pass) for one provider on one case; the peak memory is that of the
+    headline pass (forward+backward, or forward for a forward-only op)."""
     functions = pass_functions(module, case, provider, device, dtype)
+    passes = op_passes(module)
+    cuda_graph = getattr(module, "CUDA_GRAPH", False)
     rows = []
-    for pass_name in PASSES:
-        timing = time_ms(functions[pass_name], device, min_run_time=min_run_time)
+    for pass_name in passes:
+        timing = time_ms(functions[pass_name], device, min_run_time=min_run_time, cuda_graph=cuda_graph)
         value, percent = throughput(module, case, dtype, pass_name, timing.median_ms, device)
         rows.append(
             dict(pass_name=pass_name, median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                  throughput=value, percent_of_peak=percent)
         )
-    memory = peak_memory_bytes(functions["fwd+bwd"], device) / 2**20
+    memory = peak_memory_bytes(functions[passes[-1]], device) / 2**20
     for row in rows:
         row["fwd_bwd_peak_mib"] = memory
     return rows
@@ -191,11 +206,13 @@ def run_op(module, device, quick, log=print):
                     torch.cuda.empty_cache()
                 continue
             rows.extend(dict(base, **row) for row in measured)
-            fwd_bwd = measured[-1]
-            log(f"{module.OP:<22} {base['label']:<22} {provider.name:<16} fwd+bwd {fwd_bwd['median_ms']:9.3f} ms "
-                f"{fwd_bwd['throughput']:9.1f} {module.METRIC}  peak {fwd_bwd['fwd_bwd_peak_mib']:.0f} MiB")
+            headline = measured[-1]
+            log(f"{module.OP:<22} {base['label']:<22} {provider.name:<16} {headline['pass_name']} "
+                f"{headline['median_ms']:9.3f} ms {headline['throughput']:9.1f} {module.METRIC}  "
+                f"peak {headline['fwd_bwd_peak_mib']:.0f} MiB")
     return dict(op=module.OP, metric=module.METRIC, dtype=str(dtype).removeprefix("torch."), quick=quick,
-                device_slug=device_slug(device_name(device)), **stamp(device), rows=rows)
+                passes=list(op_passes(module)), device_slug=device_slug(device_name(device)), **stamp(device),
+                rows=rows)
 
 
 def best_by_provider(result, pass_name="fwd+bwd"):

@@ -1,6 +1,7 @@
 """Rewrites the README's results section from the committed result files: per device
-under benchmarks/results/ and per op, the forward+backward table and the plot, each
-citing its file. Run it after committing new results.
+under benchmarks/results/ and per op, the table of its headline pass (forward+backward,
+or forward for a forward-only op) and the plot, each citing its file. Run it after
+committing new results.
 
     python -m benchmarks.readme
 """
@@ -9,6 +10,8 @@ import glob
 import json
 import os
 
+from benchmarks.report import PASS_NAMES, headline_pass
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -16,13 +19,14 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 def op_section(result, json_path):
     stem = os.path.splitext(os.path.relpath(json_path, ROOT))[0]
-    rows = [row for row in result["rows"] if row.get("pass_name") == "fwd+bwd"]
+    headline = headline_pass(result)
+    rows = [row for row in result["rows"] if row.get("pass_name") == headline]
     providers = list(dict.fromkeys(row["provider"] for row in result["rows"]))
     measured = [p for p in providers if any(row["provider"] == p for row in rows)]
     labels = list(dict.fromkeys(row["label"] for row in rows))
     by_key = {(row["label"], row["provider"]): row for row in rows}
     lines = [
-        f"**{result['op']}** ({result['dtype']}; commit {result['commit']}, {result['date']}): forward+backward "
+        f"**{result['op']}** ({result['dtype']}; commit {result['commit']}, {result['date']}): {PASS_NAMES[headline]} "
         f"median time, {result['metric']} and peak memory. From [`{stem}.json`]({stem}.json); every pass and "
         f"provider in [`{stem}.md`]({stem}.md).",
         "",

@@ -1,5 +1,6 @@
 """Result files of a benchmark run: <op>.json (every measurement and its stamp), <op>.md
-(the table) and <op>.png (forward+backward throughput per case and provider)."""
+(the table) and <op>.png (the headline pass's throughput per case and provider: forward+
+backward, or forward for a forward-only op)."""
 
 import json
 import os
@@ -8,6 +9,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+PASS_NAMES = {"fwd": "forward", "bwd": "backward", "fwd+bwd": "forward+backward"}
+
+
+def headline_pass(result):
+    """The pass a result is summed up by: its last (results written before ops declared
+    their passes timed all three)."""
+    return result.get("passes", list(PASS_NAMES))[-1]
 
 
 def _cell(row, metric):
@@ -45,12 +55,13 @@ def markdown(result):
                 row = by_key.get((label, pass_name, provider)) or by_key.get((label, None, provider))
                 cells.append(_cell(row, result["metric"]) if row else "")
             lines.append(f"| {label} | {pass_name} | " + " | ".join(cells) + " |")
-    lines += ["", "Peak memory of forward+backward above the inputs (MiB).", ""]
+    headline = headline_pass(result)
+    lines += ["", f"Peak memory of {PASS_NAMES[headline]} above the inputs (MiB).", ""]
     lines += ["| case | " + " | ".join(providers) + " |", "|---|" + "---|" * len(providers)]
     for label in labels:
         cells = []
         for provider in providers:
-            row = by_key.get((label, "fwd+bwd", provider))
+            row = by_key.get((label, headline, provider))
             cells.append(f"{row['fwd_bwd_peak_mib']:.0f}" if row else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     notes = {row["provider"]: row["absent"] for row in result["rows"] if "absent" in row}
@@ -62,8 +73,9 @@ def markdown(result):
 
 def plot(result, path):
     table = {}
+    headline = headline_pass(result)
     for row in result["rows"]:
-        if row.get("pass_name") == "fwd+bwd":
+        if row.get("pass_name") == headline:
             table.setdefault(row["provider"], {})[row["label"]] = row["throughput"]
     labels = list(dict.fromkeys(row["label"] for row in result["rows"]))
     figure, axes = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
@@ -72,7 +84,7 @@ def plot(result, path):
         positions = [i + index * width for i, label in enumerate(labels) if label in values]
         axes.bar(positions, [values[label] for label in labels if label in values], width, label=provider)
     axes.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=15)
-    axes.set_ylabel(f"forward+backward {result['metric']}")
+    axes.set_ylabel(f"{PASS_NAMES[headline]} {result['metric']}")
     axes.set_title(f"{result['op']}, {result['dtype']}, {result['device']}", fontsize=9)
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()

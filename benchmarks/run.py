@@ -15,6 +15,8 @@ import torch
 
 from benchmarks import (
     bench_add_layer_norm,
+    bench_attention,
+    bench_attention_with_kv_cache,
     bench_cross_entropy,
     bench_ffn,
     bench_layer_norm,
@@ -33,6 +35,8 @@ OPS = {
         bench_add_layer_norm,
         bench_linear_gelu,
         bench_ffn,
+        bench_attention,
+        bench_attention_with_kv_cache,
     )
 }
 RESULTS = os.path.join(os.path.dirname(__file__), "results")

@@ -13,6 +13,8 @@ import os
 import sys
 import xml.etree.ElementTree as ElementTree
 
+from benchmarks.report import PASS_NAMES, headline_pass
+
 BACKENDS = ("torch", "triton", "native")
 DEVICES = ("cpu", "cuda")
 
@@ -36,11 +38,13 @@ def test_counts(junit_path):
 
 
 def headline(result):
-    """For the op's largest case: lmkern's best fwd+bwd throughput, its % of peak, and its
-    ratio to the best other provider."""
-    rows = [row for row in result["rows"] if row.get("pass_name") == "fwd+bwd"]
+    """For the op's largest case: lmkern's best throughput in the op's headline pass
+    (forward+backward, or forward for a forward-only op), its % of peak, and its ratio to
+    the best other provider."""
+    pass_name = headline_pass(result)
+    rows = [row for row in result["rows"] if row.get("pass_name") == pass_name]
     if not rows:
-        return f"{result['op']}: no forward+backward measurement"
+        return f"{result['op']}: no {PASS_NAMES[pass_name]} measurement"
     label = rows[-1]["label"]
     rows = [row for row in rows if row["label"] == label]
     ours = max((row for row in rows if row["provider"].startswith("lmkern")), key=lambda r: r["throughput"], default=None)
@@ -75,7 +79,7 @@ def summary(folder):
     else:
         lines.append("tests: no tests.xml (the tests did not run)")
     results = sorted(glob.glob(os.path.join(folder, "results", "*.json")))
-    lines.append("benchmarks (forward+backward, largest case):" if results else "benchmarks: no results")
+    lines.append("benchmarks (headline pass, largest case):" if results else "benchmarks: no results")
     for path in results:
         with open(path) as file:
             lines.append("  " + headline(json.load(file)))

@@ -8,6 +8,8 @@ Importing lmkern queries no device and does not import triton.
 
 from lmkern import functional, nn
 from lmkern.backend import BackendUnavailableError, use_backend
+from lmkern.ops.attention import scaled_dot_product_attention
+from lmkern.ops.attention.kv_cache import attention_with_kv_cache
 from lmkern.ops.cross_entropy import cross_entropy
 from lmkern.ops.cross_entropy.linear import linear_cross_entropy
 from lmkern.ops.ffn import ffn
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "add_layer_norm",
+    "attention_with_kv_cache",
     "cross_entropy",
     "ffn",
     "functional",
@@ -26,5 +29,6 @@ __all__ = [
     "linear_cross_entropy",
     "linear_gelu",
     "nn",
+    "scaled_dot_product_attention",
     "use_backend",
 ]

@@ -11,7 +11,9 @@ Every op has three implementations with one contract (see lmkern/ops/<op>/):
 The backend asked for is, first that is set: the call's `backend=` argument, the innermost
 `with lmkern.use_backend(...)`, the environment variable LMKERN_BACKEND, else "auto". An
 explicit backend that cannot run the call raises BackendUnavailableError saying why and
-what to do; "auto" takes the first backend in AUTO that can run it.
+what to do; "auto" takes the first backend in AUTO that can run it. Besides the op, device
+and dtype, a call may name limits of its own: backends that cannot run that call (say, a
+gradient that only the reference computes), with the reason.
 
 Importing this module queries no device and does not import triton.
 """
@@ -36,10 +38,16 @@ CHOICES = (*BACKENDS, "auto")
 # files are benchmarks/results/intel-xeon-processor-2-threads/<op>.json once committed.
 # On CUDA the order is a placeholder (triton first; both kernel backends are exact) until
 # a GPU result is cited here.
+#
+# attention and attention_with_kv_cache: placeholders until a committed result is cited
+# here. On CPU native first (the reference forms the whole score matrix); on CUDA triton
+# first, as there are no CUDA kernels for them yet (issue 6).
 AUTO = {
     "cross_entropy": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
     "layer_norm": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
     "linear_gelu": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
+    "attention": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
+    "attention_with_kv_cache": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
 }
 
 # The kernels take these; float64 runs on the torch reference.
@@ -167,21 +175,25 @@ def unavailable_reason(name, op, device_type, dtype=None):
     return None
 
 
-def auto_backend(op, device_type, dtype=None):
-    """What "auto" picks for `op` on this device type and dtype."""
+def auto_backend(op, device_type, dtype=None, limits=None):
+    """What "auto" picks for `op` on this device type and dtype, skipping the backends in `limits`."""
     for candidate in AUTO[op].get(device_type, ("torch",)):
-        if unavailable_reason(candidate, op, device_type, dtype) is None:
+        if candidate not in (limits or {}) and unavailable_reason(candidate, op, device_type, dtype) is None:
             return candidate
     return "torch"
 
 
-def resolve(op, tensor, backend=None):
-    """The backend that runs `op` on `tensor` (an input that fixes device and dtype)."""
+def resolve(op, tensor, backend=None, limits=None):
+    """The backend that runs `op` on `tensor` (an input that fixes device and dtype).
+
+    limits: {backend name: why it cannot run this call}, for what a backend lacks beyond
+    the op, device and dtype; "torch" must not be limited (it is the fallback).
+    """
     name = requested_backend(backend)
     device_type, dtype = tensor.device.type, tensor.dtype
     if name == "auto":
-        return auto_backend(op, device_type, dtype)
-    reason = unavailable_reason(name, op, device_type, dtype)
+        return auto_backend(op, device_type, dtype, limits)
+    reason = (limits or {}).get(name) or unavailable_reason(name, op, device_type, dtype)
     if reason is not None:
         raise BackendUnavailableError(
             f"lmkern.{op}: backend {name!r} cannot run on a {device_type} {dtype} tensor: {reason}"

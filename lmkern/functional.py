@@ -1,10 +1,14 @@
 """Drop-in twins of torch.nn.functional: same names, arguments, layouts and results, plus
-keyword-only extras (z_loss, inplace_backward, backend)."""
+keyword-only extras (z_loss, inplace_backward, backend).
+
+scaled_dot_product_attention is lmkern's own, which already has torch's signature and
+(B, H, L, D) layout (4-D inputs only)."""
 
 import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
 
+from lmkern.ops.attention import scaled_dot_product_attention  # noqa: F401  (re-exported)
 from lmkern.ops.cross_entropy import cross_entropy as _cross_entropy
 from lmkern.ops.layer_norm import layer_norm  # noqa: F401  (already torch's signature)
 

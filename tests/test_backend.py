@@ -69,6 +69,14 @@ def test_native_without_cuda_kernels_says_how_to_build_them():
     assert "LMKERN_BUILD_CUDA=1" in backend.unavailable_reason("native", "cross_entropy", "cuda")
 
 
+def test_call_limits_rule_out_a_backend_for_that_call():
+    limits = {"native": "this call needs something native lacks"}
+    with pytest.raises(lmkern.BackendUnavailableError, match="backend 'native' cannot run .*native lacks"):
+        backend.resolve("cross_entropy", X, "native", limits)
+    assert backend.resolve("cross_entropy", X, "auto", limits) != "native"
+    assert backend.resolve("cross_entropy", X, "torch", limits) == "torch"
+
+
 def test_auto_prefers_native_on_cpu_then_torch(monkeypatch):
     if backend.native_error():
         pytest.skip(backend.native_error())

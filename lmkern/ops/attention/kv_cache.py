@@ -1,0 +1,97 @@
+"""Attention over a preallocated KV cache, for generation: lmkern.attention_with_kv_cache."""
+
+import math
+
+import torch
+
+from lmkern.backend import implementation, resolve
+from lmkern.ops import attention
+from lmkern.ops.attention import backend_limits, check_float_tensor, check_kv_heads, check_same_dtype_and_device
+
+
+def _check_cache_lengths(cache_seqlens, batch, device):
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a tensor, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (batch,) or cache_seqlens.device != device:
+        raise ValueError(
+            f"cache_seqlens must have shape ({batch},) on {device}, got {tuple(cache_seqlens.shape)} on "
+            f"{cache_seqlens.device}"
+        )
+
+
+def _check_new(new, name, cache, cache_name):
+    """new must be (B, H_kv, L_new, cache's head dim) with the cache's dtype and device."""
+    check_float_tensor(new, name, f"(B, H_kv, L_new, {cache.shape[3]})")
+    check_same_dtype_and_device(cache_name, cache, **{name: new})
+    expected = (cache.shape[0], cache.shape[1], new.shape[2], cache.shape[3])
+    if tuple(new.shape) != expected:
+        raise ValueError(
+            f"{name} must have shape (B, H_kv, L_new, D) = {expected} like {cache_name}, got {tuple(new.shape)}"
+        )
+
+
+def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, scale=None, backend=None):
+    """Attention of new queries over a KV cache, appending the new keys and values first.
+
+    For generation with a static cache: each step writes k_new and v_new into the caches
+    in place, at each sequence's own position, and attends over each sequence's valid
+    keys with bottom-right causal alignment. For long caches at small batch the keys are
+    split across GPU programs and the parts combined (flash-decoding).
+
+    Args:
+        q: (B, H, Lq, D) float32/float16/bfloat16, the new tokens' queries (Lq = 1 for one
+            token per step; more for a prompt or speculative tokens).
+        k_cache: (B, H_kv, L_max, D), v_cache: (B, H_kv, L_max, Dv), q's dtype and device,
+            contiguous in the last dim; H_kv divides H (GQA/MQA). Written in place.
+        cache_seqlens: (B,) int32 or int64, each sequence's cached length before this call.
+            Not changed here: the caller adds L_new after the step.
+        k_new: (B, H_kv, L_new, D) and v_new: (B, H_kv, L_new, Dv), written to positions
+            cache_seqlens[b] .. cache_seqlens[b] + L_new - 1; or both None.
+        scale: of the scores; 1 / sqrt(D) by default.
+        backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
+
+    With total_b = cache_seqlens[b] + L_new, query i of sequence b sits at position
+    total_b - Lq + i and sees the cache's keys at positions up to it; a query at a negative
+    position sees nothing and gets zeros. Returns (B, H, Lq, Dv) in q's dtype. A sequence
+    that would not fit (total_b > L_max, or a negative length) raises ValueError on CPU; on
+    CUDA, where checking would stall the stream, its output is NaN and nothing is written
+    for it. For inference: there is no backward (it raises under autograd).
+    """
+    check_float_tensor(q, "q", "(B, H, Lq, D)")
+    check_float_tensor(k_cache, "k_cache", "(B, H_kv, L_max, D)")
+    check_float_tensor(v_cache, "v_cache", "(B, H_kv, L_max, Dv)")
+    check_same_dtype_and_device("q", q, k_cache=k_cache, v_cache=v_cache)
+    batch, heads, _, head_dim = q.shape
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"k_cache must have shape (B, H_kv, L_max, D) with q's B = {batch} and D = {head_dim}, "
+            f"got {tuple(k_cache.shape)}"
+        )
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(
+            f"v_cache must have shape (B, H_kv, L_max, Dv) = ({', '.join(map(str, k_cache.shape[:3]))}, Dv) like "
+            f"k_cache, got {tuple(v_cache.shape)}"
+        )
+    check_kv_heads(heads, k_cache.shape[1], "cache")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.stride(3) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {cache.stride()}")
+    _check_cache_lengths(cache_seqlens, batch, q.device)
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new must be given together, or neither")
+    if k_new is not None:
+        _check_new(k_new, "k_new", k_cache, "k_cache")
+        _check_new(v_new, "v_new", v_cache, "v_cache")
+        if k_new.shape[2] != v_new.shape[2]:
+            raise ValueError(f"k_new and v_new must have the same length, got {k_new.shape[2]} and {v_new.shape[2]}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k_new, v_new)):
+        raise RuntimeError(
+            "attention_with_kv_cache is for inference and has no backward: call it under torch.no_grad() "
+            "(or torch.inference_mode())"
+        )
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    name = resolve("attention_with_kv_cache", q, backend, backend_limits(None, (head_dim, v_cache.shape[3])))
+    fwd = implementation(attention.__name__, name).attention_with_kv_cache_fwd
+    return fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)

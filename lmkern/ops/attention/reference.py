@@ -1,0 +1,162 @@
+"""Attention in plain PyTorch: the oracle the kernels are tested against. It forms the full
+(B, H, Lq, Lk) score matrix, which no kernel does.
+
+It computes in the inputs' own dtype, as eager PyTorch code would; the tests run it in
+fp64 (or fp32 for half inputs) to get the truth, and in the input dtype for the baseline
+error that the kernels may not exceed by more than the tolerance rule allows.
+
+Shapes (the contract of every backend, after lmkern.scaled_dot_product_attention has
+broadcast its arguments): q (B, H, Lq, D), k (B, H_kv, Lk, D), v (B, H_kv, Lk, Dv) with
+H a multiple of H_kv (query head h reads key/value head h // (H // H_kv)); mask None or
+(B, H, Lq, Lk) boolean (True takes part) or additive float, usually a broadcast view.
+"""
+
+import torch
+
+from lmkern import random
+
+
+def _repeat_kv(x, heads):
+    """(B, H_kv, L, D) -> (B, heads, L, D): each key/value head serves heads // H_kv query heads."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _sum_kv_groups(grad, kv_heads):
+    """(B, H, L, D) -> (B, H_kv, L, D): the gradient of _repeat_kv."""
+    batch, heads, length, dim = grad.shape
+    return grad.view(batch, kv_heads, heads // kv_heads, length, dim).sum(2)
+
+
+def causal_mask(seqlen_q, seqlen_k, device, shift=0):
+    """(Lq, Lk) boolean: query i sees key j when j <= i + shift (shift 0 is torch's top-left
+    alignment; shift Lk - Lq aligns the last query with the last key)."""
+    rows = torch.arange(seqlen_q, device=device)[:, None]
+    cols = torch.arange(seqlen_k, device=device)[None, :]
+    return cols <= rows + shift
+
+
+def dropout_scale(dropout_p):
+    """What kept elements are multiplied by: 1 / (1 - p), and 0 for p = 1 (nothing is kept)."""
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+
+
+def dropout_factor(seed, like, dropout_p):
+    """Z, shaped and typed like the (B, H, Lq, Lk) probabilities `like`: keep / (1 - p),
+    with element (b, h, i, j) at offset ((b H + h) Lq + i) Lk + j of lmkern.random's
+    stream, as in every backend."""
+    offsets = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
+    return random.dropout_keep(seed, offsets, dropout_p).to(like.dtype) * dropout_scale(dropout_p)
+
+
+def _scores(q, k, mask, is_causal, scale):
+    """(B, H, Lq, Lk) scaled scores with masked entries at -inf."""
+    scores = scale * (q @ _repeat_kv(k, q.shape[1]).transpose(-1, -2))
+    if is_causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    if mask is not None:
+        is_bool = mask.dtype == torch.bool
+        scores = scores.masked_fill(~mask, float("-inf")) if is_bool else scores + mask.to(scores.dtype)
+    return scores
+
+
+def _probabilities(q, k, mask, is_causal, scale):
+    """Softmax of the scores, with rows that see no key all zero (softmax would give NaN)."""
+    scores = _scores(q, k, mask, is_causal, scale)
+    sees_no_key = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    return scores, torch.softmax(scores, dim=-1).masked_fill(sees_no_key, 0.0), sees_no_key
+
+
+def attention_fwd(q, k, v, mask, is_causal, scale, dropout_p, seed):
+    """softmax(scale q k^T + mask) v, with dropout on the probabilities.
+
+    Returns out (B, H, Lq, Dv) in q's dtype (zeros for rows that see no key) and the
+    logsumexp of each row's scores, lse (B, H, Lq) in fp32 (fp64 for fp64 inputs), +inf
+    for rows that see no key (so that exp(score - lse) is 0 there in backward).
+    """
+    scores, probs, sees_no_key = _probabilities(q, k, mask, is_causal, scale)
+    lse = torch.logsumexp(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+    lse = lse.masked_fill(sees_no_key.squeeze(-1), float("inf"))
+    if dropout_p > 0:
+        probs = probs * dropout_factor(seed, probs, dropout_p)
+    return probs @ _repeat_kv(v, q.shape[1]), lse
+
+
+def attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
+    """Gradients of attention_fwd's output: (dq, dk, dv, dmask), dmask (B, H, Lq, Lk) for
+    an additive mask (None for a boolean one or none). With P the probabilities, Z the
+    dropout factor (keep / (1 - p), 1 without dropout) and delta_i = sum_d dO_id O_id:
+
+        dV = (P Z)^T dO,   dP = (dO V^T) Z,   dS = P (dP - delta),
+        dQ = scale dS K,   dK = scale dS^T Q,   dmask = dS.
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    _, probs, _ = _probabilities(q, k, mask, is_causal, scale)
+    factor = dropout_factor(seed, probs, dropout_p) if dropout_p > 0 else 1.0
+    grad_out = grad_out.to(q.dtype)
+    grad_v = _sum_kv_groups((probs * factor).transpose(-1, -2) @ grad_out, kv_heads)
+    grad_probs = (grad_out @ _repeat_kv(v, heads).transpose(-1, -2)) * factor
+    delta = (grad_out * out).sum(dim=-1, keepdim=True)
+    grad_scores = probs * (grad_probs - delta)
+    grad_q = scale * (grad_scores @ _repeat_kv(k, heads))
+    grad_k = _sum_kv_groups(scale * (grad_scores.transpose(-1, -2) @ q), kv_heads)
+    grad_mask = grad_scores if mask is not None and mask.dtype != torch.bool else None
+    return grad_q, grad_k, grad_v, grad_mask
+
+
+def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
+    """(dq, dk, dv): the gradients of attention_fwd's output, in the inputs' dtypes."""
+    return attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed)[:3]
+
+
+def check_cache_lengths_on_cpu(cache_seqlens, new_len, capacity):
+    """Raises ValueError for a CPU sequence whose length is negative or whose new keys would
+    not fit in the cache. Only on CPU, where the check costs no device synchronisation;
+    kernels on CUDA give such a sequence NaN output and write nothing for it."""
+    if cache_seqlens.device.type != "cpu":
+        return
+    lengths = cache_seqlens.to(torch.int64)
+    bad = (lengths < 0) | (lengths + new_len > capacity)
+    if bad.any():
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"cache_seqlens[{b}] = {int(lengths[b])}: with {new_len} new keys the sequence must fit in the "
+            f"cache's {capacity} positions, and its length must be >= 0"
+        )
+
+
+def _write_at_lengths(cache, new, lengths, fits):
+    """cache[b, :, lengths[b] + n] = new[b, :, n] for the sequences that fit. The others
+    write back their cache's own values (at clamped positions), so that nothing waits on
+    the host and CUDA graphs can capture the step."""
+    batch = torch.arange(cache.shape[0], device=cache.device)[:, None]  # (B, 1)
+    positions = lengths[:, None] + torch.arange(new.shape[2], device=cache.device)  # (B, L_new)
+    positions = positions.clamp(0, cache.shape[2] - 1)
+    current = cache[batch, :, positions]  # indexed as (B, L_new, H_kv, D)
+    cache[batch, :, positions] = torch.where(fits[:, None, None, None], new.transpose(1, 2), current)
+
+
+def attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
+    """Writes k_new, v_new into the caches at each sequence's length, then attends.
+
+    q (B, H, Lq, D); k_cache (B, H_kv, L_max, D) and v_cache (B, H_kv, L_max, Dv), written
+    in place; cache_seqlens (B,) int32/int64, each sequence's cached length before the new
+    keys; k_new (B, H_kv, L_new, D) and v_new (B, H_kv, L_new, Dv), or both None. With
+    total_b = cache_seqlens[b] + L_new, query i sits at position total_b - Lq + i and sees
+    the keys up to it (bottom-right causal alignment). Returns out (B, H, Lq, Dv) in q's
+    dtype. A sequence whose new keys would not fit, or with a negative length, raises
+    ValueError on CPU; on CUDA it gets NaN output and nothing is written for it.
+    """
+    capacity = k_cache.shape[2]
+    new_len = 0 if k_new is None else k_new.shape[2]
+    check_cache_lengths_on_cpu(cache_seqlens, new_len, capacity)
+    lengths = cache_seqlens.to(torch.int64)
+    fits = (lengths >= 0) & (lengths + new_len <= capacity)
+    if new_len > 0:
+        _write_at_lengths(k_cache, k_new, lengths, fits)
+        _write_at_lengths(v_cache, v_new, lengths, fits)
+    seqlen_q = q.shape[2]
+    query_positions = (lengths + new_len)[:, None] - seqlen_q + torch.arange(seqlen_q, device=q.device)  # (B, Lq)
+    visible = torch.arange(capacity, device=q.device) <= query_positions[:, :, None]  # (B, Lq, L_max)
+    mask = visible[:, None].expand(-1, q.shape[1], -1, -1)
+    out, _ = attention_fwd(q, k_cache, v_cache, mask, False, scale, 0.0, None)
+    return out.masked_fill(~fits[:, None, None, None], float("nan"))

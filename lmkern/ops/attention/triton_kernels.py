@@ -1,0 +1,953 @@
+"""Attention in Triton: the FlashAttention-2 forward and backward, and flash-decoding over a
+KV cache.
+
+Forward, one program per BLOCK_M query rows of one head: for each block of BLOCK_N keys,
+s = scale q k^T (+ mask), kept in base 2 (times log2 e) so that exp is exp2. An online
+softmax keeps per row the running max m and the running sum l of exp2(s - m), and rescales
+the output accumulator by exp2(m_old - m_new) when m grows; at the end out = acc / l, and
+lse = (m + log2 l) ln 2 is saved for backward. With is_causal the key blocks above the
+diagonal are skipped, not masked, and the blocks that every row of the tile sees run
+without per-element causal or bounds checks.
+
+Backward, with P = exp(s - lse) recomputed from the saved lse, Z the dropout factor
+(keep / (1 - p), 1 without dropout) and delta_i = sum_d dO_id O_id from a pre-pass:
+
+    dV = (P Z)^T dO,   dP = (dO V^T) Z,   dS = P (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q.
+
+The backward kernel runs twice: once with a program per key block computing dK and dV,
+looping over the query blocks (and over the query heads that share a key/value head under
+GQA), once with a program per query block computing dQ. Every gradient element has one
+writer: no atomics, and the results are deterministic.
+
+Dropout regenerates its mask from (seed, offset) with tl.rand, in forward and in backward;
+the offsets number the (B, H, Lq, Lk) probabilities in row-major order, as in
+lmkern.random and the other backends.
+
+Decoding (attention_with_kv_cache_fwd): a small kernel writes the new keys and values into
+the caches; then one program per (split of the keys, block of query rows, sequence and
+key/value head) attends, with the query heads that share a key/value head packed as rows
+of one tile, so that a single new token still fills a tile under GQA. With several splits
+each writes its partial output and lse, and a combine kernel merges them (flash-decoding).
+
+Rows that see no key get out = 0 and lse = +inf, so that backward's P is 0 there.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lmkern.backend import triton_interpreting
+from lmkern.ops.attention.reference import check_cache_lengths_on_cpu, dropout_scale
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Start of the running max: -FLT_MAX rather than -inf, so that rescaling after a block of
+# only masked scores is exp2(0) = 1 instead of exp2(-inf + inf) = NaN.
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# How a mask is read: per key (its query stride is 0, as for a key-padding mask: one
+# vector per key block) or per element (one tile per block).
+NO_MASK = tl.constexpr(0)
+KEY_MASK = tl.constexpr(1)
+FULL_MASK = tl.constexpr(2)
+# A decoding split covers at least this many keys.
+MIN_KEYS_PER_SPLIT = 128
+
+
+def _configs(shapes):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        for m, n, warps, stages in shapes
+    ]
+
+
+# Static lists: nothing here asks a GPU what it is. The interpreter gets one small config,
+# which the autotuner then runs without timing anything.
+if triton_interpreting():
+    FWD_CONFIGS = BWD_CONFIGS = _configs([(32, 32, 4, 1)])
+    DECODE_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
+else:
+    # (BLOCK_M, BLOCK_N, warps, stages); the small last ones fit head dim 256 in fp32.
+    FWD_CONFIGS = _configs(
+        [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
+         (32, 32, 4, 2)]
+    )
+    # Both backward roles are tuned over one list: wide key blocks suit dK/dV, wide query
+    # blocks dQ.
+    BWD_CONFIGS = _configs(
+        [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4), (16, 32, 4, 2),
+         (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (32, 32, 4, 2)]
+    )
+    DECODE_CONFIGS = [
+        triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        for n, warps, stages in [(64, 4, 2), (128, 4, 3), (64, 4, 4), (32, 2, 3)]
+    ]
+
+# Autotuning keys: lengths are bucketed to powers of two so that varying lengths do not
+# re-tune at every call.
+ATTENTION_KEY = ["seqlen_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT"]
+
+
+@triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """A tile, zero where a checked bound fails; each check is a compile-time choice."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            tile = tl.load(ptrs, mask=rows_ok & cols_ok, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=rows_ok, other=0.0)
+    else:
+        if CHECK_COLS:
+            tile = tl.load(ptrs, mask=cols_ok, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _mask_scores(
+    s,  # scores in base 2, shaped like rows x cols after broadcasting (a tile or its transpose)
+    rows,  # query indices, int64
+    cols,  # key indices
+    mask_ptr,  # the mask of this (batch, head): mask_ptr + i stride_mm + j stride_mn
+    stride_mm,
+    stride_mn,
+    seqlen_q,
+    seqlen_k,
+    causal_shift,  # query i sees key j when j <= i + causal_shift
+    MASK_KIND: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    CHECK_KEYS: tl.constexpr,
+):
+    """s with -inf where query `rows` may not see key `cols`, plus an additive mask (whose
+    values are in natural units). rows and cols broadcast to s's shape, so that one
+    function serves the forward's tiles and the backward's transposed ones."""
+    if MASK_KIND == KEY_MASK:
+        values = tl.load(mask_ptr + cols * stride_mn, mask=cols < seqlen_k, other=0)
+    if MASK_KIND == FULL_MASK:
+        in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
+        values = tl.load(mask_ptr + rows * stride_mm + cols * stride_mn, mask=in_bounds, other=0)
+    if MASK_KIND != NO_MASK:
+        if MASK_IS_BOOL:
+            s = tl.where(values != 0, s, float("-inf"))
+        else:
+            s = s + values.to(tl.float32) * LOG2E
+    if CAUSAL:
+        s = tl.where(cols <= rows + causal_shift, s, float("-inf"))
+    if CHECK_KEYS:
+        s = tl.where(cols < seqlen_k, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _dropout_factor(seed, row_offsets, cols, seqlen_k, dropout_p, dropout_scale):
+    """keep / (1 - p) for the probabilities at (row_offsets + cols): element (b, h, i, j)
+    has offset ((b H + h) Lq + i) Lk + j, with row_offsets = (b H + h) Lq + i, int64."""
+    keep = tl.rand(seed, row_offsets * seqlen_k + cols) >= dropout_p
+    return tl.where(keep, dropout_scale, 0.0)
+
+
+@triton.jit
+def _key_blocks(start_m, seqlen_k, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(unchecked_stop, stop) for the query rows [start_m, start_m + BLOCK_M): the key blocks
+    starting before unchecked_stop are seen whole by every row (no causal or bounds check);
+    those from there to stop need the checks; under is_causal the blocks after stop (above
+    the diagonal) are skipped."""
+    if IS_CAUSAL:
+        stop = tl.minimum(seqlen_k, start_m + BLOCK_M)
+        seen_by_all = tl.minimum(seqlen_k, start_m + 1)
+    else:
+        stop = seqlen_k
+        seen_by_all = seqlen_k
+    return seen_by_all // BLOCK_N * BLOCK_N, stop
+
+
+@triton.jit
+def _block_scores(
+    q,  # (BLOCK_M, BLOCK_D)
+    k_ptr,  # this (batch, key/value head)'s keys, rows stride_kn apart
+    stride_kn,
+    stride_kd,
+    mask_ptr,
+    stride_mm,
+    stride_mn,
+    rows,  # (BLOCK_M,) query indices, int64
+    cols,  # (BLOCK_N,) key indices, int64
+    seqlen_q,
+    seqlen_k,
+    causal_shift,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    CHECK_KEYS: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """(s, k^T): the masked scores of rows x cols in base 2, (BLOCK_M, BLOCK_N), and the
+    keys they were computed from, read transposed, (BLOCK_D, BLOCK_N)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    k_t = _load_tile(
+        k_ptr + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        cols[None, :] < seqlen_k,
+        offs_d[:, None] < HEAD_DIM,
+        CHECK_KEYS,
+        HEAD_DIM != BLOCK_D,
+    )
+    s = tl.dot(q, k_t, input_precision="ieee") * qk_scale
+    s = _mask_scores(
+        s, rows[:, None], cols[None, :], mask_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
+        MASK_KIND, MASK_IS_BOOL, CAUSAL, CHECK_KEYS,
+    )
+    return s, k_t
+
+
+@triton.jit
+def _attend(
+    acc,  # (BLOCK_M, BLOCK_DV) fp32: sum_j exp2(s_ij - m_i) Z_ij v_j so far
+    m_i,  # (BLOCK_M,) running max of the scores, base 2
+    l_i,  # (BLOCK_M,) running sum of exp2(s_ij - m_i), without dropout
+    q,  # (BLOCK_M, BLOCK_D)
+    k_ptr,  # this (batch, key/value head)'s keys, rows stride_kn apart
+    stride_kn,
+    stride_kd,
+    v_ptr,
+    stride_vn,
+    stride_vd,
+    mask_ptr,
+    stride_mm,
+    stride_mn,
+    rows,  # (BLOCK_M,) query index of each row, int64
+    seqlen_q,
+    seqlen_k,  # keys at or past it are not read
+    causal_shift,
+    qk_scale,  # scale * log2(e)
+    seed,
+    dropout_rows,  # (BLOCK_M,) (b H + h) Lq + i, int64
+    dropout_p,
+    dropout_scale,
+    start,
+    stop,
+    CAUSAL: tl.constexpr,
+    CHECK_KEYS: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+):
+    """The online softmax over the key blocks starting in [start, stop)."""
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # cols * stride may pass 2^31
+        s, _ = _block_scores(
+            q, k_ptr, stride_kn, stride_kd, mask_ptr, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
+            causal_shift, qk_scale, CAUSAL, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL, BLOCK_D, HEAD_DIM,
+        )
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            p = p * _dropout_factor(seed, dropout_rows[:, None], cols[None, :], seqlen_k, dropout_p, dropout_scale)
+        v = _load_tile(  # (BLOCK_N, BLOCK_DV)
+            v_ptr + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            cols[:, None] < seqlen_k,
+            offs_dv[None, :] < HEAD_DIM_V,
+            CHECK_KEYS,
+            HEAD_DIM_V != BLOCK_DV,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=ATTENTION_KEY)
+@triton.jit
+def attention_fwd_kernel(
+    q_ptr,  # (B, H, Lq, D)
+    k_ptr,  # (B, H_kv, Lk, D)
+    v_ptr,  # (B, H_kv, Lk, Dv)
+    mask_ptr,  # (B, H, Lq, Lk) bool (as uint8) or float, usually with 0 strides; unused without a mask
+    out_ptr,  # (B, H, Lq, Dv) out
+    lse_ptr,  # (B, H, Lq) fp32 out, contiguous
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    heads,
+    kv_group,  # query heads per key/value head
+    seqlen_q,
+    seqlen_k,
+    seqlen_bucket,  # autotuning key only
+    qk_scale,
+    dropout_p,
+    dropout_scale,
+    seed,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    rows = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(
+        q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        rows[:, None] < seqlen_q,
+        offs_d[None, :] < HEAD_DIM,
+        True,
+        HEAD_DIM != BLOCK_D,
+    )
+    kv_head = h // kv_group
+    k_ptr += b * stride_kb + kv_head * stride_kh
+    v_ptr += b * stride_vb + kv_head * stride_vh
+    mask_ptr += b * stride_mb + h * stride_mh
+    dropout_rows = (b * heads + h) * seqlen_q + rows
+
+    unchecked_stop, stop = _key_blocks(start_m, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], -FLT_MAX, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc, m_i, l_i = _attend(
+        acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
+        rows, seqlen_q, seqlen_k, 0, qk_scale, seed, dropout_rows, dropout_p, dropout_scale, 0, unchecked_stop,
+        False, False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+    )
+    acc, m_i, l_i = _attend(
+        acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
+        rows, seqlen_q, seqlen_k, 0, qk_scale, seed, dropout_rows, dropout_p, dropout_scale, unchecked_stop, stop,
+        IS_CAUSAL, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+    )
+    # Rows that saw no key (l = 0) get out = 0 and lse = +inf.
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
+    rows_ok = rows < seqlen_q
+    out_ptrs = out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(lse_ptr + (b * heads + h) * seqlen_q + rows, lse, mask=rows_ok)
+
+
+@triton.jit
+def attention_bwd_delta_kernel(
+    out_ptr,  # (B, H, Lq, Dv)
+    grad_out_ptr,  # (B, H, Lq, Dv)
+    delta_ptr,  # (B, H, Lq) fp32 out, contiguous
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    heads,
+    seqlen_q,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta_i = sum_d dO_id O_id."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
+    out = tl.load(
+        out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od, mask=ok
+    )
+    grad_out = tl.load(
+        grad_out_ptr + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+        mask=ok,
+    )
+    delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), axis=1)
+    tl.store(delta_ptr + (b * heads + h) * seqlen_q + rows, delta, mask=rows < seqlen_q)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk,  # (BLOCK_N, BLOCK_D) fp32, unscaled
+    dv,  # (BLOCK_N, BLOCK_DV) fp32
+    k,  # (BLOCK_N, BLOCK_D)
+    v,  # (BLOCK_N, BLOCK_DV)
+    cols,  # (BLOCK_N,) key indices
+    q_ptr,  # this (batch, query head)'s rows
+    stride_qm,
+    stride_qd,
+    grad_out_ptr,
+    stride_gm,
+    stride_gd,
+    lse_ptr,  # this (batch, query head)'s (Lq,) lse and delta
+    delta_ptr,
+    mask_ptr,
+    stride_mm,
+    stride_mn,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    seed,
+    dropout_row0,  # (b H + h) Lq, int64
+    dropout_p,
+    dropout_scale,
+    start,
+    stop,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+):
+    """dK, dV of one key block from the query blocks starting in [start, stop), computed
+    transposed (keys as rows). Keys past seqlen_k were loaded as zeros and are never stored;
+    queries past seqlen_q load lse = +inf, so P = 0 there."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(start, stop, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+        rows_ok = rows < seqlen_q
+        q_t = _load_tile(  # (BLOCK_D, BLOCK_M)
+            q_ptr + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+            rows_ok[None, :],
+            offs_d[:, None] < HEAD_DIM,
+            True,
+            HEAD_DIM != BLOCK_D,
+        )
+        grad_out = _load_tile(  # (BLOCK_M, BLOCK_DV)
+            grad_out_ptr + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+            rows_ok[:, None],
+            offs_dv[None, :] < HEAD_DIM_V,
+            True,
+            HEAD_DIM_V != BLOCK_DV,
+        )
+        lse = tl.load(lse_ptr + rows, mask=rows_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + rows, mask=rows_ok, other=0.0)
+        s_t = tl.dot(k, q_t, input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M)
+        s_t = _mask_scores(
+            s_t, rows[None, :], cols[:, None], mask_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, 0,
+            MASK_KIND, MASK_IS_BOOL, CAUSAL, False,
+        )
+        p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
+        dp_t = tl.dot(v, tl.trans(grad_out), input_precision="ieee")
+        if HAS_DROPOUT:
+            z_t = _dropout_factor(seed, dropout_row0 + rows[None, :], cols[:, None], seqlen_k, dropout_p, dropout_scale)
+            dv += tl.dot((p_t * z_t).to(grad_out.dtype), grad_out, input_precision="ieee")
+            dp_t = dp_t * z_t
+        else:
+            dv += tl.dot(p_t.to(grad_out.dtype), grad_out, input_precision="ieee")
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision="ieee")
+    return dk, dv
+
+
+@triton.jit
+def _dq_blocks(
+    dq,  # (BLOCK_M, BLOCK_D) fp32, unscaled
+    q,  # (BLOCK_M, BLOCK_D)
+    grad_out,  # (BLOCK_M, BLOCK_DV)
+    lse,  # (BLOCK_M,) natural units, +inf past seqlen_q
+    delta,  # (BLOCK_M,)
+    rows,
+    k_ptr,
+    stride_kn,
+    stride_kd,
+    v_ptr,
+    stride_vn,
+    stride_vd,
+    mask_ptr,
+    stride_mm,
+    stride_mn,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    seed,
+    dropout_rows,
+    dropout_p,
+    dropout_scale,
+    start,
+    stop,
+    CAUSAL: tl.constexpr,
+    CHECK_KEYS: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+):
+    """dQ of one query block from the key blocks starting in [start, stop)."""
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # cols * stride may pass 2^31
+        s, k_t = _block_scores(
+            q, k_ptr, stride_kn, stride_kd, mask_ptr, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
+            0, qk_scale, CAUSAL, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL, BLOCK_D, HEAD_DIM,
+        )
+        v_t = _load_tile(  # (BLOCK_DV, BLOCK_N)
+            v_ptr + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+            cols[None, :] < seqlen_k, offs_dv[:, None] < HEAD_DIM_V, CHECK_KEYS, HEAD_DIM_V != BLOCK_DV,
+        )
+        p = tl.exp2(s - lse[:, None] * LOG2E)
+        dp = tl.dot(grad_out, v_t, input_precision="ieee")
+        if HAS_DROPOUT:
+            dp = dp * _dropout_factor(seed, dropout_rows[:, None], cols[None, :], seqlen_k, dropout_p, dropout_scale)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision="ieee")
+    return dq
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=[*ATTENTION_KEY, "DKDV"])
+@triton.jit
+def attention_bwd_kernel(
+    q_ptr,  # (B, H, Lq, D)
+    k_ptr,  # (B, H_kv, Lk, D)
+    v_ptr,  # (B, H_kv, Lk, Dv)
+    mask_ptr,  # as in attention_fwd_kernel
+    grad_out_ptr,  # (B, H, Lq, Dv)
+    lse_ptr,  # (B, H, Lq) fp32, contiguous
+    delta_ptr,  # (B, H, Lq) fp32, contiguous
+    dq_ptr,  # (B, H, Lq, D) out, contiguous; written when not DKDV
+    dk_ptr,  # (B, H_kv, Lk, D) out, contiguous; written when DKDV
+    dv_ptr,  # (B, H_kv, Lk, Dv) out, contiguous; written when DKDV
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    heads,
+    kv_group,
+    seqlen_q,
+    seqlen_k,
+    seqlen_bucket,
+    qk_scale,
+    scale,
+    dropout_p,
+    dropout_scale,
+    seed,
+    DKDV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The backward in two launches. DKDV: one program per (key block, key/value head,
+    batch) computes the block's dK and dV over every query head of its group. Else: one
+    program per (query block, query head, batch) computes the block's dQ."""
+    if DKDV:
+        start_n = tl.program_id(0) * BLOCK_N
+        kv_head = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        kv_heads = tl.num_programs(1)
+        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        cols_ok = cols < seqlen_k
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        k = _load_tile(
+            k_ptr + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            cols_ok[:, None], offs_d[None, :] < HEAD_DIM, True, HEAD_DIM != BLOCK_D,
+        )
+        v = _load_tile(
+            v_ptr + b * stride_vb + kv_head * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            cols_ok[:, None], offs_dv[None, :] < HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV,
+        )
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+        # Causal: queries before start_n see none of these keys (their blocks are skipped);
+        # from start_n + BLOCK_N - 1 on they see all of them (no causal check).
+        if IS_CAUSAL:
+            start = start_n // BLOCK_M * BLOCK_M
+            checked_stop = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seqlen_q)
+        else:
+            start = 0
+            checked_stop = 0
+        for group_index in range(kv_group):
+            h = kv_head * kv_group + group_index
+            q_head_ptr = q_ptr + b * stride_qb + h * stride_qh
+            grad_out_head_ptr = grad_out_ptr + b * stride_gb + h * stride_gh
+            row0 = (b * heads + h) * seqlen_q
+            mask_head_ptr = mask_ptr + b * stride_mb + h * stride_mh
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
+                lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale,
+                seed, row0, dropout_p, dropout_scale, start, checked_stop,
+                IS_CAUSAL, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            )
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
+                lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale,
+                seed, row0, dropout_p, dropout_scale, tl.maximum(start, checked_stop), seqlen_q,
+                False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            )
+        kv_row0 = (b * kv_heads + kv_head) * seqlen_k
+        tl.store(
+            dk_ptr + (kv_row0 + cols[:, None]) * HEAD_DIM + offs_d[None, :],
+            (dk * scale).to(dk_ptr.dtype.element_ty),
+            mask=cols_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        )
+        tl.store(
+            dv_ptr + (kv_row0 + cols[:, None]) * HEAD_DIM_V + offs_dv[None, :],
+            dv.to(dv_ptr.dtype.element_ty),
+            mask=cols_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+        )
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
+        h = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        rows = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+        rows_ok = rows < seqlen_q
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        q = _load_tile(
+            q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            rows_ok[:, None], offs_d[None, :] < HEAD_DIM, True, HEAD_DIM != BLOCK_D,
+        )
+        grad_out = _load_tile(
+            grad_out_ptr + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+            rows_ok[:, None], offs_dv[None, :] < HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV,
+        )
+        row0 = (b * heads + h) * seqlen_q
+        lse = tl.load(lse_ptr + row0 + rows, mask=rows_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + row0 + rows, mask=rows_ok, other=0.0)
+        kv_head = h // kv_group
+        k_ptr += b * stride_kb + kv_head * stride_kh
+        v_ptr += b * stride_vb + kv_head * stride_vh
+        mask_ptr += b * stride_mb + h * stride_mh
+        unchecked_stop, stop = _key_blocks(start_m, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        dq = _dq_blocks(
+            dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
+            stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale, seed, row0 + rows, dropout_p, dropout_scale,
+            0, unchecked_stop,
+            False, False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+        dq = _dq_blocks(
+            dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
+            stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale, seed, row0 + rows, dropout_p, dropout_scale,
+            unchecked_stop, stop,
+            IS_CAUSAL, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        )
+        tl.store(
+            dq_ptr + (row0 + rows[:, None]) * HEAD_DIM + offs_d[None, :],
+            (dq * scale).to(dq_ptr.dtype.element_ty),
+            mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        )
+
+
+@triton.jit
+def kv_cache_append_kernel(
+    k_new_ptr,  # (B, H_kv, L_new, D)
+    v_new_ptr,  # (B, H_kv, L_new, Dv)
+    k_cache_ptr,  # (B, H_kv, L_max, D)
+    v_cache_ptr,  # (B, H_kv, L_max, Dv)
+    seqlens_ptr,  # (B,) int32 or int64: where each sequence's new keys go
+    stride_nb, stride_nh, stride_nn, stride_nd,
+    stride_wb, stride_wh, stride_wn, stride_wd,
+    stride_cb, stride_ch, stride_cn, stride_cd,
+    stride_ub, stride_uh, stride_un, stride_ud,
+    new_len,
+    capacity,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """cache[b, h, seqlen_b + n] = new[b, h, n]; a sequence whose new keys would not fit
+    (or with a negative length) writes nothing."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    seqlen = tl.load(seqlens_ptr + b).to(tl.int64)
+    fits = (seqlen >= 0) & (seqlen + new_len <= capacity)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    rows_ok = n[:, None] < tl.where(fits, new_len, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = rows_ok & (offs_d[None, :] < HEAD_DIM)
+    k_new_ptr += b * stride_nb + h * stride_nh
+    k = tl.load(k_new_ptr + n[:, None] * stride_nn + offs_d[None, :] * stride_nd, mask=ok)
+    tl.store(
+        k_cache_ptr + b * stride_cb + h * stride_ch + (seqlen + n[:, None]) * stride_cn + offs_d[None, :] * stride_cd,
+        k,
+        mask=ok,
+    )
+    ok = rows_ok & (offs_dv[None, :] < HEAD_DIM_V)
+    v_new_ptr += b * stride_wb + h * stride_wh
+    v = tl.load(v_new_ptr + n[:, None] * stride_wn + offs_dv[None, :] * stride_wd, mask=ok)
+    tl.store(
+        v_cache_ptr + b * stride_ub + h * stride_uh + (seqlen + n[:, None]) * stride_un + offs_dv[None, :] * stride_ud,
+        v,
+        mask=ok,
+    )
+
+
+@triton.autotune(configs=DECODE_CONFIGS, key=["capacity_bucket", "HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "SPLIT"])
+@triton.jit
+def attention_decode_kernel(
+    q_ptr,  # (B, H, Lq, D)
+    k_ptr,  # (B, H_kv, L_max, D) cache
+    v_ptr,  # (B, H_kv, L_max, Dv) cache
+    seqlens_ptr,  # (B,) int32 or int64: each sequence's cached length before the new keys
+    out_ptr,  # (B, H, Lq, Dv) out, contiguous; with SPLIT (splits, B, H, Lq, Dv) fp32 partial outputs
+    lse_ptr,  # with SPLIT: (splits, B, H, Lq) fp32 partial lse in base 2, -inf where a split saw no key
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    kv_heads,
+    kv_group,
+    seqlen_q,
+    new_len,
+    capacity,
+    capacity_bucket,  # autotuning key only
+    qk_scale,
+    SPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One split of one sequence's keys for one key/value head, against BLOCK_M packed rows
+    r = g Lq + i: query i of query head kv_head * kv_group + g. Query i sits at position
+    total - Lq + i, total being the sequence's length with its new keys, and sees the keys
+    up to there (bottom-right causal alignment)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // kv_heads
+    kv_head = bh % kv_heads
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    packed = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    packed_ok = packed < kv_group * seqlen_q
+    rows = (packed % seqlen_q).to(tl.int64)
+    h = kv_head * kv_group + packed // seqlen_q
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        q_ptr + b * stride_qb + h[:, None] * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=packed_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    seqlen = tl.load(seqlens_ptr + b).to(tl.int64)
+    fits = (seqlen >= 0) & (seqlen + new_len <= capacity)
+    total = tl.where(fits, seqlen + new_len, 0)  # a sequence that does not fit reads nothing, and gets NaN
+    per_split = tl.cdiv(tl.cdiv(total, splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    stop = tl.minimum(total, start + per_split)
+    causal_shift = total - seqlen_q
+    # Query 0 sees the keys up to total - Lq: blocks before that need no causal check.
+    seen_by_all = tl.maximum(tl.minimum(stop, causal_shift + 1), start)
+    unchecked_stop = start + (seen_by_all - start) // BLOCK_N * BLOCK_N
+    k_ptr += b * stride_kb + kv_head * stride_kh
+    v_ptr += b * stride_vb + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], -FLT_MAX, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc, m_i, l_i = _attend(
+        acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, q_ptr, 0, 0,
+        rows, seqlen_q, stop, causal_shift, qk_scale, 0, rows, 0.0, 1.0, start, unchecked_stop,
+        False, False, NO_MASK, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+    )
+    acc, m_i, l_i = _attend(
+        acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, q_ptr, 0, 0,
+        rows, seqlen_q, stop, causal_shift, qk_scale, 0, rows, 0.0, 1.0, unchecked_stop, stop,
+        True, True, NO_MASK, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+    )
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out = tl.where(fits, out, float("nan"))
+    heads = kv_heads * kv_group
+    out_rows = (b * heads + h) * seqlen_q + rows  # (B, H, Lq) row index
+    out_ok = packed_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    if SPLIT:
+        out_rows += split * (tl.num_programs(0) // kv_heads) * heads * seqlen_q
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + out_rows, tl.where(fits, lse, 0.0), mask=packed_ok)
+    tl.store(out_ptr + out_rows[:, None] * HEAD_DIM_V + offs_dv[None, :], out.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def attention_decode_combine_kernel(
+    partial_out_ptr,  # (splits, B H Lq, Dv) fp32
+    partial_lse_ptr,  # (splits, B H Lq) fp32, base 2
+    out_ptr,  # (B H Lq, Dv) out
+    n_rows,
+    splits,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """out = sum_s w_s out_s / sum_s w_s with w_s = 2^(lse_s - max lse): the softmax over
+    all keys from the splits' softmaxes. A row no split saw anything for gets 0."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    lse = tl.load(partial_lse_ptr + s * n_rows + row, mask=s < splits, other=float("-inf"))
+    weight = tl.where(lse > float("-inf"), tl.exp2(lse - tl.max(lse, 0)), 0.0)
+    parts = tl.load(
+        partial_out_ptr + (s[:, None] * n_rows + row) * HEAD_DIM_V + offs_dv[None, :],
+        mask=(s[:, None] < splits) & (offs_dv[None, :] < HEAD_DIM_V),
+        other=0.0,
+    )
+    total = tl.sum(weight, 0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM_V + offs_dv, out.to(out_ptr.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
+
+
+def _block_dim(head_dim):
+    """The power of two (at least 16, the smallest tl.dot size) that holds a head dim (up
+    to TRITON_MAX_HEAD_DIM, which lmkern.scaled_dot_product_attention checks)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _mask_args(mask, like):
+    """(tensor, its 4 strides, MASK_KIND, whether boolean) for a (B, H, Lq, Lk) mask or None."""
+    if mask is None:
+        return like, (0, 0, 0, 0), NO_MASK.value, False
+    kind = KEY_MASK.value if mask.stride(2) == 0 or mask.shape[2] == 1 else FULL_MASK.value
+    is_bool = mask.dtype == torch.bool
+    return (mask.view(torch.uint8) if is_bool else mask), mask.stride(), kind, is_bool
+
+
+def _common_args(q, k, v, mask, is_causal, scale, dropout_p, seed):
+    """The launch arguments that the forward and both backward kernels share, after the pointers."""
+    batch, heads, seqlen_q, head_dim = q.shape
+    kv_heads, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    mask, mask_strides, mask_kind, mask_is_bool = _mask_args(mask, q)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides)
+    sizes = (heads, heads // kv_heads, seqlen_q, seqlen_k, triton.next_power_of_2(max(seqlen_q, seqlen_k)))
+    constants = dict(
+        IS_CAUSAL=is_causal,
+        MASK_KIND=mask_kind,
+        MASK_IS_BOOL=mask_is_bool,
+        HAS_DROPOUT=dropout_p > 0,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_D=_block_dim(head_dim),
+        BLOCK_DV=_block_dim(head_dim_v),
+    )
+    return mask, strides, sizes, constants
+
+
+def attention_fwd(q, k, v, mask, is_causal, scale, dropout_p, seed):
+    """Same contract as reference.attention_fwd."""
+    batch, heads, seqlen_q, _ = q.shape
+    out = torch.empty(batch, heads, seqlen_q, v.shape[3], dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
+    mask, strides, sizes, constants = _common_args(q, k, v, mask, is_causal, scale, dropout_p, seed)
+    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+    attention_fwd_kernel[grid](
+        q, k, v, mask, out, lse, *strides, *out.stride(), *sizes,
+        scale * LOG2E.value, dropout_p, dropout_scale(dropout_p), seed, **constants,
+    )
+    return out, lse
+
+
+def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
+    """Same contract as reference.attention_bwd."""
+    batch, heads, seqlen_q, head_dim = q.shape
+    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if seqlen_q == 0 or seqlen_k == 0 or head_dim == 0 or v.shape[3] == 0:
+        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
+    mask, strides, sizes, constants = _common_args(q, k, v, mask, is_causal, scale, dropout_p, seed)
+    delta = torch.empty_like(lse)
+    delta_rows = 64
+    attention_bwd_delta_kernel[(triton.cdiv(seqlen_q, delta_rows), heads, batch)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q,
+        HEAD_DIM_V=constants["HEAD_DIM_V"], BLOCK_DV=constants["BLOCK_DV"], BLOCK_M=delta_rows,
+    )
+    args = (q, k, v, mask, grad_out, lse, delta, grad_q, grad_k, grad_v)
+    scalars = (scale * LOG2E.value, scale, dropout_p, dropout_scale(dropout_p), seed)
+    strides = (*strides, *grad_out.stride())
+    attention_bwd_kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), kv_heads, batch)](
+        *args, *strides, *sizes, *scalars, DKDV=True, **constants
+    )
+    attention_bwd_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)](
+        *args, *strides, *sizes, *scalars, DKDV=False, **constants
+    )
+    return grad_q, grad_k, grad_v
+
+
+@functools.lru_cache
+def _programs_to_fill(device):
+    """Programs that keep the device busy: two per SM on a GPU; a few in the interpreter,
+    so that the tests see keys split."""
+    if device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_splits(programs, capacity, device):
+    """How many parts each sequence's keys are split into: enough programs to fill the
+    device, with at least MIN_KEYS_PER_SPLIT keys of the cache each, at most 64."""
+    wanted = triton.cdiv(_programs_to_fill(device), programs)
+    return max(1, min(wanted, capacity // MIN_KEYS_PER_SPLIT, 64))
+
+
+def attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
+    """Same contract as reference.attention_with_kv_cache_fwd."""
+    batch, heads, seqlen_q, head_dim = q.shape
+    kv_heads, capacity, head_dim_v = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    new_len = 0 if k_new is None else k_new.shape[2]
+    check_cache_lengths_on_cpu(cache_seqlens, new_len, capacity)  # CPU tensors run in the interpreter
+    block_d, block_dv = _block_dim(head_dim), _block_dim(head_dim_v)
+    if new_len > 0:
+        block_n = 16
+        kv_cache_append_kernel[(triton.cdiv(new_len, block_n), kv_heads, batch)](
+            k_new, v_new, k_cache, v_cache, cache_seqlens,
+            *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(), new_len, capacity,
+            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_n,
+        )
+    out = torch.empty(batch, heads, seqlen_q, head_dim_v, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    packed_rows = heads // kv_heads * seqlen_q
+    block_m = min(64, max(16, triton.next_power_of_2(packed_rows)))
+    row_blocks = triton.cdiv(packed_rows, block_m)
+    splits = decode_splits(batch * kv_heads * row_blocks, capacity, q.device)
+    if splits > 1:
+        partial_out = torch.empty(splits, *out.shape, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(splits, batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
+    else:
+        partial_out, partial_lse = out, out
+    attention_decode_kernel[(batch * kv_heads, splits, row_blocks)](
+        q, k_cache, v_cache, cache_seqlens, partial_out, partial_lse,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        kv_heads, heads // kv_heads, seqlen_q, new_len, capacity, triton.next_power_of_2(capacity), scale * LOG2E.value,
+        SPLIT=splits > 1, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_M=block_m,
+    )
+    if splits > 1:
+        n_rows = batch * heads * seqlen_q
+        attention_decode_combine_kernel[(n_rows,)](
+            partial_out, partial_lse, out, n_rows, splits,
+            HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, BLOCK_S=max(16, triton.next_power_of_2(splits)),
+        )
+    return out

@@ -23,4 +23,28 @@ TORCH_LIBRARY(lmkern, m) {
   m.def(
       "cross_entropy_fwd_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, float z_loss) -> Tensor");
+
+  // Flash attention forward. q (B, H, Lq, D), k (B, H_kv, Lk, D), v (B, H_kv, Lk, Dv), H a
+  // multiple of H_kv (query head h reads key/value head h // (H / H_kv)), each contiguous
+  // in its last dimension; mask None or (B, H, Lq, Lk) bool (True takes part) or float
+  // added to the scores, any strides. Query i sees key j when j <= i if is_causal. Returns
+  // out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) fp32, the logsumexp of each row's
+  // scores: +inf for a row that sees no key, whose out is 0. Dropout keeps probability
+  // (b, h, i, j) when philox_uniform(seed, ((b H + h) Lq + i) Lk + j) >= dropout_p
+  // (csrc/philox.h), and scales it by 1 / (1 - dropout_p).
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale, "
+      "float dropout_p, int seed) -> (Tensor, Tensor)");
+  // Its backward from the forward's out and lse: (dq, dk, dv) shaped like q, k, v.
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+      "bool is_causal, float scale, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+  // Decoding: writes k_new, v_new (B, H_kv, L_new, D | Dv) into k_cache, v_cache
+  // (B, H_kv, L_max, D | Dv) at positions cache_seqlens[b] (int32 or int64) onwards, then
+  // attends q (B, H, Lq, D) over each sequence's keys with bottom-right causal alignment:
+  // query i sees the positions up to cache_seqlens[b] + L_new - Lq + i. Returns
+  // (B, H, Lq, Dv). A sequence whose new keys do not fit raises ValueError on CPU.
+  m.def(
+      "attention_with_kv_cache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
+      "Tensor? k_new, Tensor? v_new, float scale) -> Tensor");
 }

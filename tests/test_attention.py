@@ -13,7 +13,7 @@ from conftest import BACKENDS, DEVICES, DTYPES, assert_compiles_like_eager, requ
 from numerics import assert_close_to_truth, truth_dtype
 
 import lmkern
-from lmkern.ops.attention import reference
+from lmkern.ops.attention import backend_limits, native_cuda_limit, reference
 from lmkern.random import draw_seed, dropout_keep
 
 # id -> shape (B, H, H_kv, Lq, Lk, D[, Dv]) and keyword arguments; "mask" names a mask
@@ -77,10 +77,21 @@ def make_case(case, dtype=torch.float32, device="cpu", head_dim=None):
     return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), kwargs
 
 
+def require_call(backend, q, v, mask=None, dropout_p=0.0):
+    """Skip, saying why, where `backend` has a per-call limit on this call (e.g. head dims
+    the native CUDA kernels do not take); test_native_cuda_limits covers the limits."""
+    if mask is not None:
+        mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], mask.shape[-1])
+    reason = backend_limits(q, mask, (q.shape[3], v.shape[3]), dropout_p).get(backend)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+
+
 def attention_and_grads(q, k, v, kwargs, backend, dtype=None):
     """The output and (dq, dk, dv) for a fixed random upstream gradient, in `dtype`.
     Dropout draws its seed from torch's generator, reset here so that every call masks alike."""
     dtype = dtype or q.dtype
+    require_call(backend, q.to(dtype), v, kwargs.get("attn_mask"), kwargs.get("dropout_p", 0.0))
     inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
     mask = kwargs.get("attn_mask")
     if mask is not None and mask.is_floating_point():
@@ -178,6 +189,7 @@ def dropout_probe(backend, dropout_p, device="cpu"):
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_keeps_about_one_minus_p_and_scales_them(device, backend):
     require(backend, device, torch.float32, "attention")
+    require_call(backend, torch.empty(1, 1, 1, 64, device=device), torch.empty(1, 1, 1, 64), dropout_p=0.3)
     torch.manual_seed(0)
     factors = dropout_probe(backend, 0.3, device)
     kept = factors != 0
@@ -225,6 +237,20 @@ def test_auto_picks_a_kernel_and_float64_runs_on_torch():
     with pytest.raises(lmkern.BackendUnavailableError, match="float32, float16 or bfloat16"):
         lmkern.scaled_dot_product_attention(q, k, v, backend="native")
     assert lmkern.functional.scaled_dot_product_attention is lmkern.scaled_dot_product_attention
+
+
+def test_native_cuda_limits():
+    """What "auto" keeps away from the native CUDA kernels, and what they take."""
+    half, key_padding = torch.float16, torch.ones(2, 1, 1, 8, dtype=torch.bool).expand(2, 4, 8, 8)
+    assert native_cuda_limit(half, (64, 64)) is None
+    assert native_cuda_limit(torch.bfloat16, (128, 128), key_padding) is None
+    assert "float16 or bfloat16" in native_cuda_limit(torch.float32, (64, 64))
+    assert "head dims" in native_cuda_limit(half, (96, 96))
+    assert "head dims" in native_cuda_limit(half, (64, 128))
+    assert "key-padding" in native_cuda_limit(half, (64, 64), torch.ones(2, 4, 8, 8, dtype=torch.bool))
+    assert "key-padding" in native_cuda_limit(half, (64, 64), torch.zeros(2, 1, 1, 8).expand(2, 4, 8, 8))
+    assert "dropout" in native_cuda_limit(half, (64, 64), dropout_p=0.1)
+    assert "native" not in backend_limits(torch.empty(2, 4, 8, 96), None, (96, 96))  # CPU runs every case
 
 
 def test_triton_refuses_head_dims_over_256_and_auto_goes_on():
@@ -304,6 +330,7 @@ def test_decoding_token_by_token_matches_full_recomputation(device, backend, dty
     then 5 tokens one at a time; each step against attention over the whole sequence."""
     require(backend, device, dtype, "attention_with_kv_cache")
     batch, heads, kv_heads, capacity, dim = 3, 4, 2, 64, 32
+    require_call(backend, torch.empty(batch, heads, 1, dim, dtype=dtype, device=device), torch.empty(1, 1, 1, dim))
     generator = torch.Generator().manual_seed(4)
     lengths = torch.tensor([0, 9, 40], dtype=torch.int32)  # already cached
     steps = [7, 1, 1, 1, 1, 1]
@@ -345,6 +372,7 @@ def test_decoding_long_cache_splits_the_keys(device, backend):
     generator = torch.Generator().manual_seed(5)
     capacity, heads = 1000, 8
     q = torch.randn(1, heads, 1, 16, generator=generator).to(device)
+    require_call(backend, q, q)
     k_cache = torch.randn(1, 1, capacity, 16, generator=generator).to(device)
     v_cache = torch.randn(1, 1, capacity, 16, generator=generator).to(device)
     if backend == "triton":
@@ -396,6 +424,7 @@ def test_decoding_past_the_cache_raises_on_cpu_and_writes_nothing(backend, lengt
 def test_decoding_past_the_cache_gives_nan_on_gpu(backend):
     require(backend, "cuda", torch.float32, "attention_with_kv_cache")
     q, k_new = torch.randn(2, 2, 2, 1, 16, device="cuda")
+    require_call(backend, q, q)
     k_cache = torch.zeros(2, 2, 8, 16, device="cuda")
     with torch.no_grad():
         out = lmkern.attention_with_kv_cache(
@@ -436,17 +465,21 @@ def test_bad_cache_arguments_name_the_argument(index):
 
 
 # ------------------------------------------------------------------------------------------
-# The torch.library registration of the native ops.
+# The torch.library registration of the native ops, in a dtype and head dim (64) that the
+# native kernels of each device take.
+NATIVE_TEST_DTYPE = {"cpu": torch.float32, "cuda": torch.float16}
 
 
 @pytest.mark.parametrize("case", ["basic", "causal_fewer_queries", "key_padding", "additive_mask", "gqa", "dropout"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_native_ops_pass_opcheck(device, case):
-    require("native", device, torch.float32, "attention")
-    q, k, v, kwargs = make_case(case, torch.float32, device)
+    dtype = NATIVE_TEST_DTYPE[device]
+    require("native", device, dtype, "attention")
+    q, k, v, kwargs = make_case(case, dtype, device, head_dim=64)
     mask = kwargs.get("attn_mask")
     if mask is not None:
         mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    require_call("native", q, v, mask, kwargs.get("dropout_p", 0.0))
     args = (mask, kwargs.get("is_causal", False), 0.25, kwargs.get("dropout_p", 0.0), 1234)
     out, lse = torch.ops.lmkern.attention_fwd(q, k, v, *args)
     torch.library.opcheck(torch.ops.lmkern.attention_fwd.default, (q, k, v, *args))
@@ -455,10 +488,11 @@ def test_native_ops_pass_opcheck(device, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_native_kv_cache_op_passes_opcheck(device):
-    require("native", device, torch.float32, "attention_with_kv_cache")
-    q = torch.randn(2, 4, 3, 16, device=device)
-    k_cache, v_cache = torch.randn(2, 2, 2, 12, 16, device=device)
-    k_new, v_new = torch.randn(2, 2, 2, 3, 16, device=device)
+    dtype = NATIVE_TEST_DTYPE[device]
+    require("native", device, dtype, "attention_with_kv_cache")
+    q = torch.randn(2, 4, 3, 64, device=device, dtype=dtype)
+    k_cache, v_cache = torch.randn(2, 2, 2, 12, 64, device=device, dtype=dtype)
+    k_new, v_new = torch.randn(2, 2, 2, 3, 64, device=device, dtype=dtype)
     lens = torch.tensor([0, 5], device=device)
     torch.library.opcheck(
         torch.ops.lmkern.attention_with_kv_cache_fwd.default, (q, k_cache, v_cache, lens, k_new, v_new, 0.25)

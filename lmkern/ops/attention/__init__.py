@@ -117,14 +117,40 @@ class AttentionFunction(torch.autograd.Function):
 
 # The largest head dim of the Triton kernels, whose tiles hold whole rows of q, k and v.
 TRITON_MAX_HEAD_DIM = 256
+# What the native CUDA kernels take (csrc/cuda/attention.cpp); "auto" sends the rest to Triton.
+NATIVE_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+NATIVE_CUDA_HEAD_DIMS = (64, 128)
 
 
-def backend_limits(attn_mask, head_dims):
-    """What the kernel backends cannot do for this call (see lmkern.backend.resolve)."""
+def is_key_padding_mask(mask):
+    """Whether a (B, H, Lq, Lk) mask view is a boolean (B, 1, 1, Lk) mask broadcast."""
+    return mask.dtype == torch.bool and all(mask.shape[d] == 1 or mask.stride(d) == 0 for d in (1, 2))
+
+
+def native_cuda_limit(dtype, head_dims, mask=None, dropout_p=0.0):
+    """Why the native CUDA kernels cannot run this call, or None."""
+    if dtype not in NATIVE_CUDA_DTYPES:
+        return f"its CUDA kernels take float16 or bfloat16, got {dtype}"
+    if head_dims[0] != head_dims[1] or head_dims[0] not in NATIVE_CUDA_HEAD_DIMS:
+        return f"its CUDA kernels take head dims {NATIVE_CUDA_HEAD_DIMS} (the same for v), got {tuple(head_dims)}"
+    if mask is not None and not is_key_padding_mask(mask):
+        return "its CUDA kernels take only boolean key-padding masks (B, 1, 1, Lk)"
+    if dropout_p > 0:
+        return "its CUDA kernels have no dropout"
+    return None
+
+
+def backend_limits(query, mask, head_dims, dropout_p=0.0):
+    """What the kernel backends cannot do for this call (see lmkern.backend.resolve); mask
+    is the (B, H, Lq, Lk) view or None, head_dims those of q and v."""
     limits = {}
     if max(head_dims) > TRITON_MAX_HEAD_DIM:
         limits["triton"] = f"its kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {max(head_dims)}"
-    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+    if query.device.type == "cuda":
+        native = native_cuda_limit(query.dtype, head_dims, mask, dropout_p)
+        if native is not None:
+            limits["native"] = native
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
         why = "the gradient of attn_mask is computed by the torch backend only"
         limits.update(triton=why, native=why)
     return limits
@@ -172,7 +198,8 @@ def scaled_dot_product_attention(
     seqlen_q, seqlen_k = query.shape[2], key.shape[2]
     mask = _check_mask(attn_mask, query, torch.Size([batch, heads, seqlen_q, seqlen_k]), is_causal)
     scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
-    name = resolve("attention", query, backend, backend_limits(attn_mask, (query.shape[3], value.shape[3])))
+    limits = backend_limits(query, mask, (query.shape[3], value.shape[3]), dropout_p)
+    name = resolve("attention", query, backend, limits)
     q = _as_heads(query, batch, heads)
     k, v = _as_heads(key, batch, kv_heads), _as_heads(value, batch, kv_heads)
     seed = random.draw_seed() if dropout_p > 0 else 0

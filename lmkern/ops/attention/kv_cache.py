@@ -21,6 +21,10 @@ def _check_cache_lengths(cache_seqlens, batch, device):
         )
 
 
+def _rows_aligned(cache):
+    return all(cache.shape[d] == 1 or cache.stride(d) % 8 == 0 for d in range(3))
+
+
 def _check_new(new, name, cache, cache_name):
     """new must be (B, H_kv, L_new, cache's head dim) with the cache's dtype and device."""
     check_float_tensor(new, name, f"(B, H_kv, L_new, {cache.shape[3]})")
@@ -92,6 +96,10 @@ def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
             "(or torch.inference_mode())"
         )
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    name = resolve("attention_with_kv_cache", q, backend, backend_limits(None, (head_dim, v_cache.shape[3])))
+    limits = backend_limits(q, None, (head_dim, v_cache.shape[3]))
+    if q.is_cuda and "native" not in limits and not all(map(_rows_aligned, (k_cache, v_cache))):
+        # The CUDA kernels write 16-byte rows in place, so the caches cannot be copied to align them.
+        limits["native"] = "its CUDA kernels need the caches' strides to be multiples of 8 elements"
+    name = resolve("attention_with_kv_cache", q, backend, limits)
     fwd = implementation(attention.__name__, name).attention_with_kv_cache_fwd
     return fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)

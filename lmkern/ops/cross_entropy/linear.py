@@ -23,8 +23,8 @@ def default_chunk_size(n_rows, hidden_size, vocab):
     return max(1, min(n_rows, max(256, math.ceil(n_rows * hidden_size / vocab))))
 
 
-def add_matmul_fp32(acc, a, b):
-    """acc += a @ b, accumulated and stored in fp32 (acc) whatever the dtype of a and b."""
+def add_matmul_wide(acc, a, b):
+    """acc += a @ b, accumulated and stored in acc's dtype (fp32, or fp64 for fp64 a and b)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif a.is_cuda:
@@ -38,14 +38,15 @@ def chunked_loss_and_grads(fwd, hidden, weight, bias, target, options, chunk_siz
 
     hidden (N, H), weight (V, H), bias (V,) or None, target (N,) int64, row_scale (N,).
     needs_grad: for (hidden, weight, bias), whether to compute that gradient.
-    Returns loss (N,) fp32 and (grad_hidden in hidden's dtype or None, grad_weight fp32 or
-    None, grad_bias fp32 or None).
+    Returns loss (N,) and (grad_hidden in hidden's dtype or None, grad_weight or None,
+    grad_bias or None), the loss and those two sums in fp32 (fp64 for fp64 inputs).
     """
     n_rows = hidden.shape[0]
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    wide = torch.promote_types(hidden.dtype, torch.float32)
+    row_loss = torch.empty(n_rows, dtype=wide, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if needs_grad[0] else None
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad[1] else None
-    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs_grad[2] else None
+    grad_weight = torch.zeros_like(weight, dtype=wide) if needs_grad[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=wide) if bias is not None and needs_grad[2] else None
     grads = (grad_hidden, grad_weight, grad_bias)
     for start in range(0, n_rows, chunk_size):
         rows = slice(start, min(start + chunk_size, n_rows))
@@ -67,9 +68,9 @@ def _chunk(fwd, hidden, weight, bias, target, options, grads, row_scale, rows):
     if grad_hidden is not None:
         torch.mm(grad_logits, weight, out=grad_hidden[rows])
     if grad_weight is not None:
-        add_matmul_fp32(grad_weight, grad_logits.T, hidden)
+        add_matmul_wide(grad_weight, grad_logits.T, hidden)
     if grad_bias is not None:
-        grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
     return loss
 
 

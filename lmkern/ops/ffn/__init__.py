@@ -24,7 +24,7 @@ from lmkern import random
 from lmkern.backend import implementation, resolve
 from lmkern.ops import layer_norm as ln_ops
 from lmkern.ops import linear_gelu as lg_ops
-from lmkern.ops.cross_entropy.linear import add_matmul_fp32
+from lmkern.ops.cross_entropy.linear import add_matmul_wide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +133,7 @@ def gelu_and_fc2_grads(linear, grad_y, pre, w2, activation, needs_w2):
         _, chunk_b1, g = linear.linear_gelu_bwd(grad_pre[rows], pre[rows], activation, 0.0, 0, needs_w2, inplace=True)
         grad_b1 += chunk_b1
         if needs_w2:
-            add_matmul_fp32(grad_w2, grad_y[rows].T, g)
+            add_matmul_wide(grad_w2, grad_y[rows].T, g)
     return grad_pre, grad_b1, None if grad_w2 is None else grad_w2.to(w2.dtype)
 
 

@@ -40,6 +40,16 @@ def assert_compiles_like_eager(step, x):
     torch.testing.assert_close(compiled_x.grad, eager_x.grad)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (threads that wait on each other are slow on a
+    busy machine). Model test modules use it: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

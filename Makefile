@@ -2,7 +2,9 @@
 # .venv and installs lmkern into it (with torch $(TORCH)), rebuilding the extension when
 # its sources change.
 #
-#   make demo        the main job: fused cross-entropy on every backend, against torch
+#   make demo        the main job: train a tokenizer and a small GPT on this Python's own
+#                    docs with the fused kernels, then sample from it (lmkern demo)
+#   make demo-kernels  the fused cross-entropy on every backend, against torch
 #   make test        the test suite (CI runs this)
 #   make bench       the benchmark suite; results in benchmarks/results/<device>/
 #   make bench-quick its small sizes, and its pytest-benchmark form run once (CI runs this)
@@ -18,7 +20,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 
-.PHONY: install demo test bench bench-quick cuda-check info gpu-check
+.PHONY: install demo demo-kernels test bench bench-quick cuda-check info gpu-check
 
 $(INSTALLED): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +32,9 @@ $(INSTALLED): $(SOURCES)
 install: $(INSTALLED)
 
 demo: $(INSTALLED)
+	$(PY) -m lmkern demo
+
+demo-kernels: $(INSTALLED)
 	$(PY) -m lmkern.demo
 
 # LMKERN_REQUIRE_BACKENDS turns "cannot run here" skips of these backends into failures,

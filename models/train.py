@@ -48,6 +48,20 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 0  # with (step, micro-batch), seeds torch's generator (dropout) before each micro-batch
 
+    def __post_init__(self):  # checked on construction: before a run writes anything
+        for option, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
+                              ("--micro-batch-size", self.micro_batch_size), ("--eval-every", self.eval_every),
+                              ("--checkpoint-every", self.checkpoint_every)):
+            if value < 1:
+                raise ValueError(f"{option} must be at least 1, got {value}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size {self.micro_batch_size}"
+            )
+        if self.warmup_steps < 0 or not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise ValueError(f"need --warmup >= 0 and 0 <= --min-lr <= --lr, got {self.warmup_steps}, "
+                             f"{self.min_learning_rate} and {self.learning_rate}")
+
 
 def learning_rate(config, step):
     """The learning rate of optimizer step `step` (0-based)."""

@@ -1,0 +1,49 @@
+"""Streaming generation for `lmkern generate`: a GPT's new tokens one at a time as they are
+produced (the loop of GPT.generate for one prompt, over the same static KV cache and
+token picking), and their text as soon as it is complete UTF-8."""
+
+import torch
+from tokenizers.decoders import DecodeStream
+
+from lmkern.models.gpt import KVCache, pick_token
+
+
+@torch.no_grad()
+def stream_tokens(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, do_sample=False,
+                  eos_token_id=None, seed=None):
+    """Yields up to max_new_tokens new token ids (ints) continuing prompt_ids (a list of
+    ints), stopping after eos_token_id; the same tokens as model.generate on that prompt
+    with the same arguments."""
+    device = model.wte.weight.device
+    input_ids = torch.tensor([prompt_ids], dtype=torch.int64, device=device)  # (1, T)
+    model.check_input_ids(input_ids)
+    longest = len(prompt_ids) + max_new_tokens
+    if longest > model.config.context_length:
+        raise ValueError(
+            f"a prompt of {len(prompt_ids)} tokens and --max-new-tokens {max_new_tokens} reach {longest} tokens: "
+            f"more than the model's context length {model.config.context_length}"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        cache = KVCache(model.config, 1, longest, device, model.wte.weight.dtype)
+        for _ in range(max_new_tokens):
+            logits = model(input_ids, cache=cache).logits[:, -1]  # (1, V)
+            token = pick_token(logits.float(), temperature, top_k, top_p, do_sample, generator)  # (1,)
+            yield int(token)
+            if int(token) == eos_token_id:
+                return
+            input_ids = token[:, None]
+    finally:
+        model.train(was_training)
+
+
+def stream_text(tokenizer, token_ids, skip_special_tokens=True):
+    """Yields the text of an iterable of token ids piece by piece, each piece as soon as its
+    bytes form complete characters (a byte-level token may hold part of one)."""
+    decoder = DecodeStream(skip_special_tokens=skip_special_tokens)
+    for token_id in token_ids:
+        piece = decoder.step(tokenizer, token_id)
+        if piece:
+            yield piece

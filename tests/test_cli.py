@@ -1,0 +1,338 @@
+"""The training command line: `lmkern train gpt|bert` on every kernel backend, exact resume,
+torchrun, `lmkern eval`, `lmkern generate`, `lmkern demo --quick`, `lmkern bench`, and bad
+input. Models are tiny and runs a few steps long, so that the file runs in about a minute
+on two CPU cores."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from lmkern import cli
+from lmkern.models import gpt, tasks
+from lmkern.models.data import TokenData
+from lmkern.models.generation import stream_tokens
+from lmkern.models.tokenizer import END_OF_TEXT, load_tokenizer
+from lmkern.models.train import read_metrics
+
+SUBJECTS = ["the cat", "a dog", "the model", "my friend", "the kernel", "a student", "the teacher", "our tokenizer"]
+VERBS = ["sees", "likes", "trains", "reads", "writes", "finds", "keeps", "moves"]
+OBJECTS = ["the ball", "a book", "the data", "some text", "the tensor", "a letter", "the garden", "an apple"]
+
+
+def write_corpus(folder, documents=240):
+    """Documents of simple sentences: enough structure for a tiny model to learn in a few steps."""
+    choose = random.Random(0)
+    text = []
+    for _ in range(documents):
+        sentences = [f"{choose.choice(SUBJECTS)} {choose.choice(VERBS)} {choose.choice(OBJECTS)}."
+                     for _ in range(choose.randint(3, 7))]
+        text.append(" ".join(sentences).capitalize())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.txt").write_text("\n\n".join(text) + "\n", encoding="utf-8")
+    return str(folder)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def lmkern(*argv):
+    """Runs the command line in this process; returns its exit status."""
+    return cli.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """{"bpe": data folder, "wordpiece": data folder} prepared from the same corpus."""
+    root = tmp_path_factory.mktemp("prepared")
+    text = write_corpus(root / "text")
+    folders = {}
+    for kind, vocab in (("bpe", 320), ("wordpiece", 160)):
+        assert lmkern("tokenizer", "train", "--data", text, "--kind", kind, "--vocab-size", vocab,
+                      "--out", root / f"tok-{kind}") == 0
+        assert lmkern("prepare", "--data", text, "--tokenizer", root / f"tok-{kind}", "--out", root / kind,
+                      "--val-fraction", 0.1, "--quiet") == 0
+        folders[kind] = str(root / kind)
+    return folders
+
+
+SMALL_RUN = ("--preset", "tiny", "--context-length", 32, "--batch-size", 8, "--micro-batch-size", 4, "--lr", 3e-3,
+             "--warmup", 3, "--eval-tokens", 512, "--device", "cpu", "--quiet")
+
+
+def train_run(model, data, out, *options):
+    return lmkern("train", model, "--data", data, "--out", out, *SMALL_RUN, *options)
+
+
+@pytest.fixture(scope="module")
+def gpt_run(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "gpt"
+    assert train_run("gpt", prepared["bpe"], out, "--steps", 30, "--eval-every", 10, "--kernels", "native") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def bert_run(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "bert"
+    assert train_run("bert", prepared["wordpiece"], out, "--steps", 30, "--eval-every", 10, "--kernels", "native") == 0
+    return out
+
+
+def curve(rows):
+    """The metric rows without their timings: what must repeat exactly."""
+    return [{key: value for key, value in row.items() if key != "tokens_per_s"} for row in rows]
+
+
+def weights(run):
+    return safetensors.torch.load_file(os.path.join(run, "checkpoint", "model.safetensors"))
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+
+def test_gpt_run_learns_and_writes_its_files(gpt_run, capsys):
+    rows = read_metrics(str(gpt_run))
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"], [row["loss"] for row in rows]
+    assert rows[-1]["val_loss"] < rows[9]["val_loss"]  # steps 10 and 30 evaluate
+    assert rows[-1]["val_perplexity"] == pytest.approx(np.exp(rows[-1]["val_loss"]))
+    assert sorted(os.listdir(gpt_run)) == ["checkpoint", "loss.png", "metrics.jsonl", "options.json"]
+    files = ["config.json", "model.safetensors", "state.pt", "tokenizer.json"]
+    assert sorted(os.listdir(gpt_run / "checkpoint")) == files
+    saved = json.loads((gpt_run / "checkpoint" / "config.json").read_text())
+    assert saved["model"] == "gpt" and saved["config"]["context_length"] == 32 and saved["config"]["vocab_size"] == 320
+
+
+def test_bert_run_learns_and_reports_mlm_and_nsp(bert_run):
+    rows = read_metrics(str(bert_run))
+    assert rows[-1]["loss"] < 0.75 * rows[0]["loss"], [row["loss"] for row in rows]
+    assert {"val_mlm_loss", "val_mlm_accuracy", "val_nsp_loss", "val_nsp_accuracy"} <= set(rows[-1])
+    assert rows[-1]["val_mlm_loss"] < rows[9]["val_mlm_loss"]
+
+
+@pytest.mark.parametrize("model", ["gpt", "bert"])
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_training_lowers_the_loss_on_each_backend(prepared, tmp_path, model, kernels):
+    """native runs in the fixtures above; triton runs in its CPU interpreter, so smaller."""
+    data = prepared["bpe" if model == "gpt" else "wordpiece"]
+    size = ("--steps", 12) if kernels == "torch" else (
+        "--steps", 4, "--warmup", 1, "--layers", 1, "--heads", 2, "--width", 32, "--context-length", 16,
+        "--batch-size", 4, "--eval-tokens", 32)
+    assert train_run(model, data, tmp_path / "run", "--kernels", kernels, "--eval-every", 100, *size) == 0
+    losses = [row["loss"] for row in read_metrics(str(tmp_path / "run"))]
+    assert losses[-1] < losses[0], losses
+
+
+def test_bert_without_nsp(prepared, tmp_path):
+    assert train_run("bert", prepared["wordpiece"], tmp_path / "run", "--no-nsp", "--steps", 4) == 0
+    last = read_metrics(str(tmp_path / "run"))[-1]
+    assert "val_mlm_accuracy" in last and "val_nsp_accuracy" not in last
+
+
+@pytest.mark.parametrize("model", ["gpt", "bert"])
+def test_resume_after_an_interruption_follows_the_same_curve(prepared, tmp_path, monkeypatch, model):
+    data = prepared["bpe" if model == "gpt" else "wordpiece"]
+    options = ("--steps", 8, "--eval-every", 4, "--checkpoint-every", 4, "--kernels", "native", "--dropout", 0.1)
+    assert train_run(model, data, tmp_path / "straight", *options) == 0
+    task = tasks.CausalLMTask if model == "gpt" else tasks.MaskedLMTask
+    batch = task.batch
+
+    def interrupted(self, step, part, parts):
+        if step == 6:
+            raise KeyboardInterrupt
+        return batch(self, step, part, parts)
+
+    monkeypatch.setattr(task, "batch", interrupted)
+    assert train_run(model, data, tmp_path / "crashed", *options) == 130  # after the checkpoint of step 4
+    monkeypatch.setattr(task, "batch", batch)
+    assert lmkern("train", model, "--out", tmp_path / "crashed", "--resume", "--quiet") == 0  # the saved options
+    assert curve(read_metrics(str(tmp_path / "crashed"))) == curve(read_metrics(str(tmp_path / "straight")))
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "crashed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_two_processes_train_like_one(prepared, tmp_path):
+    options = ["gpt", "--data", prepared["bpe"], *map(str, SMALL_RUN), "--steps", "3", "--kernels", "native"]
+    assert lmkern("train", *options, "--out", tmp_path / "single") == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmkern",
+         "train", *options, "--out", str(tmp_path / "distributed")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    single, distributed = read_metrics(str(tmp_path / "single")), read_metrics(str(tmp_path / "distributed"))
+    torch.testing.assert_close([r["loss"] for r in distributed], [r["loss"] for r in single], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights(tmp_path / "distributed"), weights(tmp_path / "single"), rtol=1e-5, atol=1e-6)
+
+
+# -- eval and generate ---------------------------------------------------------------------------
+
+
+def test_sliding_window_perplexity_scores_each_token_once_with_its_window():
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(vocab_size=50, context_length=8, n_layer=1, n_head=2, n_embd=16, kernels="torch"))
+    tokens = np.random.default_rng(0).integers(0, 50, 37).astype(np.uint16)
+    result = tasks.perplexity(model, tokens, context_length=8, stride=3, batch_size=4)
+    expected, scored = [], set()
+    for begin, first in tasks.sliding_windows(len(tokens), 8, 3):  # each token, by itself, from its window's start
+        for position in range(first, min(begin + 9, len(tokens))):
+            context = torch.from_numpy(tokens[begin:position].astype(np.int64))[None]
+            logits = model(context).logits[0, -1]
+            expected.append(-torch.log_softmax(logits, -1)[int(tokens[position])].item())
+            assert position not in scored and position - begin >= min(position, 8 - 3)
+            scored.add(position)
+    assert scored == set(range(1, len(tokens))) and result["tokens"] == len(tokens) - 1
+    assert result["loss"] == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_eval_gpt_gives_the_perplexity_of_the_validation_tokens(gpt_run, prepared, capsys):
+    arguments = ("eval", "--checkpoint", gpt_run, "--data", prepared["bpe"], "--json", "--quiet", "--device", "cpu")
+    # Training evaluated the first 512 validation tokens in windows that do not overlap.
+    assert lmkern(*arguments, "--max-tokens", 512, "--stride", 32) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("val perplexity")
+    trained = read_metrics(str(gpt_run))[-1]["val_perplexity"]
+    assert json.loads(printed[-1])["perplexity"] == pytest.approx(trained, rel=1e-5)
+    assert lmkern(*arguments) == 0  # all of them, windows advancing by half a window
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["tokens"] == len(TokenData(prepared["bpe"], "val")) - 1
+
+
+def test_eval_bert_gives_mlm_and_nsp_accuracy(bert_run, prepared, capsys):
+    assert lmkern("eval", "--checkpoint", bert_run, "--data", prepared["wordpiece"], "--max-tokens", 1024,
+                  "--json", "--quiet", "--device", "cpu", "--context-length", 32) == 0
+    printed = capsys.readouterr().out.splitlines()
+    result = json.loads(printed[-1])
+    assert "MLM loss" in printed[0] and "NSP accuracy" in printed[0]
+    assert 0 < result["mlm_accuracy"] < 1 and 0 <= result["nsp_accuracy"] <= 1 and result["sequences"] == 32
+
+
+def test_generate_streams_what_the_model_generates(gpt_run, capsys):
+    kind, model, folder = cli.load_model(str(gpt_run), "native", "cpu")
+    tokenizer = load_tokenizer(folder)
+    prompt = "The cat"
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    end = tokenizer.token_to_id(END_OF_TEXT)
+    expected = model.generate(torch.tensor([ids]), 12, eos_token_id=end)[0].tolist()
+    assert list(stream_tokens(model, ids, 12, eos_token_id=end)) == expected
+    sampled = model.generate(torch.tensor([ids]), 12, do_sample=True, temperature=0.9, top_k=20, seed=3)[0].tolist()
+    assert list(stream_tokens(model, ids, 12, do_sample=True, temperature=0.9, top_k=20, seed=3)) == sampled
+
+    assert lmkern("generate", "--checkpoint", gpt_run, "--prompt", prompt, "--greedy", "--max-new-tokens", 12,
+                  "--device", "cpu") == 0
+    text = capsys.readouterr().out
+    assert text == prompt + tokenizer.decode([t for t in expected if t != end]) + "\n"
+    runs = []
+    for _ in range(2):
+        assert lmkern("generate", "--checkpoint", gpt_run, "--prompt", "", "--seed", 5, "--max-new-tokens", 20,
+                      "--top-p", 0.9, "--device", "cpu") == 0
+        runs.append(capsys.readouterr().out)
+    assert runs[0] == runs[1] and len(runs[0]) > 1
+
+
+# -- demo and bench ------------------------------------------------------------------------------
+
+
+def test_demo_quick_trains_and_samples(tmp_path, capsys):
+    assert lmkern("demo", "--quick", "--out", tmp_path / "demo", "--quiet", "--device", "cpu") == 0
+    printed = capsys.readouterr().out
+    before = float(printed.split("validation perplexity before training: ")[1].split()[0])
+    after = float(printed.split("validation perplexity after training: ")[1].split()[0])
+    assert after < 0.8 * before, printed
+    assert "sample:\nThe" in printed
+    assert os.path.isfile(tmp_path / "demo" / "run" / "checkpoint" / "model.safetensors")
+
+
+def test_bench_hands_its_arguments_to_the_benchmark_runner(monkeypatch):
+    try:
+        import lmkern.benchmarks.run as runner
+    except ModuleNotFoundError:
+        import benchmarks.run as runner
+    seen = []
+    monkeypatch.setattr(runner, "main", lambda argv: seen.append(argv) or 0)
+    assert lmkern("bench", "--op", "cross_entropy", "--quick") == 0
+    assert seen == [["--op", "cross_entropy", "--quick"]]
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def corrupt_weights(run, tmp_path):
+    copy = tmp_path / "corrupted"
+    shutil.copytree(run / "checkpoint", copy)
+    with open(copy / "model.safetensors", "r+b") as file:
+        file.truncate(os.path.getsize(copy / "model.safetensors") // 2)
+    return copy
+
+
+def oversized_vocabulary(data, tmp_path):
+    copy = tmp_path / "oversized"
+    shutil.copytree(data, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps(dict(meta, vocab_size=70000)))
+    return copy
+
+
+def other_tokenizer_data(tmp_path):
+    text = write_corpus(tmp_path / "text", documents=40)
+    assert lmkern("tokenizer", "train", "--data", text, "--kind", "bpe", "--vocab-size", 300,
+                  "--out", tmp_path / "t") == 0
+    assert lmkern("prepare", "--data", text, "--tokenizer", tmp_path / "t", "--out", tmp_path / "other", "--quiet") == 0
+    return tmp_path / "other"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "gpt", "--data", "{tmp}/missing", "--preset", "tiny"], "no meta.json"),
+        (["train", "gpt", "--data", "{bpe}", "--preset", "huge"], "--preset huge: unknown GPT preset 'huge'"),
+        (["train", "gpt", "--data", "{wordpiece}", "--preset", "tiny"],
+         "prepared with a wordpiece tokenizer; GPT needs"),
+        (["train", "bert", "--data", "{bpe}", "--preset", "tiny"], "prepared with a bpe tokenizer; BERT needs"),
+        (["train", "gpt", "--data", "{oversized}", "--preset", "tiny"], "does not fit the token files' uint16"),
+        (["train", "gpt", "--data", "{bpe}", "--preset", "tiny", "--context-length", "100000"],
+         "fewer than --context-length"),
+        (["train", "gpt", "--data", "{bpe}", "--preset", "tiny", "--batch-size", "6", "--micro-batch-size", "4"],
+         "must be a multiple of --micro-batch-size"),
+        (["train", "gpt", "--resume"], "holds no run to resume"),
+        (["train", "gpt", "--data", "{bpe}"], "--preset is required"),
+        (["eval", "--checkpoint", "{tmp}/missing", "--data", "{bpe}"], "--checkpoint {tmp}/missing: no such folder"),
+        (["eval", "--checkpoint", "{gpt}", "--data", "{other}"],
+         "has 320 tokens, but --data {other} was prepared with one of 300"),
+        (["eval", "--checkpoint", "{corrupted}", "--data", "{bpe}"], "model.safetensors is corrupted or incomplete"),
+        (["generate", "--checkpoint", "{bert}", "--prompt", "hello"], "holds a BERT model: generate needs a GPT"),
+        (["generate", "--checkpoint", "{gpt}", "--prompt", "hi", "--temperature", "0"], "--temperature must be > 0"),
+        (["generate", "--checkpoint", "{gpt}", "--prompt", "hi", "--max-new-tokens", "500"],
+         "more than the model's context"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_and_leaves_nothing(prepared, gpt_run, bert_run, tmp_path, capsys, argv, message):
+    places = dict(tmp=tmp_path, bpe=prepared["bpe"], wordpiece=prepared["wordpiece"], gpt=gpt_run, bert=bert_run)
+    if "{oversized}" in argv:
+        places["oversized"] = oversized_vocabulary(prepared["bpe"], tmp_path)
+    if "{other}" in argv:
+        places["other"] = other_tokenizer_data(tmp_path)
+    if "{corrupted}" in argv:
+        places["corrupted"] = corrupt_weights(gpt_run, tmp_path)
+    before = set(os.listdir(tmp_path))
+    capsys.readouterr()
+    assert lmkern(*[a.format(**places) for a in argv], "--out" if argv[0] == "train" else "--device",
+                  tmp_path / "out" if argv[0] == "train" else "cpu") == 2
+    error = capsys.readouterr().err
+    assert message.format(**places) in error and len(error.strip().splitlines()) == 1, error
+    assert set(os.listdir(tmp_path)) == before  # no run folder, nothing half-written
+
+
+def test_a_run_is_not_overwritten_without_resume(prepared, gpt_run, capsys):
+    before = os.path.getmtime(gpt_run / "checkpoint" / "model.safetensors")
+    assert train_run("gpt", prepared["bpe"], gpt_run, "--steps", 2) == 2
+    assert "already holds a run: --resume it" in capsys.readouterr().err
+    assert os.path.getmtime(gpt_run / "checkpoint" / "model.safetensors") == before

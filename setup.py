@@ -45,10 +45,15 @@ def extension():
     )
 
 
+# Source folders and the packages they install as: models/ and benchmarks/ go inside lmkern
+# (`lmkern bench` runs lmkern.benchmarks.run).
+PACKAGE_DIRS = {"lmkern": "lmkern", "lmkern.models": "models", "lmkern.benchmarks": "benchmarks"}
+
+
 def packages():
-    """lmkern and its subpackages, plus models/ installed as lmkern.models."""
+    """lmkern and its subpackages, plus models/ and benchmarks/ (PACKAGE_DIRS)."""
     found = []
-    for top, name in (("lmkern", "lmkern"), ("models", "lmkern.models")):
+    for name, top in PACKAGE_DIRS.items():
         for init in sorted(glob.glob(f"{top}/**/__init__.py", recursive=True)):
             sub = os.path.dirname(init)[len(top):].strip("/").replace("/", ".")
             found.append(f"{name}.{sub}" if sub else name)
@@ -62,20 +67,22 @@ setup(
     "and GPT and BERT models built on them",
     python_requires=">=3.10",
     packages=packages(),
-    package_dir={"lmkern": "lmkern", "lmkern.models": "models"},
+    package_dir=PACKAGE_DIRS,
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     install_requires=[
         "torch>=2.8",
         "triton>=3.2; platform_system == 'Linux'",
         "numpy",  # memory-mapped token files
-        "tokenizers>=0.19",
+        "tokenizers>=0.21",  # DecodeStream: lmkern generate streams text
         "safetensors",  # model checkpoints
         "tqdm",  # progress bars
+        "matplotlib>=3.7",  # loss curves (training) and benchmark plots
     ],
     entry_points={"console_scripts": ["lmkern = lmkern.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest"],
-        "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],
+        # transformers: the GPT and BERT models are checked against Hugging Face's
+        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest", "transformers>=5"],
+        "bench": ["pytest-benchmark>=4"],
     },
 )

@@ -1,1 +1,2 @@
-"""lmkern's benchmark suite: `python -m benchmarks.run [--op NAME] [--quick]`."""
+"""lmkern's benchmark suite: `python -m benchmarks.run [--op NAME] [--quick]` in a checkout,
+installed as lmkern.benchmarks (`lmkern bench`)."""

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import lmkern
-from benchmarks.bench_layer_norm import cases, dtype, label  # noqa: F401  (the same sizes)
-from benchmarks.harness import Provider, compiled_provider, lmkern_providers
+
+from .bench_layer_norm import cases, dtype, label  # noqa: F401  (the same sizes)
+from .harness import Provider, compiled_provider, lmkern_providers
 
 OP = "add_layer_norm"
 METRIC = "GB/s"

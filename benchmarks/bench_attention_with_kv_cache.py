@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import lmkern
-from benchmarks.harness import Provider, lmkern_providers, optional_provider
+
+from .harness import Provider, lmkern_providers, optional_provider
 
 OP = "attention_with_kv_cache"
 METRIC = "GB/s"

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import lmkern
-from benchmarks.bench_linear_gelu import cases, dtype  # noqa: F401  (the same sizes)
-from benchmarks.harness import Provider, compiled_provider, lmkern_providers
+
+from .bench_linear_gelu import cases, dtype  # noqa: F401  (the same sizes)
+from .harness import Provider, compiled_provider, lmkern_providers
 
 OP = "ffn"
 METRIC = "TFLOP/s"

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import lmkern
-from benchmarks.harness import Provider, compiled_provider, lmkern_providers, optional_provider
+
+from .harness import Provider, compiled_provider, lmkern_providers, optional_provider
 
 OP = "linear_cross_entropy"
 METRIC = "TFLOP/s"

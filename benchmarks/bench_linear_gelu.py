@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import lmkern
-from benchmarks.harness import Provider, compiled_provider, lmkern_providers
+
+from .harness import Provider, compiled_provider, lmkern_providers
 
 OP = "linear_gelu"
 METRIC = "TFLOP/s"

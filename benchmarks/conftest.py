@@ -4,8 +4,8 @@ one test per op, case, provider and pass."""
 import pytest
 import torch
 
-from benchmarks.harness import op_passes
-from benchmarks.run import OPS
+from .harness import op_passes
+from .run import OPS
 
 
 def pytest_addoption(parser):

@@ -16,10 +16,17 @@ and optionally:
 
     PASSES      the passes it is timed in, if not all three: ("fwd",) for a forward-only op
     CUDA_GRAPH  True to time it on CUDA as one CUDA graph (launch overhead not counted)
+    ITEMS, items(case, pass_name)     what a pass processes ("tokens", "sequences") and how
+                                      many, reported as a rate (tokens/s) beside the throughput
+    pass_functions(case, provider, device, dtype)
+                {pass name: a callable running that pass once}, for an op that is not one
+                function of its inputs (a whole model, which the module builds per provider;
+                benchmarks/bench_models.py); make_inputs is then not needed
 """
 
 import dataclasses
 import datetime
+import os
 import platform
 import re
 import subprocess
@@ -31,6 +38,8 @@ import torch._functorch.config
 import lmkern
 from lmkern import backend
 from lmkern.measure import peak_memory_bytes, time_ms
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
@@ -50,11 +59,23 @@ DEVICE_PEAKS = {
 
 @dataclasses.dataclass
 class Provider:
-    """One implementation to time: run(*inputs) returns the output whose backward is timed."""
+    """One implementation to time: run(*inputs) returns the output whose backward is timed
+    (for an op with its own pass_functions, run is what that takes: bench_models.py's
+    builds the model)."""
 
     name: str
     run: object = None
     absent: str = None  # why it cannot run here; run is None then
+    slow: str = None  # why --quick leaves it out (too slow for a smoke test)
+
+
+def absent_reason(provider, quick):
+    """Why a provider is not measured in this run, or None."""
+    if provider.run is None:
+        return provider.absent
+    if quick and provider.slow:
+        return f"left out of --quick runs: {provider.slow}"
+    return None
 
 
 def compiled_provider(function):
@@ -65,14 +86,22 @@ def compiled_provider(function):
     return Provider("torch.compile", torch.compile(function))
 
 
+def backend_unavailable(name, ops, device, dtype):
+    """Why lmkern backend `name` ("auto" included) cannot be timed running the kernels of
+    `ops` (names as in lmkern.backend.AUTO) on this device and dtype, or None."""
+    if name == "auto":
+        return None
+    if name == "triton" and device == "cpu":
+        return "Triton runs CPU tensors only in its interpreter, whose timings mean nothing"
+    return next(filter(None, (backend.unavailable_reason(name, op, device, dtype) for op in ops)), None)
+
+
 def lmkern_providers(op, device, dtype, function):
     """A provider per lmkern backend: function(*inputs, backend=name); op names the
     kernel whose availability decides (see lmkern.backend.AUTO)."""
     providers = []
     for name in backend.BACKENDS:
-        reason = backend.unavailable_reason(name, op, device, dtype)
-        if name == "triton" and device == "cpu":
-            reason = "Triton runs CPU tensors only in its interpreter, whose timings mean nothing"
+        reason = backend_unavailable(name, (op,), device, dtype)
         run = None if reason else (lambda *inputs, name=name: function(*inputs, backend=name))
         providers.append(Provider(f"lmkern {name}", run, reason))
     return providers
@@ -103,10 +132,12 @@ def device_slug(name):
 
 
 def stamp(device):
-    """When, what code and what machine a result comes from."""
+    """When, what code and what machine a result comes from (the commit of the checkout the
+    suite runs from, whatever the working directory)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        git = dict(capture_output=True, text=True, cwd=HERE)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git)
         commit += "+changes" if dirty.stdout.strip() else ""
     except OSError:
         commit = "unknown"
@@ -142,6 +173,8 @@ def throughput(module, case, dtype, pass_name, median_ms, device):
 
 def pass_functions(module, case, provider, device, dtype):
     """{pass name: a callable running that pass once} for one provider on one case."""
+    if hasattr(module, "pass_functions"):
+        return module.pass_functions(case, provider, device, dtype)
     inputs = module.make_inputs(case, device, dtype)
     if op_passes(module) == ("fwd",):
         return {"fwd": lambda: provider.run(*inputs)}
@@ -178,6 +211,8 @@ def measure_provider(module, case, provider, device, dtype, min_run_time):
             dict(pass_name=pass_name, median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                  throughput=value, percent_of_peak=percent)
         )
+        if hasattr(module, "items"):
+            rows[-1]["rate"] = module.items(case, pass_name) / (timing.median_ms * 1e-3)
     memory = peak_memory_bytes(functions[passes[-1]], device) / 2**20
     for row in rows:
         row["fwd_bwd_peak_mib"] = memory
@@ -193,8 +228,9 @@ def run_op(module, device, quick, log=print):
     for case in module.cases(device, quick):
         for provider in providers:
             base = dict(case=case, label=module.label(case), provider=provider.name)
-            if provider.run is None:
-                rows.append(dict(base, absent=provider.absent))
+            absent = absent_reason(provider, quick)
+            if absent:
+                rows.append(dict(base, absent=absent))
                 continue
             try:
                 measured = measure_provider(module, case, provider, device, dtype, min_run_time)
@@ -207,12 +243,14 @@ def run_op(module, device, quick, log=print):
                 continue
             rows.extend(dict(base, **row) for row in measured)
             headline = measured[-1]
+            rate = f"{headline['rate']:11.1f} {module.ITEMS}/s  " if "rate" in headline else ""
             log(f"{module.OP:<22} {base['label']:<22} {provider.name:<16} {headline['pass_name']} "
-                f"{headline['median_ms']:9.3f} ms {headline['throughput']:9.1f} {module.METRIC}  "
+                f"{headline['median_ms']:9.3f} ms {headline['throughput']:9.1f} {module.METRIC}  {rate}"
                 f"peak {headline['fwd_bwd_peak_mib']:.0f} MiB")
-    return dict(op=module.OP, metric=module.METRIC, dtype=str(dtype).removeprefix("torch."), quick=quick,
-                passes=list(op_passes(module)), device_slug=device_slug(device_name(device)), **stamp(device),
-                rows=rows)
+    rate_unit = {"rate_unit": f"{module.ITEMS}/s"} if hasattr(module, "items") else {}
+    return dict(op=module.OP, metric=module.METRIC, **rate_unit, dtype=str(dtype).removeprefix("torch."),
+                quick=quick, passes=list(op_passes(module)), device_slug=device_slug(device_name(device)),
+                **stamp(device), rows=rows)
 
 
 def best_by_provider(result, pass_name="fwd+bwd"):

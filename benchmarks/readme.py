@@ -10,7 +10,7 @@ import glob
 import json
 import os
 
-from benchmarks.report import PASS_NAMES, headline_pass
+from .report import PASS_NAMES, headline_pass, rate_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -27,7 +27,8 @@ def op_section(result, json_path):
     by_key = {(row["label"], row["provider"]): row for row in rows}
     lines = [
         f"**{result['op']}** ({result['dtype']}; commit {result['commit']}, {result['date']}): {PASS_NAMES[headline]} "
-        f"median time, {result['metric']} and peak memory. From [`{stem}.json`]({stem}.json); every pass and "
+        f"median time, {result['metric']}{', ' + result['rate_unit'] if 'rate_unit' in result else ''} and peak "
+        f"memory. From [`{stem}.json`]({stem}.json); every pass and "
         f"provider in [`{stem}.md`]({stem}.md).",
         "",
         "| case | " + " | ".join(measured) + " |",
@@ -38,7 +39,8 @@ def op_section(result, json_path):
         for provider in measured:
             row = by_key.get((label, provider))
             cells.append(
-                f"{row['median_ms']:.1f} ms, {row['throughput']:.1f}, {row['fwd_bwd_peak_mib']:.0f} MiB" if row else "-"
+                f"{row['median_ms']:.1f} ms, {row['throughput']:.1f}{rate_text(row, result)}, "
+                f"{row['fwd_bwd_peak_mib']:.0f} MiB" if row else "-"
             )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     absent = [p for p in providers if p not in measured]

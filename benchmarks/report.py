@@ -1,6 +1,6 @@
 """Result files of a benchmark run: <op>.json (every measurement and its stamp), <op>.md
 (the table) and <op>.png (the headline pass's throughput per case and provider: forward+
-backward, or forward for a forward-only op)."""
+backward, or forward for a forward-only op, or a model's training step or generation)."""
 
 import json
 import os
@@ -11,22 +11,38 @@ matplotlib.use("Agg")  # no display on benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-PASS_NAMES = {"fwd": "forward", "bwd": "backward", "fwd+bwd": "forward+backward"}
+PASS_NAMES = {
+    "fwd": "forward",
+    "bwd": "backward",
+    "fwd+bwd": "forward+backward",
+    "step": "training step",  # forward, backward and optimizer (benchmarks/bench_models.py)
+    "decode": "decoding step",
+    "generate": "generation",
+}
 
 
 def headline_pass(result):
     """The pass a result is summed up by: its last (results written before ops declared
-    their passes timed all three)."""
-    return result.get("passes", list(PASS_NAMES))[-1]
+    their passes timed all three, forward+backward last)."""
+    return result.get("passes", ["fwd+bwd"])[-1]
 
 
-def _cell(row, metric):
+def rate_text(row, result):
+    """", 1234 tokens/s" (three significant digits below 100) for an op that counts what
+    it processes, else ""."""
+    if "rate" not in row:
+        return ""
+    rate = row["rate"]
+    return f", {rate:.0f} {result['rate_unit']}" if rate >= 100 else f", {rate:.3g} {result['rate_unit']}"
+
+
+def _cell(row, result):
     if "absent" in row:
         return "absent"
     if "error" in row:
         return "error"
     percent = "" if row["percent_of_peak"] is None else f", {row['percent_of_peak']:.0f}%"
-    return f"{row['median_ms']:.3f} ms ({row['throughput']:.1f} {metric}{percent})"
+    return f"{row['median_ms']:.3f} ms ({row['throughput']:.1f} {result['metric']}{percent}{rate_text(row, result)})"
 
 
 def markdown(result):
@@ -42,7 +58,8 @@ def markdown(result):
         f"{result['dtype']}{', quick sizes' if result['quick'] else ''}; commit {result['commit']}, "
         f"{result['date']}; {versions}.",
         "",
-        f"Median time (throughput in {result['metric']}, % of the device's peak where known).",
+        f"Median time (throughput in {result['metric']}, % of the device's peak where known"
+        f"{', ' + result['rate_unit'] if 'rate_unit' in result else ''}).",
         "",
         "| case | pass | " + " | ".join(providers) + " |",
         "|---|---|" + "---|" * len(providers),
@@ -53,7 +70,7 @@ def markdown(result):
             cells = []
             for provider in providers:
                 row = by_key.get((label, pass_name, provider)) or by_key.get((label, None, provider))
-                cells.append(_cell(row, result["metric"]) if row else "")
+                cells.append(_cell(row, result) if row else "")
             lines.append(f"| {label} | {pass_name} | " + " | ".join(cells) + " |")
     headline = headline_pass(result)
     lines += ["", f"Peak memory of {PASS_NAMES[headline]} above the inputs (MiB).", ""]

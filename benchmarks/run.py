@@ -2,9 +2,12 @@
 (benchmarks/report.py) to benchmarks/results/<device>/.
 
     python -m benchmarks.run [--op NAME ...] [--quick] [--device cpu|cuda] [--out DIR]
+    lmkern bench [...]       the same, from the installed package lmkern.benchmarks
 
 --quick runs small sizes as a smoke test (CI does); its files go to
-benchmarks/results/<device>/quick/ unless --out says otherwise.
+benchmarks/results/<device>/quick/ unless --out says otherwise. Run from an installed
+package rather than a checkout, the files go under ./lmkern-benchmarks/ instead: an
+installed package's folder is no place for them.
 """
 
 import argparse
@@ -13,18 +16,21 @@ import sys
 
 import torch
 
-from benchmarks import (
+from . import (
     bench_add_layer_norm,
     bench_attention,
     bench_attention_with_kv_cache,
+    bench_bert_train,
     bench_cross_entropy,
     bench_ffn,
+    bench_gpt_generate,
+    bench_gpt_train,
     bench_layer_norm,
     bench_linear_cross_entropy,
     bench_linear_gelu,
     report,
 )
-from benchmarks.harness import run_op
+from .harness import HERE, run_op
 
 OPS = {
     module.OP: module
@@ -37,12 +43,23 @@ OPS = {
         bench_ffn,
         bench_attention,
         bench_attention_with_kv_cache,
+        bench_gpt_train,
+        bench_gpt_generate,
+        bench_bert_train,
     )
 }
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def results_folder():
+    """benchmarks/results in a checkout (setup.py beside this package), else
+    ./lmkern-benchmarks."""
+    if os.path.exists(os.path.join(os.path.dirname(HERE), "setup.py")):
+        return os.path.join(HERE, "results")
+    return os.path.abspath("lmkern-benchmarks")
 
 
 def main(argv=None):
+    """argv: the arguments (default: the command line's); returns the exit status."""
     parser = argparse.ArgumentParser(description="lmkern's benchmark suite")
     parser.add_argument("--op", action="append", choices=list(OPS), help="run only this op (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
@@ -51,7 +68,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     for name in args.op or OPS:
         result = run_op(OPS[name], args.device, args.quick)
-        folder = args.out or os.path.join(RESULTS, result["device_slug"], "quick" if args.quick else "")
+        folder = args.out or os.path.join(results_folder(), result["device_slug"], "quick" if args.quick else "")
         paths = report.write(result, folder)
         print()
         print(report.markdown(result))

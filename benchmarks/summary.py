@@ -13,7 +13,7 @@ import os
 import sys
 import xml.etree.ElementTree as ElementTree
 
-from benchmarks.report import PASS_NAMES, headline_pass
+from .report import PASS_NAMES, headline_pass, rate_text
 
 BACKENDS = ("torch", "triton", "native")
 DEVICES = ("cpu", "cuda")
@@ -55,6 +55,7 @@ def headline(result):
     text = f"{result['op']} {label}: {ours['provider']} {ours['throughput']:.1f} {result['metric']}"
     if ours["percent_of_peak"] is not None:
         text += f" ({ours['percent_of_peak']:.0f}% of peak)"
+    text += rate_text(ours, result)
     if others is not None:
         text += f", {ours['throughput'] / others['throughput']:.2f}x {others['provider']}"
     return text

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from benchmarks.harness import pass_functions
+from .harness import absent_reason, pass_functions
 
 
-def test_pass(benchmark, bench):
+def test_pass(benchmark, bench, request):
     module, case, provider, pass_name, device = bench
-    if provider.run is None:
-        pytest.skip(provider.absent)
+    absent = absent_reason(provider, request.config.getoption("--quick"))
+    if absent:
+        pytest.skip(absent)
     run = pass_functions(module, case, provider, device, module.dtype(device))[pass_name]
 
     def synchronized():

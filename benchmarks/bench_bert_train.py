@@ -10,10 +10,6 @@ through it (the encoder's for the B L tokens, the MLM head's and tied decoder's 
 masked ones, the pooler's and NSP head's for the B [CLS]) plus 12 n_layer H L per token for
 attention's scores and weighted sums. Its % of the device's peak is the MFU. Sequences/s
 beside it.
-
-torch.compile of the model on the reference ops is absent: inductor does not finish
-compiling the reference dropout (lmkern/random.py's ten Philox rounds, fused into one
-expression) in minutes, even for one small layer; with dropout 0 it compiles.
 """
 
 import functools
@@ -32,8 +28,6 @@ ITEMS = "sequences"
 # linear_gelu (ffn, the MLM head's) and cross_entropy (linear_cross_entropy, NSP).
 KERNELS = ("attention", "layer_norm", "linear_gelu", "cross_entropy")
 MASKED = 0.15  # of each sequence's tokens, as BERT
-NOT_COMPILED = ("inductor does not finish compiling the reference ops' dropout (lmkern/random.py) in minutes; "
-                "BERT trains with dropout 0.1")
 
 
 def cases(device, quick):
@@ -92,7 +86,7 @@ def work(case, dtype, pass_name):
 
 
 def providers(device, dtype):
-    return model_providers(KERNELS, device, dtype, compile_absent=NOT_COMPILED)  # every case has dropout 0.1
+    return model_providers(KERNELS, device, dtype)
 
 
 def pass_functions(case, provider, device, dtype):

@@ -5,11 +5,6 @@ backward, or forward for a forward-only op, or a model's training step or genera
 import json
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on benchmark machines
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 PASS_NAMES = {
     "fwd": "forward",
@@ -89,6 +84,15 @@ def markdown(result):
 
 
 def plot(result, path):
+    """Writes the PNG; returns False without matplotlib (a GPU check machine installs
+    lmkern with --no-deps and may lack it), True otherwise."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")  # no display on benchmark machines
+    import matplotlib.pyplot as plt
+
     table = {}
     headline = headline_pass(result)
     for row in result["rows"]:
@@ -107,15 +111,17 @@ def plot(result, path):
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+    return True
 
 
 def write(result, folder):
-    """Writes <op>.json, <op>.md and <op>.png into folder; returns their paths."""
+    """Writes <op>.json, <op>.md and <op>.png (if matplotlib is there) into folder; returns
+    the paths written."""
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, result["op"])
     with open(stem + ".json", "w") as file:
         json.dump(result, file, indent=1)
     with open(stem + ".md", "w") as file:
         file.write(markdown(result))
-    plot(result, stem + ".png")
-    return [stem + ".json", stem + ".md", stem + ".png"]
+    plotted = plot(result, stem + ".png")
+    return [stem + ".json", stem + ".md"] + ([stem + ".png"] if plotted else [])

@@ -36,8 +36,13 @@ def _mul_hi_lo(a, b):
     return high & _MASK32, low
 
 
-def uniform(seed, offsets):
-    """tl.rand(seed, offsets) in torch: float32 in [0, 1), shaped like offsets (int64)."""
+@torch.library.custom_op("lmkern::philox_uniform", mutates_args=())
+def uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """tl.rand(seed, offsets) in torch: float32 in [0, 1), shaped like offsets (int64).
+
+    An op of its own so that torch.compile calls it as one opaque kernel: inductor, given
+    its ten rounds to fuse into one expression, does not finish compiling in minutes.
+    """
     c0 = offsets & _MASK32
     c1 = (offsets >> 32) & _MASK32
     c2 = torch.zeros_like(offsets)
@@ -50,6 +55,11 @@ def uniform(seed, offsets):
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
     signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # the word read as int32
     return torch.where(signed < 0, ~signed, signed).to(torch.float32) * 4.6566127342e-10
+
+
+@uniform.register_fake
+def _(seed, offsets):
+    return torch.empty_like(offsets, dtype=torch.float32)
 
 
 def dropout_keep(seed, offsets, p):

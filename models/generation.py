@@ -29,7 +29,7 @@ def stream_tokens(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=N
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
         cache = KVCache(model.config, 1, longest, device, model.wte.weight.dtype)
         for _ in range(max_new_tokens):
-            logits = model(input_ids, cache=cache).logits[:, -1]  # (1, V)
+            logits = model.decode(input_ids, cache)[:, -1]  # (1, V); checked above
             token = pick_token(logits.float(), temperature, top_k, top_p, do_sample, generator)  # (1,)
             yield int(token)
             if int(token) == eos_token_id:

@@ -192,6 +192,15 @@ class GPT(torch.nn.Module):
         self.check_input_ids(input_ids, cache)
         if targets is not None:
             check_ids("targets", targets, self.config.vocab_size, input_ids.shape, ignore_index=-100)
+        return self._run(input_ids, targets, return_logits, cache)
+
+    def decode(self, input_ids, cache=None):
+        """forward(input_ids, cache=cache).logits without forward's input checks, which wait
+        on the device: for generation loops that checked their prompts and total length once
+        and feed back the model's own tokens (generate, lmkern generate)."""
+        return self._run(input_ids, None, True, cache).logits
+
+    def _run(self, input_ids, targets, return_logits, cache):
         dropout_p = self.config.dropout if self.training else 0.0
         with lmkern.use_backend(self.config.kernels):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
@@ -258,12 +267,12 @@ class GPT(torch.nn.Module):
         try:
             for step in range(max_new_tokens):
                 if cache is None:  # every position again
-                    logits = self(tokens[:, : int(lengths.max())]).logits[rows, lengths - 1]
+                    logits = self.decode(tokens[:, : prompts.shape[1] + step])[rows, lengths - 1]
                 elif step == 0:  # the prompts into the cache; each sequence then continues after its own
-                    logits = self(prompts, cache=cache).logits[rows, lengths - 1]
+                    logits = self.decode(prompts, cache)[rows, lengths - 1]
                     cache.lengths.copy_(lengths)
                 else:  # each sequence's last token over its cache
-                    logits = self(next_token[:, None], cache=cache).logits[:, -1]
+                    logits = self.decode(next_token[:, None], cache)[:, -1]
                 next_token = pick_token(logits.float(), temperature, top_k, top_p, do_sample, generator)  # (B,)
                 if eos_token_id is not None:
                     next_token = torch.where(finished, eos_token_id, next_token)

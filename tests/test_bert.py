@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from conftest import BACKENDS, DEVICES, DTYPES, require
-from numerics import assert_close_to_truth, truth_dtype
+from numerics import assert_close_to_truth, assert_mean_loss_close_to_truth, truth_dtype
 
 from lmkern.models import hf
 from lmkern.models.bert import (
@@ -139,12 +139,15 @@ def test_backend_matches_torch_kernels(device, backend, dtype, case):
     batch = make_batch(config, size, length, generator, device)
     actual = pretraining_outputs_and_grads(with_kernels(model, backend, dtype, device), batch)
     truth = pretraining_outputs_and_grads(with_kernels(model, "torch", truth_dtype(dtype), device), batch)
-    # linear_cross_entropy keeps its per-row losses in fp32 even for fp64 input: the loss's
-    # truth comes from the truth's logits.
-    targets = batch["labels"][batch["labels"] != -100]
-    truth["loss"] = F.cross_entropy(truth["mlm_logits"], targets) + F.cross_entropy(
-        truth["nsp_logits"], batch["next_sentence_label"])
     baseline = pretraining_outputs_and_grads(with_kernels(model, "torch", dtype, device), batch)
+    # linear_cross_entropy keeps its per-row losses in fp32 even for fp64 input: the loss's
+    # truth comes from the truth's logits, and its baseline error from the row losses.
+    targets = batch["labels"][batch["labels"] != -100]
+    truth_rows, baseline_rows = ([F.cross_entropy(outputs["mlm_logits"], targets, reduction="none"),
+                                  F.cross_entropy(outputs["nsp_logits"], batch["next_sentence_label"], reduction="none")]
+                                 for outputs in (truth, baseline))
+    truth["loss"] = truth_rows[0].mean() + truth_rows[1].mean()
+    assert_mean_loss_close_to_truth(actual.pop("loss"), truth["loss"], torch.cat(baseline_rows), torch.cat(truth_rows))
     for name, value in actual.items():
         assert value.dtype == dtype, f"{name}: {value.dtype}, expected {dtype}"
         factor = 3.0 if name.startswith("grad") else 2.0  # gradients pass through attention's backward

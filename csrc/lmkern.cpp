@@ -59,18 +59,19 @@ TORCH_LIBRARY(lmkern, m) {
   // Flash attention forward. q (B, H, Lq, D), k (B, H_kv, Lk, D), v (B, H_kv, Lk, Dv), H a
   // multiple of H_kv (query head h reads key/value head h // (H / H_kv)), each contiguous
   // in its last dimension; mask None or (B, H, Lq, Lk) bool (True takes part) or float
-  // added to the scores, any strides. Query i sees key j when j <= i if is_causal. Returns
+  // added to the scores, any strides. Query i sees key j when j <= i + causal_shift if is_causal
+  // (shift 0: torch's top-left alignment; Lk - Lq: bottom-right). Returns
   // out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) fp32, the logsumexp of each row's
   // scores: +inf for a row that sees no key, whose out is 0. Dropout keeps probability
   // (b, h, i, j) when philox_uniform(seed, ((b H + h) Lq + i) Lk + j) >= dropout_p
   // (csrc/philox.h), and scales it by 1 / (1 - dropout_p).
   m.def(
-      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale, "
-      "float dropout_p, SymInt seed) -> (Tensor, Tensor)");
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, SymInt causal_shift, "
+      "float scale, float dropout_p, SymInt seed) -> (Tensor, Tensor)");
   // Its backward from the forward's out and lse: (dq, dk, dv) shaped like q, k, v.
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-      "bool is_causal, float scale, float dropout_p, SymInt seed) -> (Tensor, Tensor, Tensor)");
+      "bool is_causal, SymInt causal_shift, float scale, float dropout_p, SymInt seed) -> (Tensor, Tensor, Tensor)");
   // Decoding: writes k_new, v_new (B, H_kv, L_new, D | Dv) into k_cache, v_cache
   // (B, H_kv, L_max, D | Dv) at positions cache_seqlens[b] (int32 or int64) onwards, then
   // attends q (B, H, Lq, D) over each sequence's keys with bottom-right causal alignment:

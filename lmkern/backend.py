@@ -182,22 +182,26 @@ def auto_backend(op, device_type, dtype=None, limits=None):
     return "torch"
 
 
-def resolve(op, tensor, backend=None, limits=None):
+def resolve(op, tensor, backend=None, limits=None, empty=False):
     """The backend that runs `op` on `tensor` (an input that fixes device and dtype).
 
     limits: {backend name: why it cannot run this call}, for what a backend lacks beyond
     the op, device and dtype; "torch" must not be limited (it is the fallback).
+    empty: the call has nothing to compute (a zero-size dimension). It runs on the torch
+    reference whatever backend is asked for (once that backend is known to exist): no
+    kernel is launched for nothing, and a GPU launch of no blocks would be an error.
     """
     name = requested_backend(backend)
     device_type, dtype = tensor.device.type, tensor.dtype
     if name == "auto":
-        return auto_backend(op, device_type, dtype, limits)
-    reason = (limits or {}).get(name) or unavailable_reason(name, op, device_type, dtype)
-    if reason is not None:
-        raise BackendUnavailableError(
-            f"lmkern.{op}: backend {name!r} cannot run on a {device_type} {dtype} tensor: {reason}"
-        )
-    return name
+        name = auto_backend(op, device_type, dtype, limits)
+    else:
+        reason = (limits or {}).get(name) or unavailable_reason(name, op, device_type, dtype)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"lmkern.{op}: backend {name!r} cannot run on a {device_type} {dtype} tensor: {reason}"
+            )
+    return "torch" if empty else name
 
 
 def implementation(op_package, name):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
 
+from lmkern.errors import ArgumentError
 from lmkern.ops.attention import scaled_dot_product_attention  # noqa: F401  (re-exported)
 from lmkern.ops.cross_entropy import cross_entropy as _cross_entropy
 from lmkern.ops.layer_norm import layer_norm  # noqa: F401  (already torch's signature)
@@ -40,7 +41,7 @@ def cross_entropy(
         reduction = _reduction.legacy_get_string(size_average, reduce)
     if isinstance(target, torch.Tensor) and target.is_floating_point():
         if backend not in (None, "auto", "torch") or z_loss or inplace_backward:
-            raise ValueError(
+            raise ArgumentError(
                 "class-probability targets run on torch's own cross_entropy: they take "
                 "backend 'torch' or 'auto', z_loss=0 and inplace_backward=False"
             )
@@ -48,11 +49,11 @@ def cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
     if not isinstance(input, torch.Tensor) or input.dim() == 0:
-        raise ValueError(f"input must be a tensor of shape (C,), (N, C) or (N, C, d1, ..., dK), got {input!r:.80}")
+        raise ArgumentError(f"input must be a tensor of shape (C,), (N, C) or (N, C, d1, ..., dK), got {input!r:.80}")
     expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
     if not isinstance(target, torch.Tensor) or target.shape != expected:
         got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
-        raise ValueError(
+        raise ArgumentError(
             f"target must have shape {tuple(expected)} (input {tuple(input.shape)} without its class dim 1), got {got}"
         )
     classes = input.shape[1] if input.dim() > 1 else input.shape[0]

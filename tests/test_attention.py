@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import BACKENDS, DEVICES, DTYPES, assert_compiles_like_eager, require
 from numerics import assert_close_to_truth, truth_dtype
+from torch.nn.attention import bias as attention_bias
 
 import lmkern
 from lmkern.ops.attention import backend_limits, native_cuda_limit, reference
@@ -41,12 +42,22 @@ CASES = {
     "dropout": ((2, 2, 2, 33, 47, 16), dict(dropout_p=0.2)),
     "dropout_causal_gqa": ((1, 4, 2, 40, 40, 16), dict(dropout_p=0.3, is_causal=True, enable_gqa=True)),
     "dropout_key_padding": ((3, 2, 2, 17, 33, 16), dict(dropout_p=0.2, mask="key_padding")),
+    # torch.nn.attention.bias objects: causal attention aligned top-left or bottom-right
+    "causal_upper_left_bias": ((1, 2, 2, 33, 47, 16), dict(mask="causal_upper_left")),
+    "causal_lower_right_fewer_queries": ((2, 2, 2, 17, 113, 32), dict(mask="causal_lower_right")),
+    "causal_lower_right_more_queries": ((1, 2, 2, 113, 17, 32), dict(mask="causal_lower_right")),
+    "causal_lower_right_gqa_dropout": ((1, 4, 2, 40, 72, 16), dict(mask="causal_lower_right", enable_gqa=True,
+                                                                  dropout_p=0.2)),
 }
+CAUSAL_BIASES = ("causal_upper_left", "causal_lower_right")
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 
 
 def make_mask(kind, batch, heads, seqlen_q, seqlen_k, dtype, generator):
-    """Masks with rows (or whole sequences) that see no key, to check zeros there."""
+    """Masks with rows (or whole sequences) that see no key, to check zeros there; or a
+    torch.nn.attention.bias.CausalBias, which describes a causal mask instead of holding it."""
+    if kind in CAUSAL_BIASES:
+        return getattr(attention_bias, kind)(seqlen_q, seqlen_k)
     if kind == "key_padding":  # (B, 1, 1, Lk): random padding, the last sequence all padding
         keep = torch.rand(batch, 1, 1, seqlen_k, generator=generator) > 0.3
         keep[-1] = False
@@ -72,14 +83,21 @@ def make_case(case, dtype=torch.float32, device="cpu", head_dim=None):
     v = torch.randn(batch, kv_heads, seqlen_k, dim_v, generator=generator)
     kwargs = dict(kwargs)
     if "mask" in kwargs:
-        kwargs["attn_mask"] = make_mask(kwargs.pop("mask"), batch, heads, seqlen_q, seqlen_k, dtype, generator)
-        kwargs["attn_mask"] = kwargs["attn_mask"].to(device)
+        kind = kwargs.pop("mask")
+        mask = make_mask(kind, batch, heads, seqlen_q, seqlen_k, dtype, generator)
+        kwargs["attn_mask"] = mask if kind in CAUSAL_BIASES else mask.to(device)
     return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), kwargs
+
+
+def is_causal_bias(mask):
+    return isinstance(mask, attention_bias.CausalBias)
 
 
 def require_call(backend, q, v, mask=None, dropout_p=0.0):
     """Skip, saying why, where `backend` has a per-call limit on this call (e.g. head dims
     the native CUDA kernels do not take); test_native_cuda_limits covers the limits."""
+    if is_causal_bias(mask):
+        mask = None
     if mask is not None:
         mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], mask.shape[-1])
     reason = backend_limits(q, mask, (q.shape[3], v.shape[3]), dropout_p).get(backend)
@@ -94,7 +112,7 @@ def attention_and_grads(q, k, v, kwargs, backend, dtype=None):
     require_call(backend, q.to(dtype), v, kwargs.get("attn_mask"), kwargs.get("dropout_p", 0.0))
     inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
     mask = kwargs.get("attn_mask")
-    if mask is not None and mask.is_floating_point():
+    if mask is not None and not is_causal_bias(mask) and mask.is_floating_point():
         kwargs = dict(kwargs, attn_mask=mask.to(dtype))
     torch.manual_seed(123)
     out = lmkern.scaled_dot_product_attention(*inputs, **kwargs, backend=backend)
@@ -267,12 +285,13 @@ def _bad_calls():
     q, k = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 10, 16)
     sdpa = lmkern.scaled_dot_product_attention
     return [
-        (lambda: sdpa(q[0], k, k), ValueError, r"query must be 4-D \(B, H, Lq, D\)"),
+        (lambda: sdpa(q[0, 0, 0], k, k), RuntimeError, r"query must be at least 2-D \(\.\.\., H, Lq, D\)"),
         (lambda: sdpa(q.long(), k, k), TypeError, "query must be a floating-point tensor"),
         (lambda: sdpa(q, k.half(), k), ValueError, "key must have query's dtype and device"),
         (lambda: sdpa(q, k[..., :8], k), ValueError, "key must have query's head dim 16"),
         (lambda: sdpa(q, k, k[:, :, :9]), ValueError, "value must have key's length 10"),
-        (lambda: sdpa(q, k[:1].expand(3, -1, -1, -1), k), ValueError, "same batch size, or 1, got 2, 3, 2"),
+        (lambda: sdpa(q, k[:1].expand(3, -1, -1, -1), k), RuntimeError,
+         r"batch dimensions \(before the last three\) that broadcast, got \(2, 4, 8, 16\), \(3, 4, 10, 16\)"),
         (lambda: sdpa(q, k[:, :2], k[:, :2]), ValueError, "same number of heads, or 1.*enable_gqa=True"),
         (lambda: sdpa(q, k[:, :3], k[:, :3], enable_gqa=True), ValueError,
          r"multiple of the number of key heads \(3\)"),
@@ -300,11 +319,11 @@ def test_native_ops_check_their_arguments():
     q, k = torch.randn(2, 4, 8, 16), torch.randn(2, 3, 10, 16)
     fwd = torch.ops.lmkern.attention_fwd
     with pytest.raises(RuntimeError, match=r"query heads \(4\) must be a multiple of the key/value heads \(3\)"):
-        fwd(q, k, k, None, False, 0.25, 0.0, 0)
+        fwd(q, k, k, None, False, 0, 0.25, 0.0, 0)
     with pytest.raises(RuntimeError, match="must be contiguous in its last dimension"):
-        fwd(q, q.transpose(2, 3), q, None, False, 0.25, 0.0, 0)
+        fwd(q, q.transpose(2, 3), q, None, False, 0, 0.25, 0.0, 0)
     with pytest.raises(RuntimeError, match=r"mask must have shape \(B, H, Lq, Lk\)"):
-        fwd(q, q, q, torch.ones(8, 8, dtype=torch.bool), False, 0.25, 0.0, 0)
+        fwd(q, q, q, torch.ones(8, 8, dtype=torch.bool), False, 0, 0.25, 0.0, 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -318,7 +337,7 @@ def full_attention(q, k, v, length, scale=None):
     visible = reference.causal_mask(seqlen_q, length, q.device, shift=length - seqlen_q)
     mask = visible.expand(1, heads, seqlen_q, length)
     scale = dim**-0.5 if scale is None else scale
-    out, _ = reference.attention_fwd(q[None], k[None, :, :length], v[None, :, :length], mask, False, scale, 0.0, None)
+    out, _ = reference.attention_fwd(q[None], k[None, :, :length], v[None, :, :length], mask, False, 0, scale, 0.0, None)
     return out[0]
 
 
@@ -470,17 +489,22 @@ def test_bad_cache_arguments_name_the_argument(index):
 NATIVE_TEST_DTYPE = {"cpu": torch.float32, "cuda": torch.float16}
 
 
-@pytest.mark.parametrize("case", ["basic", "causal_fewer_queries", "key_padding", "additive_mask", "gqa", "dropout"])
+@pytest.mark.parametrize(
+    "case", ["basic", "causal_fewer_queries", "causal_lower_right_fewer_queries", "key_padding", "additive_mask", "gqa",
+             "dropout"]
+)
 @pytest.mark.parametrize("device", DEVICES)
 def test_native_ops_pass_opcheck(device, case):
     dtype = NATIVE_TEST_DTYPE[device]
     require("native", device, dtype, "attention")
     q, k, v, kwargs = make_case(case, dtype, device, head_dim=64)
-    mask = kwargs.get("attn_mask")
+    mask, is_causal, causal_shift = kwargs.get("attn_mask"), kwargs.get("is_causal", False), 0
+    if is_causal_bias(mask):  # the op's arguments for a lower-right causal mask
+        mask, is_causal, causal_shift = None, True, k.shape[2] - q.shape[2]
     if mask is not None:
         mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     require_call("native", q, v, mask, kwargs.get("dropout_p", 0.0))
-    args = (mask, kwargs.get("is_causal", False), 0.25, kwargs.get("dropout_p", 0.0), 1234)
+    args = (mask, is_causal, causal_shift, 0.25, kwargs.get("dropout_p", 0.0), 1234)
     out, lse = torch.ops.lmkern.attention_fwd(q, k, v, *args)
     torch.library.opcheck(torch.ops.lmkern.attention_fwd.default, (q, k, v, *args))
     torch.library.opcheck(torch.ops.lmkern.attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, *args))

@@ -40,11 +40,12 @@ def _native_cuda():
     require("native", "cuda", None, "attention")
 
 
-def visibility(batch, seqlen_q, seqlen_k, causal, key_padding, device):
-    """(B, 1, Lq, Lk) bool: which keys each query sees (causal: torch's top-left alignment)."""
+def visibility(batch, seqlen_q, seqlen_k, causal_shift, key_padding, device):
+    """(B, 1, Lq, Lk) bool: which keys each query sees (causal_shift None: all; else query i
+    sees keys j <= i + causal_shift, 0 being torch's top-left alignment)."""
     visible = torch.ones(batch, 1, seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    if causal:
-        visible &= torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device).tril()
+    if causal_shift is not None:
+        visible &= torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device).tril(causal_shift)
     if key_padding is not None:
         visible &= key_padding[:, None, None, :]
     return visible
@@ -76,19 +77,21 @@ def reference(q, k, v, visible, scale, dout):
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
-def native(q, k, v, mask, causal, scale, dout):
-    """(out, lse, dq, dk, dv) from the CUDA ops; mask (B, Lk) key padding or None."""
+def native(q, k, v, mask, causal_shift, scale, dout):
+    """(out, lse, dq, dk, dv) from the CUDA ops; mask (B, Lk) key padding or None;
+    causal_shift as in visibility."""
     if mask is not None:
         mask = mask[:, None, None, :].expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    out, lse = torch.ops.lmkern.attention_fwd(q, k, v, mask, causal, scale, 0.0, 0)
-    dq, dk, dv = torch.ops.lmkern.attention_bwd(dout, q, k, v, out, lse, mask, causal, scale, 0.0, 0)
+    args = (mask, causal_shift is not None, causal_shift or 0, scale, 0.0, 0)
+    out, lse = torch.ops.lmkern.attention_fwd(q, k, v, *args)
+    dq, dk, dv = torch.ops.lmkern.attention_bwd(dout, q, k, v, out, lse, *args)
     return out, lse, dq, dk, dv
 
 
-def assert_matches_reference(q, k, v, mask, causal, scale, dout, results):
+def assert_matches_reference(q, k, v, mask, causal_shift, scale, dout, results):
     """results (out, lse, dq, dk, dv) against the reference in fp32 (truth) and in q's dtype
     (baseline), from the same half-precision inputs."""
-    visible = visibility(q.shape[0], q.shape[2], k.shape[2], causal, mask, q.device)
+    visible = visibility(q.shape[0], q.shape[2], k.shape[2], causal_shift, mask, q.device)
     truth = reference(q.float(), k.float(), v.float(), visible, scale, dout.float())
     baseline = reference(q, k, v, visible, scale, dout)
     names = ("out", "lse", "dq", "dk", "dv")
@@ -111,7 +114,7 @@ def make_inputs(shape, dtype, head_dim, seed=0):
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "key_padding"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"], ids=["full", "causal", "causal_bottom_right"])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -119,8 +122,9 @@ def test_matches_reference(shape, dtype, head_dim, causal, masked):
     (q, k, v, dout), generator = make_inputs(shape, dtype, head_dim)
     mask = make_key_padding(shape[0], shape[4], generator, "cuda") if masked else None
     scale = 1.0 / math.sqrt(head_dim)
-    results = native(q, k, v, mask, causal, scale, dout)
-    assert_matches_reference(q, k, v, mask, causal, scale, dout, results)
+    causal_shift = {None: None, "top_left": 0, "bottom_right": shape[4] - shape[3]}[causal]
+    results = native(q, k, v, mask, causal_shift, scale, dout)
+    assert_matches_reference(q, k, v, mask, causal_shift, scale, dout, results)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -128,7 +132,7 @@ def test_rows_that_see_no_key_are_zero(dtype):
     (q, k, v, dout), generator = make_inputs((3, 2, 1, 40, 70), dtype, 64)
     mask = make_key_padding(3, 70, generator, "cuda")
     mask[2, 0] = True  # every causal row of sequence 2 sees a key
-    out, lse, dq, dk, dv = native(q, k, v, mask, True, 0.125, dout)
+    out, lse, dq, dk, dv = native(q, k, v, mask, 0, 0.125, dout)
     assert torch.isinf(lse[1]).all() and (lse[1] > 0).all()  # sequence 1: all keys padded
     assert not out[1].any() and not dq[1].any() and not dk[1].any() and not dv[1].any()
     assert torch.isinf(lse[0, :, :3]).all() and not out[0, :, :3].any()  # causal rows before any key
@@ -143,9 +147,9 @@ def test_causal_skips_blocks_above_the_diagonal(head_dim):
     (q, k, v, dout), _ = make_inputs((1, 2, 2, 64, 256), torch.bfloat16, head_dim)
     k[:, :, 64:] = float("nan")
     v[:, :, 64:] = float("nan")
-    out, lse, dq, dk, dv = native(q, k, v, None, True, 0.1, dout)
+    out, lse, dq, dk, dv = native(q, k, v, None, 0, 0.1, dout)
     results = (out, lse, dq, dk[:, :, :64], dv[:, :, :64])
-    assert_matches_reference(q, k[:, :, :64], v[:, :, :64], None, True, 0.1, dout, results)
+    assert_matches_reference(q, k[:, :, :64], v[:, :, :64], None, 0, 0.1, dout, results)
     assert not dk[:, :, 64:].any() and not dv[:, :, 64:].any()
 
 
@@ -162,14 +166,14 @@ def test_strided_views(dtype):
     padded = torch.randn(batch, heads, seqlen, head_dim + 4, generator=generator).to("cuda", dtype)
     misaligned_v = padded[..., 2 : head_dim + 2]  # rows D + 4 apart, starting 4 bytes in
     for query, key, value in ((q, k, v), (q, k, misaligned_v)):
-        results = native(query, key, value, None, True, 0.125, dout)
-        assert_matches_reference(query, key, value, None, True, 0.125, dout, results)
+        results = native(query, key, value, None, 0, 0.125, dout)
+        assert_matches_reference(query, key, value, None, 0, 0.125, dout, results)
 
 
 def test_backward_is_deterministic():
     (q, k, v, dout), _ = make_inputs((2, 8, 2, 300, 300), torch.bfloat16, 128)
-    first = native(q, k, v, None, True, 0.1, dout)
-    second = native(q, k, v, None, True, 0.1, dout)
+    first = native(q, k, v, None, 0, 0.1, dout)
+    second = native(q, k, v, None, 0, 0.1, dout)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -262,16 +266,16 @@ def _qkv(head_dim=64, dtype=torch.float16, head_dim_v=None):
 @pytest.mark.parametrize(
     "make_args, message",
     [
-        (lambda: (*_qkv(), None, False, 0.1, 0.1, 0), "dropout is not supported by native CUDA attention"),
-        (lambda: (*_qkv(head_dim=96), None, False, 0.1, 0.0, 0), "head dims 64 and 128"),
-        (lambda: (*_qkv(dtype=torch.float32), None, False, 0.1, 0.0, 0), "float16 or bfloat16"),
-        (lambda: (*_qkv(head_dim_v=128), None, False, 0.1, 0.0, 0), "v's head dim equal to q's"),
+        (lambda: (*_qkv(), None, False, 0, 0.1, 0.1, 0), "dropout is not supported by native CUDA attention"),
+        (lambda: (*_qkv(head_dim=96), None, False, 0, 0.1, 0.0, 0), "head dims 64 and 128"),
+        (lambda: (*_qkv(dtype=torch.float32), None, False, 0, 0.1, 0.0, 0), "float16 or bfloat16"),
+        (lambda: (*_qkv(head_dim_v=128), None, False, 0, 0.1, 0.0, 0), "v's head dim equal to q's"),
         (
-            lambda: (*_qkv(), torch.rand(2, 2, 8, 8, device="cuda") > 0.5, False, 0.1, 0.0, 0),
+            lambda: (*_qkv(), torch.rand(2, 2, 8, 8, device="cuda") > 0.5, False, 0, 0.1, 0.0, 0),
             "only boolean key-padding masks",
         ),
         (
-            lambda: (*_qkv(), torch.zeros(2, 1, 1, 8, device="cuda").expand(2, 2, 8, 8), False, 0.1, 0.0, 0),
+            lambda: (*_qkv(), torch.zeros(2, 1, 1, 8, device="cuda").expand(2, 2, 8, 8), False, 0, 0.1, 0.0, 0),
             "only boolean key-padding masks",
         ),
     ],

@@ -330,7 +330,7 @@ struct Problem {
 
 Problem make_problem(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-    bool is_causal, double scale, double dropout_p, int64_t seed) {
+    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed) {
   Problem p{};
   p.batch = q.size(0);
   p.heads = q.size(1);
@@ -342,7 +342,7 @@ Problem make_problem(
   p.scale = static_cast<float>(scale);
   p.causal = is_causal;
   p.kv_len.assign(p.batch, p.seqlen_k);
-  p.shift.assign(p.batch, 0);  // torch's top-left alignment
+  p.shift.assign(p.batch, causal_shift);
   p.mask = nullptr;
   if (mask.has_value()) {
     p.mask = mask->const_data_ptr();
@@ -539,11 +539,11 @@ void attention_forward(
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-    bool is_causal, double scale, double dropout_p, int64_t seed) {
+    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed) {
   check_attention_args("attention_fwd", q, k, v, mask);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  attention_forward(make_problem(q, k, v, mask, is_causal, scale, dropout_p, seed), q, k, v, out, lse);
+  attention_forward(make_problem(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed), q, k, v, out, lse);
   return {out, lse};
 }
 
@@ -655,11 +655,11 @@ void backward_key_block(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool is_causal, double scale, double dropout_p,
-    int64_t seed) {
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool is_causal, int64_t causal_shift, double scale,
+    double dropout_p, int64_t seed) {
   check_attention_args("attention_bwd", q, k, v, mask);
   check_attention_bwd_args(grad_out, q, v, out, lse);
-  const Problem p = make_problem(q, k, v, mask, is_causal, scale, dropout_p, seed);
+  const Problem p = make_problem(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed);
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   // Enough chunks of key blocks per key/value head for every thread to have work.
@@ -713,7 +713,7 @@ at::Tensor attention_with_kv_cache_fwd_cpu(
   const int64_t capacity = k_cache.size(2);
   const int64_t new_len = k_new.has_value() ? k_new->size(2) : 0;
   const at::Tensor lengths = cache_seqlens.to(at::kLong).contiguous();
-  Problem p = make_problem(q, k_cache, v_cache, std::nullopt, /*is_causal=*/true, scale, 0.0, 0);
+  Problem p = make_problem(q, k_cache, v_cache, std::nullopt, /*is_causal=*/true, /*causal_shift=*/0, scale, 0.0, 0);
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t length = lengths.const_data_ptr<int64_t>()[b];
     TORCH_CHECK_VALUE(

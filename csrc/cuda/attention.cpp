@@ -67,7 +67,7 @@ cuda::StridedTensor strided(const at::Tensor& t) { return {t.data_ptr(), t.strid
 
 cuda::AttentionParams make_params(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, float* lse, double scale,
-    bool causal) {
+    bool causal, int64_t causal_shift) {
   cuda::AttentionParams params{};
   params.q = strided(q);
   params.k = strided(k);
@@ -82,6 +82,7 @@ cuda::AttentionParams make_params(
   params.head_dim = q.size(3);
   params.scale = static_cast<float>(scale);
   params.causal = causal;
+  params.causal_shift = causal_shift;
   params.dtype = cuda::to_float_type(q.scalar_type());
   return params;
 }
@@ -105,7 +106,7 @@ at::Tensor set_key_padding(const char* op, const std::optional<at::Tensor>& mask
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
-    bool is_causal, double scale, double dropout_p, int64_t /*seed*/) {
+    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t /*seed*/) {
   const char* op = "attention_fwd";
   check_attention_args(op, q_in, k_in, v_in, mask);
   check_native_cuda(op, q_in, k_in, v_in, dropout_p);
@@ -115,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   const at::Tensor v = with_aligned_rows(v_in);
   at::Tensor out = at::empty(q.sizes(), q.options());                                 // (B, H, Lq, D)
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));  // (B, H, Lq)
-  cuda::AttentionParams params = make_params(q, k, v, out, lse.data_ptr<float>(), scale, is_causal);
+  cuda::AttentionParams params = make_params(q, k, v, out, lse.data_ptr<float>(), scale, is_causal, causal_shift);
   const at::Tensor padding = set_key_padding(op, mask, params);
   C10_CUDA_CHECK(cuda::attention_fwd(params, c10::cuda::getCurrentCUDAStream()));
   return {out, lse};
@@ -124,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool is_causal,
-    double scale, double dropout_p, int64_t /*seed*/) {
+    int64_t causal_shift, double scale, double dropout_p, int64_t /*seed*/) {
   const char* op = "attention_bwd";
   check_attention_args(op, q_in, k_in, v_in, mask);
   check_attention_bwd_args(grad_out_in, q_in, v_in, out_in, lse);
@@ -139,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));  // workspace
-  cuda::AttentionParams params = make_params(q, k, v, out, lse.data_ptr<float>(), scale, is_causal);
+  cuda::AttentionParams params = make_params(q, k, v, out, lse.data_ptr<float>(), scale, is_causal, causal_shift);
   const at::Tensor padding = set_key_padding(op, mask, params);
   const cuda::AttentionGrads grads{
       strided(grad_out), strided(dq), strided(dk), strided(dv), delta.data_ptr<float>()};
@@ -162,7 +163,7 @@ at::Tensor attention_with_kv_cache_fwd_cuda(
   const at::Tensor q = with_aligned_rows(q_in);
   const at::Tensor cache_seqlens = cache_seqlens_in.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());  // (B, H, Lq, D)
-  cuda::AttentionParams params = make_params(q, k_cache, v_cache, out, nullptr, scale, /*causal=*/true);
+  cuda::AttentionParams params = make_params(q, k_cache, v_cache, out, nullptr, scale, /*causal=*/true, /*causal_shift=*/0);
   params.cache_seqlens = cache_seqlens.const_data_ptr();
   params.cache_seqlens_int64 = cache_seqlens.scalar_type() == at::kLong;
   cuda::NewKeys new_keys{};

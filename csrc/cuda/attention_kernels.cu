@@ -379,8 +379,8 @@ __device__ __forceinline__ void store_tile(const float (&acc)[D / 8][4], T* stag
 // Masks
 
 // Whether query `query` sees key `key` of batch b: inside the lengths, not hidden by the key
-// padding mask, and for causal attention key <= query + shift (shift 0: torch's top-left
-// alignment; decoding: the cache length minus the new queries, aligning bottom-right).
+// padding mask, and for causal attention key <= query + shift (p.causal_shift: 0 for torch's
+// top-left alignment; decoding: the cache length minus the new queries, aligning bottom-right).
 __device__ __forceinline__ bool visible(const AttentionParams& p, int64_t b, int query, int key, int seqlen_k,
                                         int shift) {
   return key < seqlen_k && query < p.seqlen_q && (!p.causal || key <= query + shift) &&
@@ -445,7 +445,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   // -1: a decoded sequence whose new keys did not fit, which reads no key and gets NaN.
   const int64_t total_keys = decoding ? decode_keys(p, b) : p.seqlen_k;
   const int seqlen_k = static_cast<int>(max(total_keys, int64_t{0}));
-  const int shift = decoding ? seqlen_k - static_cast<int>(p.seqlen_q) : 0;
+  const int shift = decoding ? seqlen_k - static_cast<int>(p.seqlen_q) : static_cast<int>(p.causal_shift);
   const auto query_of = [&](int r) { return (m0 + r) / pack; };
   const auto head_of = [&](int r) { return first_head + (m0 + r) % pack; };
 
@@ -687,8 +687,10 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(const Atten
   load_tile<kBlockN, D, kThreads>(k_tile, slab_rows<const T>(p.k, b, kv_head, n0, seqlen_k));
   load_tile<kBlockN, D, kThreads>(v_tile, slab_rows<const T>(p.v, b, kv_head, n0, seqlen_k));
 
-  // Causal: query i sees key j when j <= i, so blocks before the one holding query n0 see none.
-  const int m_begin = p.causal ? n0 / kBlockM : 0;
+  // Causal: query i sees key j when j <= i + shift, so blocks before the one holding query
+  // n0 - shift see none of these keys.
+  const int shift = static_cast<int>(p.causal_shift);
+  const int m_begin = p.causal ? max(0, n0 - shift) / kBlockM : 0;
   const int m_per_head = max(0, (seqlen_q + kBlockM - 1) / kBlockM - m_begin);
   const auto head_of = [&](int i) { return kv_head * group + i / m_per_head; };
   const auto m0_of = [&](int i) { return (m_begin + i % m_per_head) * kBlockM; };
@@ -716,8 +718,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(const Atten
     mma_abt<T, kBlockM, D>(s, SharedRows<T, D>{k_tile + warp * 16 * kStride}, q_tile);
     scale_tile(s, scale_log2);
     if (p.key_padding_mask != nullptr || n0 + kBlockN > seqlen_k || m0 + kBlockM > seqlen_q ||
-        (p.causal && n0 + kBlockN - 1 > m0)) {
-      mask_tile<kBlockM>(s, [&](int r, int c) { return visible(p, b, m0 + c, n0 + warp * 16 + r, seqlen_k, 0); });
+        (p.causal && n0 + kBlockN - 1 > m0 + shift)) {
+      mask_tile<kBlockM>(s, [&](int r, int c) { return visible(p, b, m0 + c, n0 + warp * 16 + r, seqlen_k, shift); });
     }
     // Masked entries are -inf and lse is finite or +inf (zero-filled past the queries): P^T is 0 there.
 #pragma unroll
@@ -771,6 +773,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(const Attenti
   const int64_t kv_head = h / (p.heads_q / p.heads_kv);
   const int seqlen_q = static_cast<int>(p.seqlen_q);
   const int seqlen_k = static_cast<int>(p.seqlen_k);
+  const int shift = static_cast<int>(p.causal_shift);  // causal: query i sees key j <= i + shift
 
   load_tile<kBlockM, D, kThreads>(q_tile, slab_rows<const T>(p.q, b, h, m0, seqlen_q));
   load_tile<kBlockM, D, kThreads>(dout_tile, slab_rows<const T>(g.dout, b, h, m0, seqlen_q));
@@ -797,8 +800,10 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(const Attenti
     float s[kBlockKeys / 8][4] = {};
     mma_abt<T, kBlockKeys, D>(s, SharedRows<T, D>{q_tile + warp * 16 * kStride}, k_tile);
     scale_tile(s, scale_log2);
-    if (p.key_padding_mask != nullptr || n0 + kBlockKeys > seqlen_k || (p.causal && n0 + kBlockKeys - 1 > m0)) {
-      mask_tile<kBlockKeys>(s, [&](int r, int c) { return visible(p, b, m0 + warp * 16 + r, n0 + c, seqlen_k, 0); });
+    if (p.key_padding_mask != nullptr || n0 + kBlockKeys > seqlen_k ||
+        (p.causal && n0 + kBlockKeys - 1 > m0 + shift)) {
+      mask_tile<kBlockKeys>(
+          s, [&](int r, int c) { return visible(p, b, m0 + warp * 16 + r, n0 + c, seqlen_k, shift); });
     }
     float dp[kBlockKeys / 8][4] = {};
     mma_abt<T, kBlockKeys, D>(dp, SharedRows<T, D>{dout_tile + warp * 16 * kStride}, kv.v_tile(stage));
@@ -813,7 +818,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(const Attenti
     to_a_fragments<T, kBlockKeys>(dp, a);
     mma_ab<T, kBlockKeys, D>(dq, a, k_tile);
   };
-  pipeline(key_blocks_end(p, min(m0 + kBlockM, seqlen_q) - 1, 0, seqlen_k), load_kv, compute);
+  pipeline(key_blocks_end(p, min(m0 + kBlockM, seqlen_q) - 1, shift, seqlen_k), load_kv, compute);
 
   scale_tile(dq, p.scale);
   store_tile<T, D>(dq, q_tile + warp * 16 * kStride, slab_rows<T>(g.dq, b, h, m0 + warp * 16, seqlen_q));

@@ -47,7 +47,8 @@ struct AttentionParams {
   int64_t seqlen_k;
   int64_t head_dim;               // 64 or 128, for q, k and v alike
   float scale;                    // softmax scale, usually 1 / sqrt(head_dim)
-  bool causal;                    // forward/backward: top-left (key j <= query i); decoding: true
+  bool causal;                    // forward/backward: key j <= query i + causal_shift; decoding: true
+  int64_t causal_shift;           // forward/backward: 0 aligns top-left (torch), Lk - Lq bottom-right
   FloatType dtype;                // of q, k, v, out and the gradients: fp16 or bf16
 };
 

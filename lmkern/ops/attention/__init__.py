@@ -12,30 +12,35 @@ import torch
 
 from lmkern import random
 from lmkern.backend import implementation, resolve
+from lmkern.errors import ArgumentError, ArgumentTypeError
+from lmkern.ops.attention import reference
+from lmkern.ops.double_backward import reference_grads
 
 
-def check_float_tensor(tensor, name, shape_name):
-    """tensor must be a 4-D floating-point tensor, e.g. shape_name "(B, H, L, D)"."""
+def check_float_tensor(tensor, name, shape_name, dims=(4,)):
+    """tensor must be a floating-point tensor with a number of dimensions in `dims`, e.g.
+    shape_name "(B, H, L, D)"."""
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
-    if tensor.dim() != 4:
-        raise ValueError(f"{name} must be 4-D {shape_name}, got shape {tuple(tensor.shape)}")
+        raise ArgumentTypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if tensor.dim() not in dims:
+        expected = f"{dims[0]}-D" if len(dims) == 1 else f"at least {dims[0]}-D"
+        raise ArgumentError(f"{name} must be {expected} {shape_name}, got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        raise ArgumentTypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
 def check_same_dtype_and_device(first_name, first, **others):
     for name, tensor in others.items():
         if tensor.dtype != first.dtype or tensor.device != first.device:
-            raise ValueError(
+            raise ArgumentError(
                 f"{name} must have {first_name}'s dtype and device ({first.dtype}, {first.device}), "
                 f"got {tensor.dtype} on {tensor.device}"
             )
 
 
 def check_kv_heads(heads, kv_heads, what):
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(
+    if (kv_heads == 0 and heads != 0) or (kv_heads != 0 and heads % kv_heads):
+        raise ArgumentError(
             f"the number of query heads ({heads}) must be a multiple of the number of {what} heads ({kv_heads})"
         )
 
@@ -45,7 +50,7 @@ def _broadcast_size(sizes, what, hint=""):
     size = max(sizes)
     if any(other != 1 and other != size for other in sizes):
         got = ", ".join(map(str, sizes))
-        raise ValueError(f"query, key and value must have the same {what}, or 1, got {got}{hint}")
+        raise ArgumentError(f"query, key and value must have the same {what}, or 1, got {got}{hint}")
     return size
 
 
@@ -72,47 +77,115 @@ def _as_heads(x, batch, heads):
     return x
 
 
+def _batch_shape(query, key, value):
+    """The broadcast shape of the dimensions before (heads, L, D), as torch broadcasts them."""
+    try:
+        return torch.broadcast_shapes(*(tensor.shape[:-3] for tensor in (query, key, value)))
+    except RuntimeError:
+        shapes = ", ".join(str(tuple(tensor.shape)) for tensor in (query, key, value))
+        raise ArgumentError(
+            f"query, key and value must have batch dimensions (before the last three) that broadcast, got {shapes}"
+        ) from None
+
+
+def _as_4d(x, batch_shape):
+    """x (..., H, L, D), (H, L, D) or (L, D) as 4-D (B, H, L, D): a view, with batch and
+    heads of 1 where x has none; several batch dimensions are merged into one (a copy
+    where x broadcasts over them)."""
+    if len(batch_shape) <= 1:
+        return x[(None,) * (4 - x.dim())] if x.dim() < 4 else x
+    return x.expand(*batch_shape, *x.shape[-3:]).reshape(-1, *x.shape[-3:])
+
+
+def _is_causal_bias(attn_mask):
+    """Whether attn_mask is a torch.nn.attention.bias.CausalBias (imported only for tensor
+    subclasses: that module imports triton)."""
+    if attn_mask is None or type(attn_mask) is torch.Tensor:
+        return False
+    from torch.nn.attention.bias import CausalBias
+
+    return isinstance(attn_mask, CausalBias)
+
+
+def _causal_shift(bias, is_causal, seqlen_q, seqlen_k):
+    """The causal shift of a torch.nn.attention.bias.CausalBias: query i sees key j when
+    j <= i + shift, 0 for its upper-left variant (torch's is_causal), Lk - Lq for lower-right."""
+    if is_causal:
+        raise ArgumentError("attn_mask is a CausalBias: is_causal must be False (as in torch)")
+    if (bias.seq_len_q, bias.seq_len_kv) != (seqlen_q, seqlen_k):
+        raise ArgumentError(
+            f"attn_mask is a CausalBias for (Lq, Lk) = ({bias.seq_len_q}, {bias.seq_len_kv}), but query and key "
+            f"give ({seqlen_q}, {seqlen_k})"
+        )
+    from torch.nn.attention.bias import CausalVariant
+
+    return seqlen_k - seqlen_q if bias.variant == CausalVariant.LOWER_RIGHT else 0
+
+
+def _is_plain_tensor(tensor):
+    """Whether the tensor's memory holds its values: a torch.Tensor, or a subclass that does
+    not redefine torch functions (Parameter, Buffer, the fake tensors of torch.compile);
+    a subclass like CausalBias describes its values instead of storing them."""
+    if type(tensor) is torch.Tensor:  # the common case, and what torch.compile's tracer sees
+        return True
+    handler = type(tensor).__torch_function__
+    return handler is torch._C._disabled_torch_function_impl or (
+        getattr(handler, "__func__", None) is torch.Tensor.__torch_function__.__func__
+    )
+
+
 def _check_mask(attn_mask, query, shape, is_causal):
-    """attn_mask as a (B, H, Lq, Lk) view, or None."""
+    """attn_mask as a (B, H, Lq, Lk) view, B = prod(batch_shape) (a copy where several
+    batch dimensions it broadcasts over merge), or None. shape: (*batch_shape, H, Lq, Lk),
+    what it must broadcast to."""
     if attn_mask is None:
         return None
     if is_causal:
-        raise ValueError("attn_mask and is_causal=True cannot both be set (as in torch); fold the causal mask in")
+        raise ArgumentError("attn_mask and is_causal=True cannot both be set (as in torch); fold the causal mask in")
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        raise ArgumentTypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+    if not _is_plain_tensor(attn_mask):
+        raise ArgumentTypeError(
+            f"attn_mask must be a plain tensor or a torch.nn.attention.bias.CausalBias, got a "
+            f"{type(attn_mask).__name__}, which lmkern cannot read"
+        )
     if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"attn_mask must be bool (True takes part), or float32 or query's dtype ({query.dtype}) to add to the "
             f"scores, got {attn_mask.dtype}"
         )
     if attn_mask.device != query.device:
-        raise ValueError(f"attn_mask must be on {query.device} like query, got {attn_mask.device}")
-    trailing = shape[4 - attn_mask.dim():] if attn_mask.dim() <= 4 else None
+        raise ArgumentError(f"attn_mask must be on {query.device} like query, got {attn_mask.device}")
+    trailing = shape[len(shape) - attn_mask.dim():] if attn_mask.dim() <= len(shape) else None
     if trailing is None or any(size != 1 and size != wanted for size, wanted in zip(attn_mask.shape, trailing)):
-        raise ValueError(
-            f"attn_mask must broadcast to (B, H, Lq, Lk) = {tuple(shape)}, got shape {tuple(attn_mask.shape)}"
-        )
-    return attn_mask.expand(shape)
+        dims = "(B, H, Lq, Lk)" if len(shape) == 4 else "(..., H, Lq, Lk)"
+        raise ArgumentError(f"attn_mask must broadcast to {dims} = {tuple(shape)}, got shape {tuple(attn_mask.shape)}")
+    return attn_mask.expand(shape).reshape(-1, *shape[-3:])
 
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, is_causal, scale, dropout_p, seed, backend):
+    def forward(ctx, q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, backend):
         impl = implementation(__name__, backend)
-        out, lse = impl.attention_fwd(q, k, v, mask, is_causal, scale, dropout_p, seed)
+        args = (is_causal, causal_shift, scale, dropout_p, seed)
+        out, lse = impl.attention_fwd(q, k, v, mask, *args)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.args = (is_causal, scale, dropout_p, seed)
-        ctx.impl = impl
+        ctx.args, ctx.impl = args, impl
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        if ctx.needs_input_grad[3]:  # an additive mask's gradient: only the reference (see the limits)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, through the reference
+            grads = reference_grads(
+                lambda *inputs: reference.attention_fwd(*inputs, *ctx.args)[0], (q, k, v, mask),
+                ctx.needs_input_grad[:4], (grad_out,),
+            )
+        elif ctx.needs_input_grad[3]:  # an additive mask's gradient: only the reference (see the limits)
             grads = ctx.impl.attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, *ctx.args)
         else:
             grads = (*ctx.impl.attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.args), None)
-        return *grads, None, None, None, None, None
+        return *grads, None, None, None, None, None, None
 
 
 # The largest head dim of the Triton kernels, whose tiles hold whole rows of q, k and v.
@@ -162,15 +235,19 @@ def scaled_dot_product_attention(
     """torch.nn.functional.scaled_dot_product_attention, computed as flash attention.
 
     Args:
-        query: (B, H, Lq, D) float32/float16/bfloat16 (float64 runs on the torch backend).
-        key: (B, H_kv, Lk, D), value: (B, H_kv, Lk, Dv), query's dtype and device. B and the
-            head counts broadcast as in torch (1 against any); with enable_gqa=True, H_kv
-            may be any divisor of H: query head h reads key/value head h // (H // H_kv).
-        attn_mask: broadcastable to (B, H, Lq, Lk): boolean, True where the query takes the
-            key into account, or float (float32 or query's dtype) added to the scores. A
-            key-padding mask (B, 1, 1, Lk) is read once per key block by the kernels; other
-            masks are read element by element. Only the torch backend computes a float
-            mask's gradient ("auto" picks it when the mask requires grad).
+        query: (..., H, Lq, D) float32/float16/bfloat16 (float64 runs on the torch
+            backend), usually (B, H, Lq, D); (H, Lq, D) and (Lq, D) too.
+        key: (..., H_kv, Lk, D), value: (..., H_kv, Lk, Dv), query's dtype and device. The
+            leading dimensions and the head counts broadcast as in torch (1 against any);
+            with enable_gqa=True, H_kv may be any divisor of H: query head h reads
+            key/value head h // (H // H_kv).
+        attn_mask: broadcastable to (..., H, Lq, Lk): boolean, True where the query takes
+            the key into account, or float (float32 or query's dtype) added to the scores;
+            or a torch.nn.attention.bias.CausalBias (causal_upper_left, causal_lower_right),
+            run as causal attention aligned top-left or bottom-right. A key-padding mask
+            (B, 1, 1, Lk) is read once per key block by the kernels; other masks are read
+            element by element. Only the torch backend computes a float mask's gradient
+            ("auto" picks it when the mask requires grad).
         dropout_p: dropout on the attention probabilities; the mask is drawn from a seed
             taken from torch's default generator (torch.manual_seed makes it reproducible)
             and regenerated in backward, never stored. Apply it only in training, as with torch.
@@ -179,28 +256,40 @@ def scaled_dot_product_attention(
         scale: of the scores; 1 / sqrt(D) by default.
         backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
 
-    Returns (B, H, Lq, Dv) in query's dtype. Differs from torch in that only 4-D inputs are
-    taken, and that a query row that sees no key at all (every key masked) gives zeros and
-    zero gradients on every backend; torch gives zeros or NaN depending on its backend.
+    Returns (..., H, Lq, Dv) in query's dtype, the leading dimensions broadcast. A query row
+    that sees no key at all (every key masked) gives zeros and zero gradients on every
+    backend; torch gives zeros or NaN depending on its backend. Gradients can be
+    differentiated again (create_graph=True): that backward runs through the reference.
     """
-    check_float_tensor(query, "query", "(B, H, Lq, D)")
-    check_float_tensor(key, "key", "(B, H_kv, Lk, D)")
-    check_float_tensor(value, "value", "(B, H_kv, Lk, Dv)")
+    check_float_tensor(query, "query", "(..., H, Lq, D)", dims=range(2, 64))
+    check_float_tensor(key, "key", "(..., H_kv, Lk, D)", dims=range(2, 64))
+    check_float_tensor(value, "value", "(..., H_kv, Lk, Dv)", dims=range(2, 64))
     check_same_dtype_and_device("query", query, key=key, value=value)
-    if key.shape[3] != query.shape[3]:
-        raise ValueError(f"key must have query's head dim {query.shape[3]}, got shape {tuple(key.shape)}")
-    if value.shape[2] != key.shape[2]:
-        raise ValueError(f"value must have key's length {key.shape[2]}, got shape {tuple(value.shape)}")
-    batch = _broadcast_size((query.shape[0], key.shape[0], value.shape[0]), "batch size")
+    if key.shape[-1] != query.shape[-1]:
+        raise ArgumentError(f"key must have query's head dim {query.shape[-1]}, got shape {tuple(key.shape)}")
+    if value.shape[-2] != key.shape[-2]:
+        raise ArgumentError(f"value must have key's length {key.shape[-2]}, got shape {tuple(value.shape)}")
+    rank = max(query.dim(), key.dim(), value.dim())
+    batch_shape = _batch_shape(query, key, value)
+    query, key, value = (_as_4d(tensor, batch_shape) for tensor in (query, key, value))
+    batch = math.prod(batch_shape)
     heads, kv_heads = _head_counts(query.shape[1], key.shape[1], value.shape[1], enable_gqa)
     if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+        raise ArgumentError(f"dropout_p must be in [0, 1], got {dropout_p}")
     seqlen_q, seqlen_k = query.shape[2], key.shape[2]
-    mask = _check_mask(attn_mask, query, torch.Size([batch, heads, seqlen_q, seqlen_k]), is_causal)
+    causal_shift = 0
+    if _is_causal_bias(attn_mask):
+        causal_shift = _causal_shift(attn_mask, is_causal, seqlen_q, seqlen_k)
+        attn_mask, is_causal = None, True
+    mask_shape = torch.Size([*batch_shape, heads, seqlen_q, seqlen_k])
+    mask = _check_mask(attn_mask, query, mask_shape, is_causal)
     scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
     limits = backend_limits(query, mask, (query.shape[3], value.shape[3]), dropout_p)
-    name = resolve("attention", query, backend, limits)
+    empty = 0 in (batch, heads, seqlen_q, seqlen_k)
+    name = resolve("attention", query, backend, limits, empty=empty)
     q = _as_heads(query, batch, heads)
     k, v = _as_heads(key, batch, kv_heads), _as_heads(value, batch, kv_heads)
     seed = random.draw_seed() if dropout_p > 0 else 0
-    return AttentionFunction.apply(q, k, v, mask, bool(is_causal), scale, float(dropout_p), seed, name)
+    out = AttentionFunction.apply(q, k, v, mask, bool(is_causal), causal_shift, scale, float(dropout_p), seed, name)
+    out_shape = (*batch_shape, heads, seqlen_q, value.shape[3])  # 2-D inputs: without the (one) head
+    return out.reshape(out_shape[len(out_shape) - rank:])

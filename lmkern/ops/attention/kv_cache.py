@@ -5,17 +5,18 @@ import math
 import torch
 
 from lmkern.backend import implementation, resolve
+from lmkern.errors import ArgumentError, ArgumentTypeError
 from lmkern.ops import attention
 from lmkern.ops.attention import backend_limits, check_float_tensor, check_kv_heads, check_same_dtype_and_device
 
 
 def _check_cache_lengths(cache_seqlens, batch, device):
     if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be a tensor, got {type(cache_seqlens).__name__}")
+        raise ArgumentTypeError(f"cache_seqlens must be a tensor, got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+        raise ArgumentTypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
     if tuple(cache_seqlens.shape) != (batch,) or cache_seqlens.device != device:
-        raise ValueError(
+        raise ArgumentError(
             f"cache_seqlens must have shape ({batch},) on {device}, got {tuple(cache_seqlens.shape)} on "
             f"{cache_seqlens.device}"
         )
@@ -31,7 +32,7 @@ def _check_new(new, name, cache, cache_name):
     check_same_dtype_and_device(cache_name, cache, **{name: new})
     expected = (cache.shape[0], cache.shape[1], new.shape[2], cache.shape[3])
     if tuple(new.shape) != expected:
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must have shape (B, H_kv, L_new, D) = {expected} like {cache_name}, got {tuple(new.shape)}"
         )
 
@@ -69,27 +70,27 @@ def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
     check_same_dtype_and_device("q", q, k_cache=k_cache, v_cache=v_cache)
     batch, heads, _, head_dim = q.shape
     if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
-        raise ValueError(
+        raise ArgumentError(
             f"k_cache must have shape (B, H_kv, L_max, D) with q's B = {batch} and D = {head_dim}, "
             f"got {tuple(k_cache.shape)}"
         )
     if v_cache.shape[:3] != k_cache.shape[:3]:
-        raise ValueError(
+        raise ArgumentError(
             f"v_cache must have shape (B, H_kv, L_max, Dv) = ({', '.join(map(str, k_cache.shape[:3]))}, Dv) like "
             f"k_cache, got {tuple(v_cache.shape)}"
         )
     check_kv_heads(heads, k_cache.shape[1], "cache")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.stride(3) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {cache.stride()}")
+            raise ArgumentError(f"{name} must be contiguous in its last dimension, got strides {cache.stride()}")
     _check_cache_lengths(cache_seqlens, batch, q.device)
     if (k_new is None) != (v_new is None):
-        raise ValueError("k_new and v_new must be given together, or neither")
+        raise ArgumentError("k_new and v_new must be given together, or neither")
     if k_new is not None:
         _check_new(k_new, "k_new", k_cache, "k_cache")
         _check_new(v_new, "v_new", v_cache, "v_cache")
         if k_new.shape[2] != v_new.shape[2]:
-            raise ValueError(f"k_new and v_new must have the same length, got {k_new.shape[2]} and {v_new.shape[2]}")
+            raise ArgumentError(f"k_new and v_new must have the same length, got {k_new.shape[2]} and {v_new.shape[2]}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k_new, v_new)):
         raise RuntimeError(
             "attention_with_kv_cache is for inference and has no backward: call it under torch.no_grad() "

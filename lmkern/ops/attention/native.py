@@ -13,13 +13,13 @@ from lmkern import backend
 if backend.native_error() is None:  # loads lmkern._C, which defines the ops
 
     @torch.library.register_fake("lmkern::attention_fwd")
-    def _(q, k, v, mask, is_causal, scale, dropout_p, seed):
+    def _(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed):
         batch, heads, seqlen_q, _ = q.shape
         out = q.new_empty(batch, heads, seqlen_q, v.shape[3])
         return out, q.new_empty(batch, heads, seqlen_q, dtype=torch.float32)
 
     @torch.library.register_fake("lmkern::attention_bwd")
-    def _(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
+    def _(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("lmkern::attention_with_kv_cache_fwd")
@@ -31,16 +31,17 @@ def _rows_contiguous(x):
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
-def attention_fwd(q, k, v, mask, is_causal, scale, dropout_p, seed):
+def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed):
     """Same contract as reference.attention_fwd."""
     q, k, v = map(_rows_contiguous, (q, k, v))
-    return torch.ops.lmkern.attention_fwd(q, k, v, mask, is_causal, scale, dropout_p, seed)
+    return torch.ops.lmkern.attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed)
 
 
-def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
+def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed):
     """Same contract as reference.attention_bwd."""
     grad_out, q, k, v, out = map(_rows_contiguous, (grad_out, q, k, v, out))
-    return torch.ops.lmkern.attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed)
+    args = (is_causal, causal_shift, scale, dropout_p, seed)
+    return torch.ops.lmkern.attention_bwd(grad_out, q, k, v, out, lse, mask, *args)
 
 
 def attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):

@@ -8,22 +8,27 @@ error that the kernels may not exceed by more than the tolerance rule allows.
 Shapes (the contract of every backend, after lmkern.scaled_dot_product_attention has
 broadcast its arguments): q (B, H, Lq, D), k (B, H_kv, Lk, D), v (B, H_kv, Lk, Dv) with
 H a multiple of H_kv (query head h reads key/value head h // (H // H_kv)); mask None or
-(B, H, Lq, Lk) boolean (True takes part) or additive float, usually a broadcast view.
+(B, H, Lq, Lk) boolean (True takes part) or additive float, usually a broadcast view; with
+is_causal, query i sees key j when j <= i + causal_shift (0: torch's top-left alignment,
+Lk - Lq: bottom-right).
 """
 
 import torch
 
 from lmkern import random
+from lmkern.errors import ArgumentError
 
 
 def _repeat_kv(x, heads):
     """(B, H_kv, L, D) -> (B, heads, L, D): each key/value head serves heads // H_kv query heads."""
-    return x.repeat_interleave(heads // x.shape[1], dim=1)
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def _sum_kv_groups(grad, kv_heads):
     """(B, H, L, D) -> (B, H_kv, L, D): the gradient of _repeat_kv."""
     batch, heads, length, dim = grad.shape
+    if heads == kv_heads:
+        return grad
     return grad.view(batch, kv_heads, heads // kv_heads, length, dim).sum(2)
 
 
@@ -48,32 +53,32 @@ def dropout_factor(seed, like, dropout_p):
     return random.dropout_keep(seed, offsets, dropout_p).to(like.dtype) * dropout_scale(dropout_p)
 
 
-def _scores(q, k, mask, is_causal, scale):
+def _scores(q, k, mask, is_causal, causal_shift, scale):
     """(B, H, Lq, Lk) scaled scores with masked entries at -inf."""
     scores = scale * (q @ _repeat_kv(k, q.shape[1]).transpose(-1, -2))
     if is_causal:
-        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device, causal_shift), float("-inf"))
     if mask is not None:
         is_bool = mask.dtype == torch.bool
         scores = scores.masked_fill(~mask, float("-inf")) if is_bool else scores + mask.to(scores.dtype)
     return scores
 
 
-def _probabilities(q, k, mask, is_causal, scale):
+def _probabilities(q, k, mask, is_causal, causal_shift, scale):
     """Softmax of the scores, with rows that see no key all zero (softmax would give NaN)."""
-    scores = _scores(q, k, mask, is_causal, scale)
+    scores = _scores(q, k, mask, is_causal, causal_shift, scale)
     sees_no_key = (scores == float("-inf")).all(dim=-1, keepdim=True)
     return scores, torch.softmax(scores, dim=-1).masked_fill(sees_no_key, 0.0), sees_no_key
 
 
-def attention_fwd(q, k, v, mask, is_causal, scale, dropout_p, seed):
+def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed):
     """softmax(scale q k^T + mask) v, with dropout on the probabilities.
 
     Returns out (B, H, Lq, Dv) in q's dtype (zeros for rows that see no key) and the
     logsumexp of each row's scores, lse (B, H, Lq) in fp32 (fp64 for fp64 inputs), +inf
     for rows that see no key (so that exp(score - lse) is 0 there in backward).
     """
-    scores, probs, sees_no_key = _probabilities(q, k, mask, is_causal, scale)
+    scores, probs, sees_no_key = _probabilities(q, k, mask, is_causal, causal_shift, scale)
     lse = torch.logsumexp(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     lse = lse.masked_fill(sees_no_key.squeeze(-1), float("inf"))
     if dropout_p > 0:
@@ -81,7 +86,7 @@ def attention_fwd(q, k, v, mask, is_causal, scale, dropout_p, seed):
     return probs @ _repeat_kv(v, q.shape[1]), lse
 
 
-def attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
+def attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed):
     """Gradients of attention_fwd's output: (dq, dk, dv, dmask), dmask (B, H, Lq, Lk) for
     an additive mask (None for a boolean one or none). With P the probabilities, Z the
     dropout factor (keep / (1 - p), 1 without dropout) and delta_i = sum_d dO_id O_id:
@@ -90,7 +95,7 @@ def attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, is_causal, s
         dQ = scale dS K,   dK = scale dS^T Q,   dmask = dS.
     """
     heads, kv_heads = q.shape[1], k.shape[1]
-    _, probs, _ = _probabilities(q, k, mask, is_causal, scale)
+    _, probs, _ = _probabilities(q, k, mask, is_causal, causal_shift, scale)
     factor = dropout_factor(seed, probs, dropout_p) if dropout_p > 0 else 1.0
     grad_out = grad_out.to(q.dtype)
     grad_v = _sum_kv_groups((probs * factor).transpose(-1, -2) @ grad_out, kv_heads)
@@ -103,9 +108,10 @@ def attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, is_causal, s
     return grad_q, grad_k, grad_v, grad_mask
 
 
-def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
+def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed):
     """(dq, dk, dv): the gradients of attention_fwd's output, in the inputs' dtypes."""
-    return attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed)[:3]
+    args = (is_causal, causal_shift, scale, dropout_p, seed)
+    return attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, *args)[:3]
 
 
 def check_cache_lengths_on_cpu(cache_seqlens, new_len, capacity):
@@ -118,7 +124,7 @@ def check_cache_lengths_on_cpu(cache_seqlens, new_len, capacity):
     bad = (lengths < 0) | (lengths + new_len > capacity)
     if bad.any():
         b = int(bad.nonzero()[0, 0])
-        raise ValueError(
+        raise ArgumentError(
             f"cache_seqlens[{b}] = {int(lengths[b])}: with {new_len} new keys the sequence must fit in the "
             f"cache's {capacity} positions, and its length must be >= 0"
         )
@@ -158,5 +164,5 @@ def attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new
     query_positions = (lengths + new_len)[:, None] - seqlen_q + torch.arange(seqlen_q, device=q.device)  # (B, Lq)
     visible = torch.arange(capacity, device=q.device) <= query_positions[:, :, None]  # (B, Lq, L_max)
     mask = visible[:, None].expand(-1, q.shape[1], -1, -1)
-    out, _ = attention_fwd(q, k_cache, v_cache, mask, False, scale, 0.0, None)
+    out, _ = attention_fwd(q, k_cache, v_cache, mask, False, 0, scale, 0.0, None)
     return out.masked_fill(~fits[:, None, None, None], float("nan"))

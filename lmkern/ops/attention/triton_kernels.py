@@ -150,14 +150,16 @@ def _dropout_factor(seed, row_offsets, cols, seqlen_k, dropout_p, dropout_scale)
 
 
 @triton.jit
-def _key_blocks(start_m, seqlen_k, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_blocks(
+    start_m, seqlen_k, causal_shift, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """(unchecked_stop, stop) for the query rows [start_m, start_m + BLOCK_M): the key blocks
     starting before unchecked_stop are seen whole by every row (no causal or bounds check);
     those from there to stop need the checks; under is_causal the blocks after stop (above
-    the diagonal) are skipped."""
+    the diagonal, query i seeing keys j <= i + causal_shift) are skipped."""
     if IS_CAUSAL:
-        stop = tl.minimum(seqlen_k, start_m + BLOCK_M)
-        seen_by_all = tl.minimum(seqlen_k, start_m + 1)
+        stop = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + causal_shift, 0))
+        seen_by_all = tl.minimum(seqlen_k, tl.maximum(start_m + 1 + causal_shift, 0))
     else:
         stop = seqlen_k
         seen_by_all = seqlen_k
@@ -285,6 +287,7 @@ def attention_fwd_kernel(
     kv_group,  # query heads per key/value head
     seqlen_q,
     seqlen_k,
+    causal_shift,  # with IS_CAUSAL query i sees key j when j <= i + causal_shift
     seqlen_bucket,  # autotuning key only
     qk_scale,
     dropout_p,
@@ -320,19 +323,21 @@ def attention_fwd_kernel(
     mask_ptr += b * stride_mb + h * stride_mh
     dropout_rows = (b * heads + h) * seqlen_q + rows
 
-    unchecked_stop, stop = _key_blocks(start_m, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    unchecked_stop, stop = _key_blocks(start_m, seqlen_k, causal_shift, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], -FLT_MAX, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc, m_i, l_i = _attend(
         acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
-        rows, seqlen_q, seqlen_k, 0, qk_scale, seed, dropout_rows, dropout_p, dropout_scale, 0, unchecked_stop,
+        rows, seqlen_q, seqlen_k, causal_shift, qk_scale, seed, dropout_rows, dropout_p, dropout_scale, 0,
+        unchecked_stop,
         False, False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
     )
     acc, m_i, l_i = _attend(
         acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
-        rows, seqlen_q, seqlen_k, 0, qk_scale, seed, dropout_rows, dropout_p, dropout_scale, unchecked_stop, stop,
+        rows, seqlen_q, seqlen_k, causal_shift, qk_scale, seed, dropout_rows, dropout_p, dropout_scale,
+        unchecked_stop, stop,
         IS_CAUSAL, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
     )
     # Rows that saw no key (l = 0) get out = 0 and lse = +inf.
@@ -395,6 +400,7 @@ def _dkdv_blocks(
     stride_mn,
     seqlen_q,
     seqlen_k,
+    causal_shift,
     qk_scale,
     seed,
     dropout_row0,  # (b H + h) Lq, int64
@@ -438,7 +444,7 @@ def _dkdv_blocks(
         delta = tl.load(delta_ptr + rows, mask=rows_ok, other=0.0)
         s_t = tl.dot(k, q_t, input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M)
         s_t = _mask_scores(
-            s_t, rows[None, :], cols[:, None], mask_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, 0,
+            s_t, rows[None, :], cols[:, None], mask_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
             MASK_KIND, MASK_IS_BOOL, CAUSAL, False,
         )
         p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
@@ -473,6 +479,7 @@ def _dq_blocks(
     stride_mn,
     seqlen_q,
     seqlen_k,
+    causal_shift,
     qk_scale,
     seed,
     dropout_rows,
@@ -497,7 +504,7 @@ def _dq_blocks(
         cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # cols * stride may pass 2^31
         s, k_t = _block_scores(
             q, k_ptr, stride_kn, stride_kd, mask_ptr, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-            0, qk_scale, CAUSAL, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL, BLOCK_D, HEAD_DIM,
+            causal_shift, qk_scale, CAUSAL, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL, BLOCK_D, HEAD_DIM,
         )
         v_t = _load_tile(  # (BLOCK_DV, BLOCK_N)
             v_ptr + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
@@ -534,6 +541,7 @@ def attention_bwd_kernel(
     kv_group,
     seqlen_q,
     seqlen_k,
+    causal_shift,
     seqlen_bucket,
     qk_scale,
     scale,
@@ -575,11 +583,13 @@ def attention_bwd_kernel(
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
-        # Causal: queries before start_n see none of these keys (their blocks are skipped);
-        # from start_n + BLOCK_N - 1 on they see all of them (no causal check).
+        # Causal: queries before start_n - causal_shift see none of these keys (their blocks
+        # are skipped); from start_n + BLOCK_N - 1 - causal_shift on they see all of them (no
+        # causal check).
         if IS_CAUSAL:
-            start = start_n // BLOCK_M * BLOCK_M
-            checked_stop = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seqlen_q)
+            start = tl.maximum(start_n - causal_shift, 0) // BLOCK_M * BLOCK_M
+            all_seen_from = tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0)
+            checked_stop = tl.minimum(tl.cdiv(all_seen_from, BLOCK_M) * BLOCK_M, seqlen_q)
         else:
             start = 0
             checked_stop = 0
@@ -591,13 +601,15 @@ def attention_bwd_kernel(
             mask_head_ptr = mask_ptr + b * stride_mb + h * stride_mh
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
-                lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale,
+                lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
+                qk_scale,
                 seed, row0, dropout_p, dropout_scale, start, checked_stop,
                 IS_CAUSAL, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
             )
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
-                lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale,
+                lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
+                qk_scale,
                 seed, row0, dropout_p, dropout_scale, tl.maximum(start, checked_stop), seqlen_q,
                 False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
             )
@@ -635,17 +647,19 @@ def attention_bwd_kernel(
         k_ptr += b * stride_kb + kv_head * stride_kh
         v_ptr += b * stride_vb + kv_head * stride_vh
         mask_ptr += b * stride_mb + h * stride_mh
-        unchecked_stop, stop = _key_blocks(start_m, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        unchecked_stop, stop = _key_blocks(start_m, seqlen_k, causal_shift, IS_CAUSAL, BLOCK_M, BLOCK_N)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         dq = _dq_blocks(
             dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
-            stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale, seed, row0 + rows, dropout_p, dropout_scale,
+            stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift, qk_scale, seed, row0 + rows, dropout_p,
+            dropout_scale,
             0, unchecked_stop,
             False, False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
         dq = _dq_blocks(
             dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
-            stride_mm, stride_mn, seqlen_q, seqlen_k, qk_scale, seed, row0 + rows, dropout_p, dropout_scale,
+            stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift, qk_scale, seed, row0 + rows, dropout_p,
+            dropout_scale,
             unchecked_stop, stop,
             IS_CAUSAL, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
         )
@@ -832,13 +846,14 @@ def _mask_args(mask, like):
     return (mask.view(torch.uint8) if is_bool else mask), mask.stride(), kind, is_bool
 
 
-def _common_args(q, k, v, mask, is_causal, scale, dropout_p, seed):
+def _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p):
     """The launch arguments that the forward and both backward kernels share, after the pointers."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     mask, mask_strides, mask_kind, mask_is_bool = _mask_args(mask, q)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides)
-    sizes = (heads, heads // kv_heads, seqlen_q, seqlen_k, triton.next_power_of_2(max(seqlen_q, seqlen_k)))
+    bucket = triton.next_power_of_2(max(seqlen_q, seqlen_k))
+    sizes = (heads, heads // kv_heads, seqlen_q, seqlen_k, causal_shift, bucket)
     constants = dict(
         IS_CAUSAL=is_causal,
         MASK_KIND=mask_kind,
@@ -852,14 +867,14 @@ def _common_args(q, k, v, mask, is_causal, scale, dropout_p, seed):
     return mask, strides, sizes, constants
 
 
-def attention_fwd(q, k, v, mask, is_causal, scale, dropout_p, seed):
+def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed):
     """Same contract as reference.attention_fwd."""
     batch, heads, seqlen_q, _ = q.shape
     out = torch.empty(batch, heads, seqlen_q, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
-    mask, strides, sizes, constants = _common_args(q, k, v, mask, is_causal, scale, dropout_p, seed)
+    mask, strides, sizes, constants = _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p)
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
     attention_fwd_kernel[grid](
         q, k, v, mask, out, lse, *strides, *out.stride(), *sizes,
@@ -868,7 +883,7 @@ def attention_fwd(q, k, v, mask, is_causal, scale, dropout_p, seed):
     return out, lse
 
 
-def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
+def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed):
     """Same contract as reference.attention_bwd."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
@@ -877,7 +892,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if seqlen_q == 0 or seqlen_k == 0 or head_dim == 0 or v.shape[3] == 0:
         return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
-    mask, strides, sizes, constants = _common_args(q, k, v, mask, is_causal, scale, dropout_p, seed)
+    mask, strides, sizes, constants = _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p)
     delta = torch.empty_like(lse)
     delta_rows = 64
     attention_bwd_delta_kernel[(triton.cdiv(seqlen_q, delta_rows), heads, batch)](

@@ -9,6 +9,8 @@ is done here with one torch multiply.
 import torch
 
 from lmkern.backend import implementation, resolve
+from lmkern.errors import ArgumentError, ArgumentTypeError, TargetIndexError
+from lmkern.ops.double_backward import refuse_create_graph
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -58,6 +60,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        refuse_create_graph("cross_entropy")
         grad, denominator = ctx.saved_tensors
         scale = grad_scale(grad_loss, denominator, ctx.reduction)
         # Out of place by default so that backward may run twice (retain_graph=True).
@@ -67,38 +70,59 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 def check_reduction_args(ignore_index, reduction, label_smoothing, z_loss):
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        raise ArgumentTypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        raise ArgumentError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not z_loss >= 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+        raise ArgumentError(f"z_loss must be >= 0, got {z_loss}")
+
+
+# Class indices: torch's int64 and uint8, and int32.
+TARGET_DTYPES = (torch.int64, torch.int32, torch.uint8)
 
 
 def check_target(target, input, input_name):
     """target must hold class indices with the shape of input without its last dimension."""
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
+        raise ArgumentTypeError(f"target must be a tensor, got {type(target).__name__}")
+    if target.dtype not in TARGET_DTYPES:
+        raise ArgumentTypeError(f"target must hold class indices as int64, int32 or uint8, got {target.dtype}")
     if target.shape != input.shape[:-1]:
-        raise ValueError(
+        raise ArgumentError(
             f"target must have shape {tuple(input.shape[:-1])} ({input_name} {tuple(input.shape)} "
             f"without its last dimension), got {tuple(target.shape)}"
         )
     if target.device != input.device:
-        raise ValueError(f"target must be on {input.device} like {input_name}, got {target.device}")
+        raise ArgumentError(f"target must be on {input.device} like {input_name}, got {target.device}")
+
+
+def rows_target(target, vocab, ignore_index):
+    """target flattened to (N,) int64, after checking on CPU that every index is in
+    [0, vocab) or ignore_index (TargetIndexError names the first that is not). Only on
+    CPU, where the check costs no device synchronisation: on CUDA such a row's loss and
+    gradient are NaN, and nothing is read out of bounds. torch.compile cannot trace a
+    check that depends on values: there the native CPU kernel's own raises ValueError."""
+    rows = target.reshape(-1).to(torch.int64).contiguous()
+    if rows.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (rows != ignore_index) & ((rows < 0) | (rows >= vocab))
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            raise TargetIndexError(
+                f"target[{row}] = {int(rows[row])} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
+            )
+    return rows
 
 
 def check_float_tensor(tensor, name, dims):
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        raise ArgumentTypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
     if tensor.dim() not in dims:
         expected = " or ".join(f"{d}-D" for d in dims)
-        raise ValueError(f"{name} must be {expected}, got shape {tuple(tensor.shape)}")
+        raise ArgumentError(f"{name} must be {expected}, got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        raise ArgumentTypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
 def cross_entropy(
@@ -120,7 +144,7 @@ def cross_entropy(
             torch backend). The classes are the last dimension: for 3-D input this is
             F.cross_entropy(input.flatten(0, 1), target.flatten()), whereas torch's own
             3-D layout puts classes in dim 1 (lmkern.functional.cross_entropy keeps that).
-        target: (N,) or (B, T) int64 (or int32) class indices in [0, V), or ignore_index.
+        target: (N,) or (B, T) int64 (or int32, uint8) class indices in [0, V), or ignore_index.
         weight: (V,) class weights, as in torch.
         ignore_index: target value whose rows add nothing to the loss or the gradient.
         reduction: "mean" (over non-ignored rows, weighted like torch), "sum" or "none"
@@ -135,31 +159,39 @@ def cross_entropy(
         backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
 
     Returns the loss in the input's dtype: a scalar, or per row for reduction="none".
-    A target outside [0, V) that is not ignore_index raises ValueError naming it on CPU;
-    on CUDA, where checking would stall the stream, that row's loss and gradient are NaN
-    (so the reduced loss is NaN) and nothing is read out of bounds. With every target
-    ignored, "mean" gives NaN (0/0) and zero gradients, like torch.
+    A target outside [0, V) that is not ignore_index raises TargetIndexError (a ValueError
+    and an IndexError, torch's class) naming it on CPU; on CUDA, where checking would stall
+    the stream, that row's loss and gradient are NaN (so the reduced loss is NaN) and
+    nothing is read out of bounds. With every target ignored, "mean" gives NaN (0/0) and
+    zero gradients, like torch. Backward cannot run under create_graph=True (it raises).
     """
     check_float_tensor(input, "input", (2, 3))
     check_target(target, input, "input")
     check_reduction_args(ignore_index, reduction, label_smoothing, z_loss)
     vocab = input.shape[-1]
     if vocab == 0:
-        raise ValueError(f"input must have at least one class in its last dimension, got shape {tuple(input.shape)}")
+        raise ArgumentError(f"input must have at least one class in its last dimension, got shape {tuple(input.shape)}")
     if weight is not None:
         check_float_tensor(weight, "weight", (1,))
         if weight.shape[0] != vocab or weight.device != input.device:
-            raise ValueError(
+            raise ArgumentError(
                 f"weight must have shape ({vocab},) on {input.device}, got {tuple(weight.shape)} on {weight.device}"
             )
         # The kernels take float32 weights; float64 input runs on the torch backend in float64.
         weight = weight.to(torch.promote_types(torch.float32, input.dtype)).contiguous()
-    name = resolve("cross_entropy", input, backend)
+    name = resolve("cross_entropy", input, backend, empty=input.numel() == 0)
     logits = input.reshape(-1, vocab)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    rows_target = target.reshape(-1).to(torch.int64).contiguous()
     loss = CrossEntropyFunction.apply(
-        logits, rows_target, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), inplace_backward, name
+        logits,
+        rows_target(target, vocab, ignore_index),
+        weight,
+        ignore_index,
+        reduction,
+        float(label_smoothing),
+        float(z_loss),
+        inplace_backward,
+        name,
     )
     return loss.view(target.shape) if reduction == "none" else loss

@@ -14,7 +14,9 @@ import math
 import torch
 
 from lmkern.backend import implementation, resolve
+from lmkern.errors import ArgumentError
 from lmkern.ops import cross_entropy as ce
+from lmkern.ops.double_backward import refuse_create_graph
 
 
 def default_chunk_size(n_rows, hidden_size, vocab):
@@ -94,6 +96,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        refuse_create_graph("linear_cross_entropy")
         if ctx.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
             needs_grad = ctx.needs_input_grad[:3]
@@ -156,7 +159,8 @@ def linear_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss, backend: as in lmkern.cross_entropy;
             backend picks the cross-entropy kernel (the matmuls are torch's).
 
-    Returns the loss in hidden's dtype: a scalar, or per token for reduction="none".
+    Returns the loss in hidden's dtype: a scalar, or per token for reduction="none". Bad
+    targets and create_graph=True are refused as in lmkern.cross_entropy.
     """
     ce.check_float_tensor(hidden, "hidden", (2, 3))
     ce.check_float_tensor(weight, "weight", (2,))
@@ -164,26 +168,26 @@ def linear_cross_entropy(
     ce.check_reduction_args(ignore_index, reduction, label_smoothing, z_loss)
     hidden_size = hidden.shape[-1]
     if weight.shape[1] != hidden_size or weight.shape[0] == 0:
-        raise ValueError(
+        raise ArgumentError(
             f"weight must have shape (V, {hidden_size}) with V >= 1 to match hidden {tuple(hidden.shape)}, "
             f"got {tuple(weight.shape)}"
         )
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and (tensor.dtype != hidden.dtype or tensor.device != hidden.device):
-            raise ValueError(
+            raise ArgumentError(
                 f"{name} must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
                 f"got {tensor.dtype} on {tensor.device}"
             )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        raise ArgumentError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    name = resolve("cross_entropy", hidden, backend)
+        raise ArgumentError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     rows = hidden.reshape(-1, hidden_size)
     n_rows = rows.shape[0]
+    name = resolve("cross_entropy", hidden, backend, empty=n_rows == 0)
     if chunk_size is None:
         chunk_size = default_chunk_size(n_rows, hidden_size, weight.shape[0])
-    rows_target = target.reshape(-1).to(torch.int64).contiguous()
+    rows_target = ce.rows_target(target, weight.shape[0], ignore_index)
     loss = LinearCrossEntropyFunction.apply(
         rows, weight, bias, rows_target, ignore_index, reduction, float(label_smoothing), float(z_loss), chunk_size, name
     )

@@ -22,9 +22,11 @@ import torch
 
 from lmkern import random
 from lmkern.backend import implementation, resolve
+from lmkern.errors import ArgumentError
 from lmkern.ops import layer_norm as ln_ops
 from lmkern.ops import linear_gelu as lg_ops
 from lmkern.ops.cross_entropy.linear import add_matmul_wide
+from lmkern.ops.double_backward import reference_grads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,38 +42,52 @@ class FFNOptions:
     linear_backend: str
 
 
+def ffn_fwd(norm, linear, x, norm_weight, norm_bias, w1, b1, w2, b2, opt):
+    """The forward on the LayerNorm implementation `norm` and the linear one `linear`:
+    (out, mean, rstd, pre, summed), the last four what backward needs (pre None with
+    opt.recompute; summed, the normalised sum, None pre-LN)."""
+    residual = x if opt.residual else None
+    summed = None
+    if opt.prenorm:
+        h, mean, rstd, _ = norm.layer_norm_fwd(x, norm_weight, norm_bias, opt.eps)
+        g, pre = linear.linear_gelu_fwd(h, w1, b1, opt.activation, not opt.recompute)
+        del h
+        out, _ = linear.linear_gelu_fwd(g, w2, b2, "none", False, opt.dropout_p, opt.seed, residual)
+    else:
+        g, pre = linear.linear_gelu_fwd(x, w1, b1, opt.activation, not opt.recompute)
+        y, _ = linear.linear_gelu_fwd(g, w2, b2, "none", False)
+        del g
+        adds = residual is not None or opt.dropout_p > 0
+        out, mean, rstd, summed = norm.layer_norm_fwd(
+            y, norm_weight, norm_bias, opt.eps, residual, opt.dropout_p, opt.seed, keep_sum=adds
+        )
+        if not adds:
+            summed = y
+    return out, mean, rstd, pre, summed
+
+
 class FFNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, opt):
         norm = implementation(ln_ops.__name__, opt.norm_backend)
         linear = implementation(lg_ops.__name__, opt.linear_backend)
-        keep_pre = not opt.recompute
-        residual = x if opt.residual else None
-        summed = None
-        if opt.prenorm:
-            h, mean, rstd, _ = norm.layer_norm_fwd(x, norm_weight, norm_bias, opt.eps)
-            g, pre = linear.linear_gelu_fwd(h, w1, b1, opt.activation, keep_pre)
-            del h
-            out, _ = linear.linear_gelu_fwd(g, w2, b2, "none", False, opt.dropout_p, opt.seed, residual)
-        else:
-            g, pre = linear.linear_gelu_fwd(x, w1, b1, opt.activation, keep_pre)
-            y, _ = linear.linear_gelu_fwd(g, w2, b2, "none", False)
-            del g
-            adds = residual is not None or opt.dropout_p > 0
-            out, mean, rstd, summed = norm.layer_norm_fwd(
-                y, norm_weight, norm_bias, opt.eps, residual, opt.dropout_p, opt.seed, keep_sum=adds
-            )
-            if not adds:
-                summed = y
-        ctx.save_for_backward(x, norm_weight, norm_bias, w1, b1, w2, mean, rstd, pre, summed)
+        out, mean, rstd, pre, summed = ffn_fwd(norm, linear, x, norm_weight, norm_bias, w1, b1, w2, b2, opt)
+        ctx.save_for_backward(x, norm_weight, norm_bias, w1, b1, w2, b2, mean, rstd, pre, summed)
         ctx.norm, ctx.linear, ctx.opt = norm, linear, opt
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, norm_weight, norm_bias, w1, b1, w2, mean, rstd, pre, summed = ctx.saved_tensors
+        x, norm_weight, norm_bias, w1, b1, w2, b2, mean, rstd, pre, summed = ctx.saved_tensors
         norm, linear, opt = ctx.norm, ctx.linear, ctx.opt
         needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, through the reference
+
+            def forward(*inputs):
+                return ffn_fwd(ln_ops.reference, lg_ops.reference, *inputs, opt)[0]
+
+            inputs = (x, norm_weight, norm_bias, w1, b1, w2, b2)
+            return *reference_grads(forward, inputs, needs[:7], (grad_out,)), None
         has_bias = norm_bias is not None
         grad_out = ln_ops.last_dim_contiguous(grad_out)
         if opt.prenorm:
@@ -180,15 +196,15 @@ def ffn(
     Returns (..., D) in x's dtype.
     """
     ln_ops.check_float_tensor(x, "x")
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x must have at least one element in its last dimension, got shape {tuple(x.shape)}")
+    if x.dim() == 0:
+        raise ArgumentError("x must have at least one dimension (..., D), got a scalar")
     width = x.shape[-1]
     ln_ops.check_param(norm_weight, "norm_weight", (width,), x)
     ln_ops.check_param(norm_bias, "norm_bias", (width,), x)
     lg_ops.check_linear(w1, b1, x, width, "w1", "b1")
     lg_ops.check_linear(w2, b2, x, w1.shape[0], "w2", "b2")
     if w2.shape[0] != width:
-        raise ValueError(f"w2 must have shape ({width}, {w1.shape[0]}) to give back x's width, got {tuple(w2.shape)}")
+        raise ArgumentError(f"w2 must have shape ({width}, {w1.shape[0]}) to give back x's width, got {tuple(w2.shape)}")
     lg_ops.check_approximate(approximate)
     ln_ops.check_eps_dropout(eps, dropout_p)
     options = FFNOptions(
@@ -200,7 +216,7 @@ def ffn(
         residual=residual,
         recompute=recompute,
         norm_backend=ln_ops.resolve_rows(x, width, backend),
-        linear_backend=resolve("linear_gelu", x, backend),
+        linear_backend=resolve("linear_gelu", x, backend, empty=x.numel() == 0 or w1.shape[0] == 0),
     )
     out = FFNFunction.apply(
         ln_ops.as_rows(x, width),

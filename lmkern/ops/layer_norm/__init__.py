@@ -12,6 +12,9 @@ import torch
 
 from lmkern import random
 from lmkern.backend import implementation, requested_backend, resolve
+from lmkern.errors import ArgumentError, ArgumentTypeError
+from lmkern.ops.double_backward import reference_grads, refuse_create_graph
+from lmkern.ops.layer_norm import reference
 
 # The widest row the GPU kernels (Triton's, anywhere, and the native CUDA ones) hold in
 # registers. Wider rows run on the torch reference under "auto" (and natively on CPU).
@@ -26,15 +29,17 @@ class LayerNormFunction(torch.autograd.Function):
         out, mean, rstd, summed = impl.layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed, keep_sum=adds)
         if not adds:
             summed = x
-        ctx.save_for_backward(summed, weight, mean, rstd)
+        ctx.save_for_backward(summed, weight, bias, mean, rstd)
         ctx.set_materialize_grads(False)
-        ctx.impl, ctx.dropout_p, ctx.seed = impl, dropout_p, seed
-        ctx.has_residual, ctx.has_bias = residual is not None, bias is not None
+        ctx.impl, ctx.eps, ctx.dropout_p, ctx.seed, ctx.prenorm = impl, eps, dropout_p, seed, prenorm
+        ctx.adds, ctx.has_residual = adds, residual is not None
         return (out, summed) if prenorm else out
 
     @staticmethod
     def backward(ctx, grad_out, grad_sum=None):
-        summed, weight, mean, rstd = ctx.saved_tensors
+        summed, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return (*_differentiable_grads(ctx, summed, weight, bias, grad_out, grad_sum), None, None, None, None, None)
         if grad_out is None:  # only the returned residual was used
             grad_out = torch.zeros_like(summed)
         grad_x, grad_residual, grad_weight, grad_bias = ctx.impl.layer_norm_bwd(
@@ -46,10 +51,28 @@ class LayerNormFunction(torch.autograd.Function):
             rstd,
             ctx.dropout_p,
             ctx.seed,
-            ctx.has_bias,
+            bias is not None,
         )
         grad_residual = grad_residual if ctx.has_residual else None
         return grad_x, grad_residual, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _differentiable_grads(ctx, x, weight, bias, grad_out, grad_sum):
+    """(d x, d residual, d weight, d bias) that can be differentiated again: a plain
+    LayerNorm's backward through the reference (x is then the saved input); a sum with a
+    residual or dropout cannot (only the sum was kept)."""
+    if ctx.adds:
+        refuse_create_graph("add_layer_norm")
+
+    def forward(x, weight, bias):
+        out = reference.layer_norm_fwd(x, weight, bias, ctx.eps)[0]
+        return (out, x) if ctx.prenorm else out
+
+    needs = ctx.needs_input_grad
+    grad_x, grad_weight, grad_bias = reference_grads(
+        forward, (x, weight, bias), (needs[0], needs[2], needs[3]), (grad_out, grad_sum)
+    )
+    return grad_x, None, grad_weight, grad_bias
 
 
 def last_dim_contiguous(tensor):
@@ -60,20 +83,20 @@ def last_dim_contiguous(tensor):
 def as_rows(tensor, width):
     """tensor (..., width) as (N, width) rows with a contiguous last dimension (a view
     where possible)."""
-    return last_dim_contiguous(tensor.reshape(-1, width))
+    return last_dim_contiguous(tensor.reshape(math.prod(tensor.shape[:-1]), width))
 
 
 def resolve_rows(x, width, backend):
     """The backend for LayerNorm rows of `width` elements of x's dtype: resolve(), except
     that rows wider than the GPU kernels hold (MAX_GPU_ROW_BYTES) go to the torch reference
-    under "auto" and raise ValueError for an explicit backend."""
-    name = resolve("layer_norm", x, backend)
+    under "auto" and raise ValueError for an explicit backend; empty x runs on the reference."""
+    name = resolve("layer_norm", x, backend, empty=x.numel() == 0)
     limited = name == "triton" or (name == "native" and x.device.type == "cuda")
     row_bytes = width * x.element_size()
     if limited and row_bytes > MAX_GPU_ROW_BYTES:
         if requested_backend(backend) == "auto":
             return "torch"
-        raise ValueError(
+        raise ArgumentError(
             f"lmkern.layer_norm: rows of {width} {x.dtype} elements ({row_bytes} bytes) are wider than the "
             f"{name} kernels on {x.device.type} take ({MAX_GPU_ROW_BYTES} bytes); use backend='torch'"
             + (" or 'native'" if x.device.type == "cpu" else "")
@@ -83,9 +106,9 @@ def resolve_rows(x, width, backend):
 
 def check_float_tensor(tensor, name):
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        raise ArgumentTypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        raise ArgumentTypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
 def check_param(param, name, shape, input):
@@ -94,7 +117,7 @@ def check_param(param, name, shape, input):
         return
     check_float_tensor(param, name)
     if tuple(param.shape) != tuple(shape) or param.device != input.device:
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must have shape {tuple(shape)} on {input.device}, got {tuple(param.shape)} on {param.device}"
         )
 
@@ -109,9 +132,9 @@ def as_stats_param(param, width, dtype):
 
 def check_eps_dropout(eps, dropout_p):
     if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        raise ArgumentError(f"eps must be >= 0, got {eps}")
     if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+        raise ArgumentError(f"dropout_p must be in [0, 1], got {dropout_p}")
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
@@ -134,7 +157,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, bac
     check_float_tensor(input, "input")
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if len(shape) == 0 or tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
-        raise ValueError(
+        raise ArgumentError(
             f"normalized_shape must be the last dimensions of input {tuple(input.shape)} (at least one), "
             f"got {normalized_shape}"
         )
@@ -142,11 +165,9 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, bac
     check_param(bias, "bias", shape, input)
     check_eps_dropout(eps, 0.0)
     width = math.prod(shape)
-    if width == 0:
-        raise ValueError(f"normalized_shape must have at least one element, got {shape}")
     name = resolve_rows(input, width, backend)
     out = LayerNormFunction.apply(
-        as_rows(input, width),
+        as_rows(input.reshape(*input.shape[: input.dim() - len(shape)], width), width),
         None,
         as_stats_param(weight, width, input.dtype),
         as_stats_param(bias, width, input.dtype),
@@ -178,12 +199,12 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5, *, dropout_p=0.0, prenor
     Saves for backward s and the fp32 mean and rstd per row.
     """
     check_float_tensor(x, "x")
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x must have at least one element in its last dimension, got shape {tuple(x.shape)}")
+    if x.dim() == 0:
+        raise ArgumentError("x must have at least one dimension (..., D), got a scalar")
     if residual is not None:
         check_float_tensor(residual, "residual")
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(
+            raise ArgumentError(
                 f"residual must have x's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, {x.device}), "
                 f"got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
             )

@@ -9,10 +9,15 @@ inputs. Backward: one kernel computes d(pre) = gelu'(pre) * d(out) and the bias 
 d(weight) = d(pre).T @ x run in torch (cuBLAS, or ATen's CPU BLAS).
 """
 
+import math
+
 import torch
 
 from lmkern.backend import implementation, resolve
+from lmkern.errors import ArgumentError
+from lmkern.ops.double_backward import reference_grads
 from lmkern.ops.layer_norm import as_stats_param, check_float_tensor
+from lmkern.ops.linear_gelu import reference
 
 # GELU's `approximate` argument (as in torch) -> the kernels' activation name.
 ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -30,6 +35,13 @@ class LinearGeluFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, pre = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, through the reference
+
+            def forward(x, weight, bias):
+                return reference.linear_gelu_fwd(x, weight, bias, ctx.activation, False)[0]
+
+            grads = reference_grads(forward, (x, weight, bias), ctx.needs_input_grad[:3], (grad_out,))
+            return *grads, None, None, None
         if pre is None:  # recompute=True
             pre, _ = ctx.impl.linear_gelu_fwd(x, weight, bias, "none", keep_preactivation=False)
         grad_pre, grad_bias, _ = epilogue_bwd(ctx.impl, grad_out, pre, ctx.activation)
@@ -59,18 +71,18 @@ def check_linear(weight, bias, input, in_features, weight_name="weight", bias_na
     """weight (F, in_features) in input's dtype and device, and bias (F,) or None."""
     check_float_tensor(weight, weight_name)
     if weight.dim() != 2 or weight.shape[1] != in_features:
-        raise ValueError(
+        raise ArgumentError(
             f"{weight_name} must have shape (out_features, {in_features}), got {tuple(weight.shape)}"
         )
     if weight.dtype != input.dtype or weight.device != input.device:
-        raise ValueError(
+        raise ArgumentError(
             f"{weight_name} must have the input's dtype and device ({input.dtype}, {input.device}), "
             f"got {weight.dtype} on {weight.device}"
         )
     if bias is not None:
         check_float_tensor(bias, bias_name)
         if tuple(bias.shape) != (weight.shape[0],) or bias.device != input.device:
-            raise ValueError(
+            raise ArgumentError(
                 f"{bias_name} must have shape ({weight.shape[0]},) on {input.device}, "
                 f"got {tuple(bias.shape)} on {bias.device}"
             )
@@ -78,7 +90,7 @@ def check_linear(weight, bias, input, in_features, weight_name="weight", bias_na
 
 def check_approximate(approximate):
     if approximate not in ACTIVATION:
-        raise ValueError(f"approximate must be one of {tuple(ACTIVATION)}, got {approximate!r}")
+        raise ArgumentError(f"approximate must be one of {tuple(ACTIVATION)}, got {approximate!r}")
 
 
 def linear_gelu(input, weight, bias=None, approximate="none", *, recompute=False, backend=None):
@@ -97,11 +109,11 @@ def linear_gelu(input, weight, bias=None, approximate="none", *, recompute=False
     """
     check_float_tensor(input, "input")
     if input.dim() == 0:
-        raise ValueError("input must have at least one dimension, got a scalar")
+        raise ArgumentError("input must have at least one dimension, got a scalar")
     check_linear(weight, bias, input, input.shape[-1])
     check_approximate(approximate)
-    name = resolve("linear_gelu", input, backend)
-    rows = input.reshape(-1, input.shape[-1])
+    rows = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
+    name = resolve("linear_gelu", input, backend, empty=0 in (*rows.shape, weight.shape[0]))
     out = LinearGeluFunction.apply(
         rows, weight, as_stats_param(bias, weight.shape[0], input.dtype), ACTIVATION[approximate], recompute, name
     )

@@ -1,0 +1,16 @@
+"""The exceptions lmkern's ops raise for bad arguments. Each is also the class torch raises
+for the same mistake, so that code written against torch catches lmkern's errors too:
+torch's argument checks raise RuntimeError (a few ValueError or TypeError), and its
+cross-entropy raises IndexError for a class index out of range."""
+
+
+class ArgumentError(ValueError, RuntimeError):
+    """An argument with a wrong value or shape."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of a wrong type or dtype."""
+
+
+class TargetIndexError(ValueError, IndexError):
+    """A class index outside [0, number of classes) that is not ignore_index."""

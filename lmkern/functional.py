@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
 
-from lmkern.errors import ArgumentError
+from lmkern.errors import ArgumentError, ArgumentTypeError
 from lmkern.ops.attention import scaled_dot_product_attention  # noqa: F401  (re-exported)
 from lmkern.ops.cross_entropy import cross_entropy as _cross_entropy
 from lmkern.ops.layer_norm import layer_norm  # noqa: F401  (already torch's signature)
@@ -48,13 +48,16 @@ def cross_entropy(
         return F.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
-    if not isinstance(input, torch.Tensor) or input.dim() == 0:
-        raise ArgumentError(f"input must be a tensor of shape (C,), (N, C) or (N, C, d1, ..., dK), got {input!r:.80}")
+    for name, tensor in (("input", input), ("target", target)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ArgumentTypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if input.dim() == 0:
+        raise ArgumentError("input must have shape (C,), (N, C) or (N, C, d1, ..., dK), got a scalar")
     expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
-    if not isinstance(target, torch.Tensor) or target.shape != expected:
-        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+    if target.shape != expected:
         raise ArgumentError(
-            f"target must have shape {tuple(expected)} (input {tuple(input.shape)} without its class dim 1), got {got}"
+            f"target must have shape {tuple(expected)} (input {tuple(input.shape)} without its class dim 1), "
+            f"got {tuple(target.shape)}"
         )
     classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     logits = input.movedim(1, -1).reshape(-1, classes) if input.dim() > 1 else input[None]

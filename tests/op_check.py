@@ -1,15 +1,17 @@
-"""Checking an op's outputs and gradients on one backend against the reference, with the
-tolerance rule of numerics.py: shared by the LayerNorm, linear_gelu and FFN tests."""
+"""Checking an op's outputs and gradients on one backend against the reference (or against
+torch's own function), with the tolerance rule of numerics.py: shared by the LayerNorm,
+linear_gelu, FFN and drop-in tests."""
 
 import torch
 from numerics import assert_close_to_truth, truth_dtype
 
 
-def outputs_and_grads(fn, inputs, dtype, seed=0):
+def outputs_and_grads(fn, inputs, dtype=None, seed=0):
     """fn's outputs and the gradients of its tensor inputs, all run in `dtype`.
 
-    inputs: tensors (float ones are cast to dtype; those with requires_grad are leaves whose
-    gradients are returned) or other values passed as they are. torch is seeded with `seed`
+    inputs: tensors (float ones are cast to dtype, unless it is None; those with
+    requires_grad are leaves whose gradients are returned) or other values passed as they
+    are. torch is seeded with `seed`
     first, so that an op's dropout draws the same mask in every run. Backward takes fixed
     random upstream gradients. Returns a list: the outputs, then the gradients (None for
     inputs that take none).
@@ -17,7 +19,7 @@ def outputs_and_grads(fn, inputs, dtype, seed=0):
     leaves = []
     for value in inputs:
         if isinstance(value, torch.Tensor) and value.is_floating_point():
-            value = value.detach().to(dtype).requires_grad_(value.requires_grad)
+            value = value.detach().to(dtype or value.dtype).requires_grad_(value.requires_grad)
         leaves.append(value)
     torch.manual_seed(seed)
     outputs = fn(*leaves)
@@ -25,7 +27,7 @@ def outputs_and_grads(fn, inputs, dtype, seed=0):
     generator = torch.Generator().manual_seed(1)
     upstream = [torch.randn(out.shape, generator=generator).to(out.device, out.dtype) for out in outputs]
     wanted = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
-    grads = iter(torch.autograd.grad(outputs, wanted, upstream))
+    grads = iter(torch.autograd.grad(outputs, wanted, upstream, materialize_grads=True))  # zeros where unused
     return [out.detach() for out in outputs] + [
         next(grads) if isinstance(leaf, torch.Tensor) and leaf.requires_grad else None for leaf in leaves
     ]
@@ -40,6 +42,12 @@ def assert_matches_reference(op, inputs, backend, names, factor=2.0):
     actual = outputs_and_grads(lambda *a: op(*a, backend=backend), inputs, dtype)
     truth = outputs_and_grads(lambda *a: op(*a, backend="torch"), inputs, truth_dtype(dtype))
     baseline = outputs_and_grads(lambda *a: op(*a, backend="torch"), inputs, dtype)
+    assert_all_close_to_truth(actual, truth, baseline, names, factor)
+
+
+def assert_all_close_to_truth(actual, truth, baseline, names, factor=2.0):
+    """Lists from outputs_and_grads, element by element under the tolerance rule, with the
+    baseline's dtype (None where truth has no gradient either)."""
     assert len(actual) == len(names), (len(actual), names)
     for name, a, t, b in zip(names, actual, truth, baseline):
         if t is None:

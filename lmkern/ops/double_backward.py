@@ -27,8 +27,8 @@ def reference_grads(forward, inputs, needs_input_grad, grad_outputs):
     with torch.enable_grad():
         outputs = forward(*inputs)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs) if grad is not None]
-        grads = iter(torch.autograd.grad(*zip(*pairs), wanted, create_graph=True, materialize_grads=True))
+        outputs, grad_outputs = zip(*((out, grad) for out, grad in zip(outputs, grad_outputs) if grad is not None))
+        grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True, materialize_grads=True))
     return tuple(next(grads) if needed else None for needed in needs_input_grad)
 
 

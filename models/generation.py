@@ -5,7 +5,7 @@ token picking), and their text as soon as it is complete UTF-8."""
 import torch
 from tokenizers.decoders import DecodeStream
 
-from lmkern.models.gpt import KVCache, pick_token
+from lmkern.models.gpt import pick_token
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def stream_tokens(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=N
     model.eval()
     try:
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-        cache = KVCache(model.config, 1, longest, device, model.wte.weight.dtype)
+        cache = model.new_cache(1, longest)
         for _ in range(max_new_tokens):
             logits = model.decode(input_ids, cache)[:, -1]  # (1, V); checked above
             token = pick_token(logits.float(), temperature, top_k, top_p, do_sample, generator)  # (1,)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import lmkern
 from lmkern.models import hf
+from lmkern.ops.autocast import autocast_dtype
 
 
 @dataclasses.dataclass
@@ -77,7 +78,8 @@ class LMOutput(typing.NamedTuple):
 class KVCache:
     """Preallocated keys and values of every layer, (n_layer, B, n_head, length, head size)
     each, and each sequence's length so far, (B,) int64. The model's forward writes the new
-    tokens' keys and values and advances the lengths."""
+    tokens' keys and values and advances the lengths. dtype: what attention computes in (the
+    model's, or under torch.autocast the autocast dtype: GPT.new_cache picks it)."""
 
     def __init__(self, config, batch, length, device, dtype):
         shape = (config.n_layer, batch, config.n_head, length, config.n_embd // config.n_head)
@@ -257,7 +259,7 @@ class GPT(torch.nn.Module):
                              f"reach {longest} tokens: more than context_length {self.config.context_length}")
         batch, device = prompts.shape[0], prompts.device
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-        cache = KVCache(self.config, batch, longest, device, self.wte.weight.dtype) if use_cache else None
+        cache = self.new_cache(batch, longest) if use_cache else None
         tokens = torch.cat([prompts, prompts.new_zeros(batch, max_new_tokens)], dim=1)  # a row: prompt, new tokens
         rows = torch.arange(batch, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -285,6 +287,12 @@ class GPT(torch.nn.Module):
         finally:
             self.train(was_training)
         return torch.stack(new_tokens, dim=1) if new_tokens else tokens.new_zeros(batch, 0)
+
+    def new_cache(self, batch, length):
+        """An empty KVCache for `batch` sequences of up to `length` tokens, in the dtype
+        attention runs in: the autocast dtype under torch.autocast, else the weights'."""
+        device = self.wte.weight.device
+        return KVCache(self.config, batch, length, device, autocast_dtype(device.type) or self.wte.weight.dtype)
 
     def _packed_prompts(self, input_ids, attention_mask):
         """(prompts (B, T') with each row's tokens moved to its start in order and zeros after

@@ -79,14 +79,17 @@ def with_kernels(model, kernels, dtype, device="cpu"):
     return copy.to(device, dtype)
 
 
-def pretraining_outputs_and_grads(model, batch, seed=0):
+def pretraining_outputs_and_grads(model, batch, seed=0, autocast=None):
     """{name: tensor}: the encoder's output, the MLM and NSP logits, the loss and the gradient of
     every parameter for the loss plus fixed random weights on the other outputs (so that no
-    gradient is a near-cancelling sum). torch is seeded first, so that dropout draws the
-    same masks in every run."""
+    gradient is a near-cancelling sum), the forward under torch.autocast in the dtype
+    `autocast` if given. torch is seeded first, so that dropout draws the same masks in
+    every run."""
     torch.manual_seed(seed)
     model.train(model.config.dropout > 0)
-    out = model(**batch, return_logits=True)
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+        out = model(**batch, return_logits=True)
     outputs = dict(hidden_states=out.hidden_states, mlm_logits=out.mlm_logits, nsp_logits=out.nsp_logits)
     generator = torch.Generator().manual_seed(1)
     objective = out.loss + sum((value * torch.randn(value.shape, generator=generator).to(value)).sum()
@@ -140,18 +143,51 @@ def test_backend_matches_torch_kernels(device, backend, dtype, case):
     actual = pretraining_outputs_and_grads(with_kernels(model, backend, dtype, device), batch)
     truth = pretraining_outputs_and_grads(with_kernels(model, "torch", truth_dtype(dtype), device), batch)
     baseline = pretraining_outputs_and_grads(with_kernels(model, "torch", dtype, device), batch)
-    # linear_cross_entropy keeps its per-row losses in fp32 even for fp64 input: the loss's
-    # truth comes from the truth's logits, and its baseline error from the row losses.
+    assert all(value.dtype == dtype for name, value in actual.items() if name != "loss")
+    assert_pretraining_matches(actual, truth, baseline, batch)
+
+
+def assert_pretraining_matches(actual, truth, baseline, batch):
+    """pretraining_outputs_and_grads of a backend against those of the reference (truth in
+    higher precision, baseline in the same), under the tolerance rule, with the baseline's
+    dtypes. linear_cross_entropy keeps its per-row losses in fp32 even for fp64 input: the
+    loss's truth comes from the truth's logits, and its baseline error from the row losses."""
     targets = batch["labels"][batch["labels"] != -100]
     truth_rows, baseline_rows = ([F.cross_entropy(outputs["mlm_logits"], targets, reduction="none"),
                                   F.cross_entropy(outputs["nsp_logits"], batch["next_sentence_label"], reduction="none")]
                                  for outputs in (truth, baseline))
     truth["loss"] = truth_rows[0].mean() + truth_rows[1].mean()
-    assert_mean_loss_close_to_truth(actual.pop("loss"), truth["loss"], torch.cat(baseline_rows), torch.cat(truth_rows))
+    assert_mean_loss_close_to_truth(actual["loss"], truth["loss"], torch.cat(baseline_rows), torch.cat(truth_rows))
     for name, value in actual.items():
-        assert value.dtype == dtype, f"{name}: {value.dtype}, expected {dtype}"
+        assert value.dtype == baseline[name].dtype, f"{name}: {value.dtype}, expected {baseline[name].dtype}"
         factor = 3.0 if name.startswith("grad") else 2.0  # gradients pass through attention's backward
-        assert_close_to_truth(value, truth[name], baseline[name], factor=factor, name=name)
+        if name != "loss":
+            assert_close_to_truth(value, truth[name], baseline[name], factor=factor, name=name)
+
+
+# (backend, autocast dtype): bf16 only where the Triton interpreter does not run.
+AUTOCAST_RUNS = [("native", torch.bfloat16), ("native", torch.float16), ("triton", torch.float16)]
+
+
+@pytest.mark.parametrize("backend, half", AUTOCAST_RUNS, ids=[f"{b}-{str(d)[6:]}" for b, d in AUTOCAST_RUNS])
+def test_backend_under_autocast_matches_torch_kernels(backend, half):
+    """One pretraining step (dropout and padding included) under torch.autocast over fp32
+    weights: the stream stays fp32, the logits come in the autocast dtype, the loss and
+    every gradient in fp32, within the tolerance rule of the reference model under the
+    same autocast (truth: the reference in fp64)."""
+    fields, size, length = sized_for("cpu", backend, CASES["dropout"])
+    config = BertConfig(**{**TINY, **fields, "kernels": "torch"})
+    require_model(backend, "cpu", half, config)
+    generator = torch.Generator().manual_seed(0)
+    model = randomise(BertForPreTraining(config), generator)
+    batch = make_batch(config, size, length, generator)
+    actual = pretraining_outputs_and_grads(with_kernels(model, backend, torch.float32), batch, autocast=half)
+    baseline = pretraining_outputs_and_grads(with_kernels(model, "torch", torch.float32), batch, autocast=half)
+    truth = pretraining_outputs_and_grads(with_kernels(model, "torch", torch.float64), batch)
+    dtypes = {name: value.dtype for name, value in actual.items()}
+    assert dtypes.pop("mlm_logits") == dtypes.pop("nsp_logits") == half
+    assert set(dtypes.values()) == {torch.float32}
+    assert_pretraining_matches(actual, truth, baseline, batch)
 
 
 # -- the torch kernels against transformers -----------------------------------------------------

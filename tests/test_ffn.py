@@ -199,7 +199,7 @@ def _bad_calls():
         (lambda: ffn(x, norm_w, norm_b, w1, b1[:5], w2, b2), ValueError, r"b1 must have shape \(32,\)"),
         (lambda: ffn(x, norm_w, norm_b, w1, b1, w2[:, :5], b2), ValueError, r"w2 must have shape \(out_features, 32\)"),
         (lambda: ffn(x, norm_w, norm_b, w1, b1, w2[:8], None), ValueError, r"w2 must have shape \(16, 32\) to give"),
-        (lambda: ffn(x, norm_w, norm_b, w1, b1, w2.half(), b2), ValueError, "w2 must have the input's dtype"),
+        (lambda: ffn(x, norm_w, norm_b, w1, b1, w2.half(), b2), ValueError, r"w2 must have the dtype torch.float32 and the input's device"),
         (lambda: ffn(x, norm_w, norm_b, w1, b1, w2, b2, approximate="erf"), ValueError, "approximate must be one of"),
         (lambda: ffn(x, norm_w, norm_b, w1, b1, w2, b2, dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\]"),
         (lambda: lmkern.nn.FusedFFN(16, 32, dropout=2.0), ValueError, r"dropout must be in \[0, 1\]"),

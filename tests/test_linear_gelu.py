@@ -185,7 +185,7 @@ def _bad_calls():
     return [
         (lambda: lg(x.long(), w), TypeError, "input must be a floating-point tensor"),
         (lambda: lg(x, w[:, :9]), ValueError, r"weight must have shape \(out_features, 10\), got \(6, 9\)"),
-        (lambda: lg(x, w.double()), ValueError, "weight must have the input's dtype and device"),
+        (lambda: lg(x, w.double()), ValueError, r"weight must have the dtype torch.float32 and the input's device"),
         (lambda: lg(x, w, b[:5]), ValueError, r"bias must have shape \(6,\)"),
         (lambda: lg(x, w, b, "sigmoid"), ValueError, r"approximate must be one of \('none', 'tanh'\)"),
         (lambda: lg(x[0, 0], w), ValueError, "input must have at least one dimension"),

@@ -14,6 +14,7 @@ from lmkern import random
 from lmkern.backend import implementation, resolve
 from lmkern.errors import ArgumentError, ArgumentTypeError
 from lmkern.ops.attention import reference
+from lmkern.ops.autocast import cast_for_autocast, without_autocast
 from lmkern.ops.double_backward import reference_grads
 
 
@@ -165,6 +166,7 @@ def _check_mask(attn_mask, query, shape, is_causal):
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, backend):
         impl = implementation(__name__, backend)
         args = (is_causal, causal_shift, scale, dropout_p, seed)
@@ -174,6 +176,7 @@ class AttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out):
         q, k, v, out, lse, mask = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, through the reference
@@ -256,11 +259,16 @@ def scaled_dot_product_attention(
         scale: of the scores; 1 / sqrt(D) by default.
         backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
 
-    Returns (..., H, Lq, Dv) in query's dtype, the leading dimensions broadcast. A query row
+    Under torch.autocast, query, key, value and a float mask are cast to the autocast dtype
+    first, as torch's own attention is. Returns (..., H, Lq, Dv) in query's dtype, the
+    leading dimensions broadcast. A query row
     that sees no key at all (every key masked) gives zeros and zero gradients on every
     backend; torch gives zeros or NaN depending on its backend. Gradients can be
     differentiated again (create_graph=True): that backward runs through the reference.
     """
+    query, key, value = cast_for_autocast(query, key, value)
+    if isinstance(attn_mask, torch.Tensor) and _is_plain_tensor(attn_mask):
+        attn_mask = cast_for_autocast(query, attn_mask)[1]
     check_float_tensor(query, "query", "(..., H, Lq, D)", dims=range(2, 64))
     check_float_tensor(key, "key", "(..., H_kv, Lk, D)", dims=range(2, 64))
     check_float_tensor(value, "value", "(..., H_kv, Lk, Dv)", dims=range(2, 64))

@@ -8,6 +8,7 @@ from lmkern.backend import implementation, resolve
 from lmkern.errors import ArgumentError, ArgumentTypeError
 from lmkern.ops import attention
 from lmkern.ops.attention import backend_limits, check_float_tensor, check_kv_heads, check_same_dtype_and_device
+from lmkern.ops.autocast import autocast_dtype, autocast_off
 
 
 def _check_cache_lengths(cache_seqlens, batch, device):
@@ -62,10 +63,14 @@ def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
     position sees nothing and gets zeros. Returns (B, H, Lq, Dv) in q's dtype. A sequence
     that would not fit (total_b > L_max, or a negative length) raises ValueError on CPU; on
     CUDA, where checking would stall the stream, its output is NaN and nothing is written
-    for it. For inference: there is no backward (it raises under autograd).
+    for it. Under torch.autocast, q, k_new and v_new are cast to the caches' dtype (the
+    caller allocates the caches in the dtype to compute in). For inference: there is no
+    backward (it raises under autograd).
     """
-    check_float_tensor(q, "q", "(B, H, Lq, D)")
     check_float_tensor(k_cache, "k_cache", "(B, H_kv, L_max, D)")
+    if autocast_dtype(k_cache.device.type) is not None:  # the caches' dtype is the computation's
+        q, k_new, v_new = (t.to(k_cache.dtype) if isinstance(t, torch.Tensor) else t for t in (q, k_new, v_new))
+    check_float_tensor(q, "q", "(B, H, Lq, D)")
     check_float_tensor(v_cache, "v_cache", "(B, H_kv, L_max, Dv)")
     check_same_dtype_and_device("q", q, k_cache=k_cache, v_cache=v_cache)
     batch, heads, _, head_dim = q.shape
@@ -101,6 +106,7 @@ def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
     if q.is_cuda and "native" not in limits and not all(map(_rows_aligned, (k_cache, v_cache))):
         # The CUDA kernels write 16-byte rows in place, so the caches cannot be copied to align them.
         limits["native"] = "its CUDA kernels need the caches' strides to be multiples of 8 elements"
-    name = resolve("attention_with_kv_cache", q, backend, limits)
+    name = resolve("attention_with_kv_cache", q, backend, limits, empty=q.numel() == 0)
     fwd = implementation(attention.__name__, name).attention_with_kv_cache_fwd
-    return fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
+    with autocast_off(q.device.type):
+        return fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)

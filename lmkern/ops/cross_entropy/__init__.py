@@ -10,6 +10,7 @@ import torch
 
 from lmkern.backend import implementation, resolve
 from lmkern.errors import ArgumentError, ArgumentTypeError, TargetIndexError
+from lmkern.ops.autocast import autocast_dtype, without_autocast
 from lmkern.ops.double_backward import refuse_create_graph
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -46,7 +47,11 @@ def grad_scale(grad_loss, denominator, reduction):
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, inplace_backward, backend):
+    @without_autocast
+    def forward(
+        ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, inplace_backward, loss_dtype,
+        backend,
+    ):
         fwd = implementation(__name__, backend).cross_entropy_fwd
         row_loss, grad = fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_backward)
         if inplace_backward:
@@ -56,16 +61,36 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(grad, denominator)
         ctx.reduction = reduction
         ctx.inplace_backward = inplace_backward
-        return loss.to(logits.dtype)
+        return loss.to(loss_dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_loss):
         refuse_create_graph("cross_entropy")
         grad, denominator = ctx.saved_tensors
         scale = grad_scale(grad_loss, denominator, ctx.reduction)
         # Out of place by default so that backward may run twice (retain_graph=True).
-        grad_logits = grad.mul_(scale) if ctx.inplace_backward else grad * scale
-        return grad_logits, None, None, None, None, None, None, None, None
+        grad_logits = grad.mul_(scale) if ctx.inplace_backward else scaled(grad, scale, grad.dtype)
+        return grad_logits, None, None, None, None, None, None, None, None, None
+
+
+def scaled(grad, scale, dtype):
+    """grad * scale (grad itself if scale is None) in `dtype`, rounded once and without an
+    fp32 temporary of grad's size (scale may be fp32 for half grad: an fp32 loss under
+    autocast). Out of place, so that backward may run twice (retain_graph=True)."""
+    if grad is None:
+        return None
+    if scale is None:
+        return grad.to(dtype)
+    return torch.mul(grad, scale, out=torch.empty_like(grad, dtype=dtype))
+
+
+def loss_dtype(input):
+    """The dtype of a loss of `input`: input's, or at least fp32 under torch.autocast, as
+    torch's losses there."""
+    if autocast_dtype(input.device.type) is None:
+        return input.dtype
+    return torch.promote_types(input.dtype, torch.float32)
 
 
 def check_reduction_args(ignore_index, reduction, label_smoothing, z_loss):
@@ -158,7 +183,9 @@ def cross_entropy(
             dimension (a copy is overwritten otherwise).
         backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
 
-    Returns the loss in the input's dtype: a scalar, or per row for reduction="none".
+    Returns the loss in the input's dtype (fp32 under torch.autocast, as torch's; the
+    logits are not cast, and the kernels reduce in fp32 either way): a scalar, or per row
+    for reduction="none".
     A target outside [0, V) that is not ignore_index raises TargetIndexError (a ValueError
     and an IndexError, torch's class) naming it on CPU; on CUDA, where checking would stall
     the stream, that row's loss and gradient are NaN (so the reduced loss is NaN) and
@@ -192,6 +219,7 @@ def cross_entropy(
         float(label_smoothing),
         float(z_loss),
         inplace_backward,
+        loss_dtype(input),
         name,
     )
     return loss.view(target.shape) if reduction == "none" else loss

@@ -16,6 +16,7 @@ import torch
 from lmkern.backend import implementation, resolve
 from lmkern.errors import ArgumentError
 from lmkern.ops import cross_entropy as ce
+from lmkern.ops.autocast import autocast_dtype, cast_for_autocast, without_autocast
 from lmkern.ops.double_backward import refuse_create_graph
 
 
@@ -78,12 +79,18 @@ def _chunk(fwd, hidden, weight, bias, target, options, grads, row_scale, rows):
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, chunk_size, backend):
+    @without_autocast
+    def forward(
+        ctx, hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, chunk_size, loss_dtype,
+        backend,
+    ):
         fwd = implementation(ce.__name__, backend).cross_entropy_fwd
         options = (ignore_index, label_smoothing, z_loss)
         grads_now = reduction != "none"
         needs_grad = ctx.needs_input_grad[:3] if grads_now else (False, False, False)
-        row_loss, grads = chunked_loss_and_grads(fwd, hidden, weight, bias, target, options, chunk_size, needs_grad)
+        weight_in, bias_in = _in_dtype(hidden, weight, bias)
+        row_loss, grads = chunked_loss_and_grads(fwd, hidden, weight_in, bias_in, target, options, chunk_size, needs_grad)
+        del weight_in, bias_in
         loss, denominator = ce.reduce_rows(row_loss, target, None, ignore_index, reduction)
         if grads_now:
             ctx.save_for_backward(*grads, denominator)
@@ -91,41 +98,31 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, target)
             ctx.fwd, ctx.options, ctx.chunk_size = fwd, options, chunk_size
         ctx.reduction = reduction
-        ctx.weight_dtype = weight.dtype
-        return loss.to(hidden.dtype)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss.to(loss_dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_loss):
         refuse_create_graph("linear_cross_entropy")
         if ctx.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
             needs_grad = ctx.needs_input_grad[:3]
             _, grads = chunked_loss_and_grads(
-                ctx.fwd, hidden, weight, bias, target, ctx.options, ctx.chunk_size, needs_grad, row_scale=grad_loss
+                ctx.fwd, hidden, *_in_dtype(hidden, weight, bias), target, ctx.options, ctx.chunk_size, needs_grad,
+                row_scale=grad_loss,
             )
-            grad_hidden, grad_weight, grad_bias = grads
             scale = None
         else:
-            grad_hidden, grad_weight, grad_bias, denominator = ctx.saved_tensors
+            *grads, denominator = ctx.saved_tensors
             scale = ce.grad_scale(grad_loss, denominator, ctx.reduction)
-        return (
-            _scaled(grad_hidden, scale, grad_loss.dtype),
-            _scaled(grad_weight, scale, ctx.weight_dtype),
-            _scaled(grad_bias, scale, ctx.weight_dtype),
-            None, None, None, None, None, None, None,
-        )
+        return (*map(ce.scaled, grads, (scale,) * 3, ctx.dtypes), None, None, None, None, None, None, None, None)
 
 
-def _scaled(grad, scale, dtype):
-    """grad * scale in `dtype`, rounded once and without an fp32 temporary of grad's size.
-
-    Out of place, so that backward may run twice (retain_graph=True).
-    """
-    if grad is None:
-        return None
-    if scale is None:
-        return grad.to(dtype)
-    return torch.mul(grad, scale, out=torch.empty_like(grad, dtype=dtype))
+def _in_dtype(hidden, weight, bias):
+    """weight and bias in hidden's dtype, in which the matmuls run (copies only where they
+    differ: fp32 parameters under autocast)."""
+    return weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
 
 
 def linear_cross_entropy(
@@ -150,8 +147,11 @@ def linear_cross_entropy(
     chunk's logits (chunk_size, V) plus the gradients being built.
 
     Args:
-        hidden: (N, H) or (B, T, H) float32/float16/bfloat16.
-        weight: (V, H), the LM head (often the tied embedding), same dtype as hidden.
+        hidden: (N, H) or (B, T, H) float32/float16/bfloat16; under torch.autocast cast to
+            the autocast dtype first, as F.linear casts it.
+        weight: (V, H), the LM head (often the tied embedding), hidden's dtype; under
+            autocast any float dtype (the matmuls run in hidden's, and the gradients of
+            weight and bias, accumulated in fp32, come back in their own dtypes).
         target: (N,) or (B, T) int64 (or int32) class indices, or ignore_index.
         bias: (V,) or None.
         chunk_size: tokens per chunk; None picks about N * H / V (at least 256), so that a
@@ -159,9 +159,11 @@ def linear_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss, backend: as in lmkern.cross_entropy;
             backend picks the cross-entropy kernel (the matmuls are torch's).
 
-    Returns the loss in hidden's dtype: a scalar, or per token for reduction="none". Bad
-    targets and create_graph=True are refused as in lmkern.cross_entropy.
+    Returns the loss in hidden's dtype (fp32 under autocast): a scalar, or per token for
+    reduction="none". Bad targets and create_graph=True are refused as in
+    lmkern.cross_entropy.
     """
+    hidden = cast_for_autocast(hidden)[0]
     ce.check_float_tensor(hidden, "hidden", (2, 3))
     ce.check_float_tensor(weight, "weight", (2,))
     ce.check_target(target, hidden, "hidden")
@@ -172,8 +174,9 @@ def linear_cross_entropy(
             f"weight must have shape (V, {hidden_size}) with V >= 1 to match hidden {tuple(hidden.shape)}, "
             f"got {tuple(weight.shape)}"
         )
+    any_dtype = autocast_dtype(hidden.device.type) is not None
     for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and (tensor.dtype != hidden.dtype or tensor.device != hidden.device):
+        if tensor is not None and (tensor.device != hidden.device or not (any_dtype or tensor.dtype == hidden.dtype)):
             raise ArgumentError(
                 f"{name} must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
                 f"got {tensor.dtype} on {tensor.device}"
@@ -189,6 +192,7 @@ def linear_cross_entropy(
         chunk_size = default_chunk_size(n_rows, hidden_size, weight.shape[0])
     rows_target = ce.rows_target(target, weight.shape[0], ignore_index)
     loss = LinearCrossEntropyFunction.apply(
-        rows, weight, bias, rows_target, ignore_index, reduction, float(label_smoothing), float(z_loss), chunk_size, name
+        rows, weight, bias, rows_target, ignore_index, reduction, float(label_smoothing), float(z_loss), chunk_size,
+        ce.loss_dtype(hidden), name,
     )
     return loss.view(target.shape) if reduction == "none" else loss

@@ -26,6 +26,7 @@ from lmkern.errors import ArgumentError
 from lmkern.ops import layer_norm as ln_ops
 from lmkern.ops import linear_gelu as lg_ops
 from lmkern.ops.cross_entropy.linear import add_matmul_wide
+from lmkern.ops.autocast import autocast_dtype, cast_for_autocast, without_autocast
 from lmkern.ops.double_backward import reference_grads
 
 
@@ -45,18 +46,27 @@ class FFNOptions:
 def ffn_fwd(norm, linear, x, norm_weight, norm_bias, w1, b1, w2, b2, opt):
     """The forward on the LayerNorm implementation `norm` and the linear one `linear`:
     (out, mean, rstd, pre, summed), the last four what backward needs (pre None with
-    opt.recompute; summed, the normalised sum, None pre-LN)."""
+    opt.recompute; summed, the normalised sum, None pre-LN).
+
+    The matmuls run in the weights' dtype; where x (the residual stream) has another
+    (autocast: an fp32 stream, half-precision matmuls), the LayerNorm and the residual
+    stay in x's dtype and the branch is cast between them."""
+    compute = w1.dtype
     residual = x if opt.residual else None
     summed = None
     if opt.prenorm:
         h, mean, rstd, _ = norm.layer_norm_fwd(x, norm_weight, norm_bias, opt.eps)
-        g, pre = linear.linear_gelu_fwd(h, w1, b1, opt.activation, not opt.recompute)
+        g, pre = linear.linear_gelu_fwd(h.to(compute), w1, b1, opt.activation, not opt.recompute)
         del h
-        out, _ = linear.linear_gelu_fwd(g, w2, b2, "none", False, opt.dropout_p, opt.seed, residual)
+        fused = residual is not None and x.dtype == compute  # the epilogue adds a residual of its own dtype
+        out, _ = linear.linear_gelu_fwd(g, w2, b2, "none", False, opt.dropout_p, opt.seed, residual if fused else None)
+        if residual is not None and not fused:
+            out = (residual + out).to(x.dtype)
     else:
-        g, pre = linear.linear_gelu_fwd(x, w1, b1, opt.activation, not opt.recompute)
+        g, pre = linear.linear_gelu_fwd(x.to(compute), w1, b1, opt.activation, not opt.recompute)
         y, _ = linear.linear_gelu_fwd(g, w2, b2, "none", False)
         del g
+        y = y.to(x.dtype)
         adds = residual is not None or opt.dropout_p > 0
         out, mean, rstd, summed = norm.layer_norm_fwd(
             y, norm_weight, norm_bias, opt.eps, residual, opt.dropout_p, opt.seed, keep_sum=adds
@@ -68,6 +78,7 @@ def ffn_fwd(norm, linear, x, norm_weight, norm_bias, w1, b1, w2, b2, opt):
 
 class FFNFunction(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, opt):
         norm = implementation(ln_ops.__name__, opt.norm_backend)
         linear = implementation(lg_ops.__name__, opt.linear_backend)
@@ -77,6 +88,7 @@ class FFNFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out):
         x, norm_weight, norm_bias, w1, b1, w2, b2, mean, rstd, pre, summed = ctx.saved_tensors
         norm, linear, opt = ctx.norm, ctx.linear, ctx.opt
@@ -88,22 +100,25 @@ class FFNFunction(torch.autograd.Function):
 
             inputs = (x, norm_weight, norm_bias, w1, b1, w2, b2)
             return *reference_grads(forward, inputs, needs[:7], (grad_out,)), None
+        compute = w1.dtype
         has_bias = norm_bias is not None
         grad_out = ln_ops.last_dim_contiguous(grad_out)
         if opt.prenorm:
             # Through dropout and the second bias; the residual's gradient is grad_out itself.
-            grad_y, grad_b2, _ = lg_ops.epilogue_bwd(linear, grad_out, None, "none", opt.dropout_p, opt.seed)
+            grad_y, grad_b2, _ = lg_ops.epilogue_bwd(linear, grad_out.to(compute), None, "none", opt.dropout_p, opt.seed)
         else:
             grad_y, grad_x_residual, grad_norm_weight, grad_norm_bias = norm.layer_norm_bwd(
                 grad_out, None, summed, norm_weight, mean, rstd, opt.dropout_p, opt.seed, has_bias
             )
-            _, grad_b2, _ = lg_ops.epilogue_bwd(linear, grad_y, None, "none")
+            _, grad_b2, _ = lg_ops.epilogue_bwd(linear, grad_y.to(compute), None, "none")
         h = norm.layer_norm_fwd(x, norm_weight, norm_bias, opt.eps)[0] if opt.prenorm else x
+        h = h.to(compute)
         if pre is None:  # recompute=True
             pre, _ = linear.linear_gelu_fwd(h, w1, b1, "none", False)
-        grad_pre, grad_b1, grad_w2 = gelu_and_fc2_grads(linear, grad_y, pre, w2, opt.activation, needs[5])
+        grad_pre, grad_b1, grad_w2 = gelu_and_fc2_grads(linear, grad_y.to(compute), pre, w2, opt.activation, needs[5])
         del pre, grad_y
         grad_h, grad_w1 = lg_ops.matmul_grads(grad_pre, h, w1, (True, needs[3]))
+        grad_h = grad_h.to(x.dtype)
         if opt.prenorm:
             # The residual's gradient enters LayerNorm's backward as the gradient of its input.
             grad_x, _, grad_norm_weight, grad_norm_bias = norm.layer_norm_bwd(
@@ -183,7 +198,9 @@ def ffn(
         x: (..., D) float32/float16/bfloat16 (float64 runs on the torch backend).
         norm_weight, norm_bias: (D,) LayerNorm weight and bias, or None.
         w1: (F, D) and b1: (F,) or None, the first linear layer; w2: (D, F) and b2: (D,)
-            or None, the second. Weights in x's dtype.
+            or None, the second. Weights in x's dtype; under torch.autocast any float
+            dtype, cast to the autocast dtype, in which the matmuls then run while the
+            LayerNorm and the residual stay in x's dtype (an fp32 stream stays fp32).
         eps: LayerNorm's eps.
         approximate: GELU's, "none" or "tanh".
         dropout_p: dropout on fc2's output (as F.dropout with training=True), with
@@ -198,11 +215,13 @@ def ffn(
     ln_ops.check_float_tensor(x, "x")
     if x.dim() == 0:
         raise ArgumentError("x must have at least one dimension (..., D), got a scalar")
+    w1, w2 = cast_for_autocast(x, w1, w2)[1:]
+    compute = autocast_dtype(x.device.type) or x.dtype
     width = x.shape[-1]
     ln_ops.check_param(norm_weight, "norm_weight", (width,), x)
     ln_ops.check_param(norm_bias, "norm_bias", (width,), x)
-    lg_ops.check_linear(w1, b1, x, width, "w1", "b1")
-    lg_ops.check_linear(w2, b2, x, w1.shape[0], "w2", "b2")
+    lg_ops.check_linear(w1, b1, x, width, "w1", "b1", dtype=compute)
+    lg_ops.check_linear(w2, b2, x, w1.shape[0], "w2", "b2", dtype=compute)
     if w2.shape[0] != width:
         raise ArgumentError(f"w2 must have shape ({width}, {w1.shape[0]}) to give back x's width, got {tuple(w2.shape)}")
     lg_ops.check_approximate(approximate)

@@ -13,6 +13,7 @@ import torch
 from lmkern import random
 from lmkern.backend import implementation, requested_backend, resolve
 from lmkern.errors import ArgumentError, ArgumentTypeError
+from lmkern.ops.autocast import without_autocast
 from lmkern.ops.double_backward import reference_grads, refuse_create_graph
 from lmkern.ops.layer_norm import reference
 
@@ -23,6 +24,7 @@ MAX_GPU_ROW_BYTES = 65536
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed, prenorm, backend):
         impl = implementation(__name__, backend)
         adds = residual is not None or dropout_p > 0
@@ -36,6 +38,7 @@ class LayerNormFunction(torch.autograd.Function):
         return (out, summed) if prenorm else out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out, grad_sum=None):
         summed, weight, bias, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
@@ -151,8 +154,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, bac
         backend: "torch", "triton", "native" or "auto"; see lmkern.backend. Rows wider
             than 64 KiB are refused by the GPU kernels (auto then runs the reference).
 
-    Returns the normalised input, same shape and dtype. Mean and variance are computed in
-    fp32 (two passes); backward saves only the input and the fp32 mean and rstd per row.
+    Returns the normalised input, same shape and dtype: under torch.autocast too, which
+    changes nothing here (torch's CPU autocast also keeps the input's dtype; its CUDA
+    autocast returns fp32). Mean and variance are computed in fp32 (two passes); backward
+    saves only the input and the fp32 mean and rstd per row.
     """
     check_float_tensor(input, "input")
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
@@ -185,7 +190,9 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5, *, dropout_p=0.0, prenor
 
     Args:
         x: (..., D), float32/float16/bfloat16: a sub-layer's output.
-        residual: the residual stream, shaped and typed like x, or None (s = dropout(x)).
+        residual: the residual stream, shaped like x, or None (s = dropout(x)). Of x's
+            dtype or another: s is computed in the residual's dtype, x cast to it (a
+            half-precision branch added to an fp32 stream, as under torch.autocast).
         weight, bias: (D,) or None.
         eps: added to the variance.
         dropout_p: drop probability for x (as F.dropout with training=True). The mask comes
@@ -193,21 +200,23 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5, *, dropout_p=0.0, prenor
             reproduces it; every backend draws the same mask) and is drawn again in backward,
             never stored.
         prenorm: True (pre-LN, GPT) returns (LayerNorm(s), s), s being the new residual
-            stream in x's dtype; False (post-LN, BERT) returns LayerNorm(s) alone.
+            stream; False (post-LN, BERT) returns LayerNorm(s) alone. Both in s's dtype.
         backend: as in lmkern.layer_norm.
 
-    Saves for backward s and the fp32 mean and rstd per row.
+    Saves for backward s and the fp32 mean and rstd per row. torch.autocast changes
+    nothing: the statistics are fp32 whatever the dtypes.
     """
     check_float_tensor(x, "x")
     if x.dim() == 0:
         raise ArgumentError("x must have at least one dimension (..., D), got a scalar")
     if residual is not None:
         check_float_tensor(residual, "residual")
-        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        if residual.shape != x.shape or residual.device != x.device:
             raise ArgumentError(
-                f"residual must have x's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, {x.device}), "
-                f"got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
+                f"residual must have x's shape and device ({tuple(x.shape)}, {x.device}), "
+                f"got {tuple(residual.shape)}, {residual.device}"
             )
+        x = x.to(residual.dtype)  # the sum is the residual stream: in its dtype
     width = x.shape[-1]
     check_param(weight, "weight", (width,), x)
     check_param(bias, "bias", (width,), x)

@@ -15,6 +15,7 @@ import torch
 
 from lmkern.backend import implementation, resolve
 from lmkern.errors import ArgumentError
+from lmkern.ops.autocast import cast_for_autocast, without_autocast
 from lmkern.ops.double_backward import reference_grads
 from lmkern.ops.layer_norm import as_stats_param, check_float_tensor
 from lmkern.ops.linear_gelu import reference
@@ -25,6 +26,7 @@ ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
 
 class LinearGeluFunction(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, x, weight, bias, activation, recompute, backend):
         impl = implementation(__name__, backend)
         out, pre = impl.linear_gelu_fwd(x, weight, bias, activation, keep_preactivation=not recompute)
@@ -33,6 +35,7 @@ class LinearGeluFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out):
         x, weight, bias, pre = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, through the reference
@@ -67,16 +70,18 @@ def matmul_grads(grad_pre, x, weight, needs_grad):
     return grad_x, grad_weight
 
 
-def check_linear(weight, bias, input, in_features, weight_name="weight", bias_name="bias"):
-    """weight (F, in_features) in input's dtype and device, and bias (F,) or None."""
+def check_linear(weight, bias, input, in_features, weight_name="weight", bias_name="bias", dtype=None):
+    """weight (F, in_features) in `dtype` (default input's) and on input's device, and bias
+    (F,) or None."""
     check_float_tensor(weight, weight_name)
     if weight.dim() != 2 or weight.shape[1] != in_features:
         raise ArgumentError(
             f"{weight_name} must have shape (out_features, {in_features}), got {tuple(weight.shape)}"
         )
-    if weight.dtype != input.dtype or weight.device != input.device:
+    dtype = dtype or input.dtype
+    if weight.dtype != dtype or weight.device != input.device:
         raise ArgumentError(
-            f"{weight_name} must have the input's dtype and device ({input.dtype}, {input.device}), "
+            f"{weight_name} must have the dtype {dtype} and the input's device {input.device}, "
             f"got {weight.dtype} on {weight.device}"
         )
     if bias is not None:
@@ -98,15 +103,19 @@ def linear_gelu(input, weight, bias=None, approximate="none", *, recompute=False
 
     Args:
         input: (..., K) float32/float16/bfloat16 (float64 runs on the torch backend).
-        weight: (F, K) in input's dtype, as torch.nn.Linear's weight.
-        bias: (F,) or None; the kernels add it in fp32.
+        weight: (F, K) in input's dtype, as torch.nn.Linear's weight. Under torch.autocast
+            both are cast to the autocast dtype first, as F.linear casts them.
+        bias: (F,) or None, any float dtype; the kernels add it in fp32.
         approximate: "none" (exact erf GELU) or "tanh", as torch.nn.functional.gelu.
         recompute: save no (N, F) pre-activation for backward but recompute it there with
             one more matmul (N * F elements less memory, 2 N K F more FLOPs).
         backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
 
     Returns (..., F) in input's dtype. The bias gradient is a deterministic column sum.
+    Gradients can be differentiated again (create_graph=True): that backward runs through
+    the reference.
     """
+    input, weight = cast_for_autocast(input, weight)
     check_float_tensor(input, "input")
     if input.dim() == 0:
         raise ArgumentError("input must have at least one dimension, got a scalar")

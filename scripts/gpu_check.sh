@@ -32,6 +32,7 @@ failed=0
 step() {
   local name=$1 limit=$2 start code
   shift 2
+  limit=$((limit * scale))
   echo "== $name (limit ${limit}s)"
   start=$(date +%s)
   timeout --kill-after=5 "$limit" "$@" >"$work/$name.log" 2>&1
@@ -53,7 +54,9 @@ bench_step() {  # bench_step OP LIMIT: the op's short (GPU) or quick (CPU) bench
   step "bench-$1" "$2" "$python" -m benchmarks.run --op "$1" "$size" --out "$work/results"
 }
 
+scale=1  # on CPU (2 cores, the interpreter, CPU torch.compile) every limit is 5 times longer
 if [ "$mode" = --cpu ]; then
+  scale=5
   build_env=(LMKERN_BUILD_CUDA=0 MAX_JOBS=2)
   device=cpu
   quick=--quick

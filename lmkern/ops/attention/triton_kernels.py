@@ -74,17 +74,17 @@ if triton_interpreting():
 else:
     FWD_CONFIGS = _configs(
         [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2),
-         (64, 32, 8, 3), (32, 32, 4, 2), (16, 16, 8, 2)]
+         (32, 32, 4, 2), (16, 16, 4, 2)]
     )
     # One list for both backward roles, each taking its own shape of tile: wide key blocks
     # (BLOCK_N >= BLOCK_M) for dK/dV, wide query blocks for dQ.
     BWD_CONFIGS = _configs(
         [(64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (64, 32, 4, 4), (64, 32, 8, 2),
-         (16, 32, 8, 2), (16, 16, 8, 2)]
+         (16, 32, 8, 2), (16, 16, 4, 2)]
     )
     DECODE_CONFIGS = [
         triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages)
-        for n, warps, stages in [(64, 4, 2), (128, 4, 3), (64, 4, 4), (32, 2, 3), (32, 4, 2), (16, 4, 2)]
+        for n, warps, stages in [(64, 4, 2), (64, 4, 4), (32, 2, 3), (32, 4, 2), (16, 4, 2)]
     ]
 
 
@@ -104,11 +104,12 @@ def _score_tiles(args, computed):
     return computed + mask + 4 * bool(args["HAS_DROPOUT"])
 
 
-def _exact_fp32(size, m, n):
+def _exact_fp32(size, m, n, largest=16 * 32):
     """fp32 attention multiplies exactly, in FMA dots that hold each thread's rows of both
-    operands at the full head dim: only 16 x 16 tiles compile quickly and without spills
-    at head dims up to 256 (benchmarks/results/triton-check/)."""
-    return size == 4 and m * n > 16 * 16
+    operands at the full head dim: only tiles of 16 x 16 or 16 x 32 compile quickly and
+    without spills at head dims up to 256 (16 x 16 for decoding; see
+    benchmarks/results/triton-check/)."""
+    return size == 4 and m * n > largest
 
 
 def _operand_registers(tile, size, target):
@@ -150,7 +151,7 @@ def _decode_resources(config, args, target):
     """As forward, with BLOCK_M packed query rows; its blocks are too small for wgmma, so
     the key and value blocks are register operands (of mma) on every target."""
     size, m, n, d, dv, threads, stages = _tile_sizes(config, args)
-    if _exact_fp32(size, m, n):
+    if _exact_fp32(size, m, n, largest=16 * 16):
         return float("inf"), float("inf")
     registers = m * dv + 2 * m * n + m * d * size / 4 + n * (d + dv) * size / 4
     return size * (m * d + stages * n * (d + dv)), registers / threads

@@ -266,10 +266,11 @@ def block_width(width, dtype):
     return triton.next_power_of_2(width)
 
 
-def num_warps_for(block):
-    """256 elements a warp, from 1 to 16 warps; 32 for the widest rows (32,768 elements), whose
-    forward spills at 16 (64 fp32 values a thread, and the weight and bias beside them)."""
-    return min(max(block // 256, 1), 16 if block < 32768 else 32)
+def num_warps_for(block, element_size):
+    """256 elements a warp, from 1 to 16 warps; 32 for rows of 64 KiB (32,768 fp16/bf16 or
+    16,384 fp32 elements), whose forward spills at 16 (the row in fp32 registers, with the
+    weight and bias beside it)."""
+    return 32 if block * element_size >= 65536 else min(max(block // 256, 1), 16)
 
 
 def layer_norm_fwd(x, weight, bias, eps, residual=None, dropout_p=0.0, seed=0, keep_sum=False):
@@ -303,7 +304,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, dropout_p=0.0, seed=0, k
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         BLOCK_D=block,
-        num_warps=num_warps_for(block),
+        num_warps=num_warps_for(block, x.element_size()),
     )
     return out, mean, rstd, summed
 
@@ -346,7 +347,7 @@ def layer_norm_bwd(grad_out, grad_sum, summed, weight, mean, rstd, dropout_p, se
         if wide:
             layer_norm_bwd_wide_kernel[(n_rows,)](
                 *tensors, width, *dropout_args(dropout_p), seed, **flags,
-                BLOCK_D=WIDE_CHUNK, num_warps=num_warps_for(WIDE_CHUNK), enable_fp_fusion=False,
+                BLOCK_D=WIDE_CHUNK, num_warps=num_warps_for(WIDE_CHUNK, summed.element_size()), enable_fp_fusion=False,
             )
             layer_norm_weight_grad_kernel[(column_tiles, programs)](
                 grad_out, grad_out.stride(0), summed, summed.stride(0), mean, rstd, partial, n_rows, width,
@@ -355,7 +356,7 @@ def layer_norm_bwd(grad_out, grad_sum, summed, weight, mean, rstd, dropout_p, se
         else:
             layer_norm_bwd_kernel[(programs,)](
                 *tensors, partial, n_rows, width, *dropout_args(dropout_p), seed, **flags,
-                BLOCK_D=block, num_warps=num_warps_for(block), enable_fp_fusion=False,
+                BLOCK_D=block, num_warps=num_warps_for(block, summed.element_size()), enable_fp_fusion=False,
             )
     grad_weight = partial[:, 0].sum(dim=0) if weight is not None else None
     grad_bias = partial[:, 1].sum(dim=0) if has_bias else None

@@ -51,6 +51,7 @@ def matmul_configs():
         (64, 128, 32, 4, 4),
         (64, 64, 32, 5, 4),
         (32, 64, 32, 5, 2),
+        (32, 32, 32, 4, 4),
     ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
@@ -67,8 +68,8 @@ def matmul_resources(config, args, target):
     m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     epilogue = 1 + (args["ACTIVATION"] != "none") + 2 * bool(args["HAS_DROPOUT"])
     registers = m * n * epilogue
-    if size == 4:  # FMA dots: each thread's rows and columns of a K step, twice
-        registers += 2 * (m + n) * k
+    if size == 4:  # FMA dots: each thread's rows and columns of a K step, in three layouts
+        registers += 3 * (m + n) * k
     elif not target.wgmma:
         registers += (m + n) * k * size / 4
     return size * config.num_stages * k * (m + n), registers / (32 * config.num_warps)
@@ -85,11 +86,13 @@ def tanh(u):
 @triton.jit
 def activation_and_grad(x, ACTIVATION: tl.constexpr):
     """(act(x), act'(x)) in fp32 for ACTIVATION "gelu" or "gelu_tanh"."""
+    # Each constant multiplies a tensor from the right: the interpreter's tl.constexpr
+    # times a tensor stays a constexpr.
     if ACTIVATION == "gelu_tanh":
         x_sq = x * x
-        t = tanh(SQRT_2_OVER_PI * (x + TANH_CUBIC * x_sq * x))
+        t = tanh((x + x_sq * x * TANH_CUBIC) * SQRT_2_OVER_PI)
         value = 0.5 * x * (1.0 + t)
-        grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * x_sq)
+        grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (x_sq * TANH_CUBIC * 3.0 + 1.0)
     else:
         cdf = 0.5 * (1.0 + tl.erf(x * SQRT_HALF))
         value = x * cdf

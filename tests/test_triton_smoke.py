@@ -95,28 +95,34 @@ KERNEL_OP = {"linear_cross_entropy": "cross_entropy", "add_layer_norm": "layer_n
              "ffn": "linear_gelu", "padded_attention": "attention"}
 
 
+# The one backend, a parameter so that test ids (and the GPU check's summary) name it.
+BACKEND = pytest.mark.parametrize("backend", ["triton"])
+
+
 @pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@BACKEND
 @pytest.mark.parametrize("device", DEVICES)
-def test_triton_matches_reference(device, dtype, name):
-    require("triton", device, dtype, KERNEL_OP.get(name, name))
+def test_triton_matches_reference(device, backend, dtype, name):
+    require(backend, device, dtype, KERNEL_OP.get(name, name))
     op, inputs, names = OPS[name](device, dtype)
-    assert_matches_reference(op, inputs, "triton", names, factor=3.0 if "attention" in name else 2.0)
+    assert_matches_reference(op, inputs, backend, names, factor=3.0 if "attention" in name else 2.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@BACKEND
 @pytest.mark.parametrize("device", DEVICES)
-def test_triton_decoding_matches_reference(device, dtype):
+def test_triton_decoding_matches_reference(device, backend, dtype):
     """One decoding step over caches long enough to be split, against the reference."""
-    require("triton", device, dtype, "attention_with_kv_cache")
+    require(backend, device, dtype, "attention_with_kv_cache")
     q, k_new, v_new = (torch.randn(1, 8, 1, 64).to(device, dtype) for _ in range(3))
     k_new, v_new = k_new[:, :2], v_new[:, :2]
     caches = [torch.randn(1, 2, 1024, 64).to(device, dtype) for _ in range(2)]
     lengths = torch.tensor([700], device=device)
     outs = []
-    for backend in ("triton", "torch"):
+    for name in (backend, "torch"):
         k_cache, v_cache = (cache.clone() for cache in caches)
-        outs.append(lmkern.attention_with_kv_cache(q, k_cache, v_cache, lengths, k_new, v_new, backend=backend))
+        outs.append(lmkern.attention_with_kv_cache(q, k_cache, v_cache, lengths, k_new, v_new, backend=name))
     wide = truth_dtype(dtype)
     truth = lmkern.attention_with_kv_cache(
         q.to(wide), caches[0].to(wide), caches[1].to(wide), lengths, k_new.to(wide), v_new.to(wide), backend="torch"

@@ -71,7 +71,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     for name in args.op or OPS:
         module = OPS[name]
-        result = run_op(module, args.device, args.quick, cases=module.cases(args.device, False)[-1:] if args.short else None)
+        short_cases = module.cases(args.device, False)[-1:] if args.short else None
+        result = run_op(module, args.device, args.quick, cases=short_cases)
         folder = args.out or os.path.join(results_folder(), result["device_slug"], "quick" if args.quick else "")
         paths = report.write(result, folder)
         print()

@@ -77,7 +77,8 @@ def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0):
         elif mask == "additive":
             full_mask = torch.empty(2048, 2048, dtype=dtype).expand(2, 16, 2048, 2048)
         out, lse = attention.attention_fwd(q, k, v, full_mask, causal, head_dim**-0.5, dropout_p, 0)
-        attention.attention_bwd(torch.empty_like(out), q, k, v, out, lse, full_mask, causal, head_dim**-0.5, dropout_p, 0)
+        grad = torch.empty_like(out)
+        attention.attention_bwd(grad, q, k, v, out, lse, full_mask, causal, head_dim**-0.5, dropout_p, 0)
 
     return run
 
@@ -97,7 +98,8 @@ def cross_entropy_case(vocab, dtype, smoothing=0.0, weighted=False):
     def run():
         logits = torch.empty(4096, vocab, dtype=dtype)
         weight = torch.ones(vocab) if weighted else None
-        cross_entropy.cross_entropy_fwd(logits, torch.zeros(4096, dtype=torch.long), weight, -100, smoothing, 0.0, False)
+        target = torch.zeros(4096, dtype=torch.long)
+        cross_entropy.cross_entropy_fwd(logits, target, weight, -100, smoothing, 0.0, False)
 
     return run
 
@@ -139,9 +141,9 @@ def linear_case(width, ffn_width, dtype, activation, prenorm):
 def cases():
     """Every case: attention at head dims 64/128/256 in bf16 and fp32 (fp16, whose code and
     tiles are bf16's, at 64), causal or not (and BERT's padding mask with dropout, and an
-    additive mask), decoding with and without a split cache; cross-entropy at GPT-2's, Llama 2's and Llama 3's vocabularies; LayerNorm
-    at widths 768 to 32768 (fp32 to 16384, the kernels' 64 KiB row limit); the FFN
-    matmuls at GPT-2 and BERT-large sizes."""
+    additive mask), decoding with and without a split cache; cross-entropy at GPT-2's,
+    Llama 2's and Llama 3's vocabularies; LayerNorm at widths 768 to 32768 (fp32 to 16384,
+    the kernels' 64 KiB row limit); the FFN matmuls at GPT-2 and BERT-large sizes."""
     found = []
     for head_dim in (64, 128, 256):
         for name, dtype in DTYPES.items():
@@ -153,7 +155,8 @@ def cases():
     for name in ("fp16", "bf16"):
         found.append(("attention", f"B2 H16 L2048 D64 key padding, dropout 0.1 {name}",
                       attention_case(64, DTYPES[name], False, "key padding", 0.1)))
-    found.append(("attention", "B2 H16 L2048 D64 additive mask bf16", attention_case(64, torch.bfloat16, False, "additive")))
+    found.append(("attention", "B2 H16 L2048 D64 additive mask bf16",
+                  attention_case(64, torch.bfloat16, False, "additive")))
     for head_dim in (64, 128, 256):
         for name, dtype in DTYPES.items():
             if name == "fp16" and head_dim > 64:
@@ -236,7 +239,8 @@ class Compile:
 
 
 def config_text(kwargs, options):
-    tiles = " ".join(f"{key.replace('BLOCK_', '')}={value}" for key, value in kwargs.items() if key.startswith("BLOCK_"))
+    blocks = {key.removeprefix("BLOCK_"): value for key, value in kwargs.items() if key.startswith("BLOCK_")}
+    tiles = " ".join(f"{key}={value}" for key, value in blocks.items())
     return f"{tiles} w{options.num_warps} s{options.num_stages}".strip()
 
 
@@ -362,7 +366,8 @@ def table(rows, arch, version, header, elapsed):
         "",
         "## Every kernel, case and config",
         "",
-        "| kernel | case | flags | config | registers | spills | shared KiB | matrix | copy | serial | kept | seconds |",
+        "| kernel | case | flags | config | registers | spills | shared KiB | matrix | copy | serial | kept "
+        "| seconds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:

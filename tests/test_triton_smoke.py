@@ -56,7 +56,8 @@ def ffn(device, dtype):
     """Pre-LN with dropout: LayerNorm, both matmul epilogues (GELU; dropout + residual) and
     their backward."""
     x = randn(64, 128, device=device, dtype=dtype)
-    params = [randn(*shape, device=device, dtype=dtype) for shape in ((128,), (128,), (256, 128), (256,), (128, 256), (128,))]
+    shapes = ((128,), (128,), (256, 128), (256,), (128, 256), (128,))  # norm w, b; fc1 w, b; fc2 w, b
+    params = [randn(*shape, device=device, dtype=dtype) for shape in shapes]
 
     def op(x, *params, backend):
         return lmkern.ffn(x, *params, approximate="tanh", dropout_p=0.1, backend=backend)

@@ -78,7 +78,8 @@ class ConfigPruner:
                 kept.append(config)
         if not kept:
             raise ValueError(
-                f"no Triton config fits: {len(configs)} candidates, {target}, {REGISTER_BUDGET} tile registers per thread"
+                f"no Triton config fits: {len(configs)} candidates, {target}, "
+                f"{REGISTER_BUDGET} tile registers per thread"
             )
         return kept[: 1 if one_config() else MAX_CONFIGS]
 
@@ -94,8 +95,7 @@ def autotune(configs, key, resources, do_not_specialize=()):
 
     def decorate(fn):
         jitted = triton.jit(fn, do_not_specialize=list(do_not_specialize))
-        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": ConfigPruner(resources)})(
-            jitted
-        )
+        prune = {"early_config_prune": ConfigPruner(resources)}
+        return triton.autotune(configs=configs, key=key, prune_configs_by=prune)(jitted)
 
     return decorate

@@ -126,7 +126,9 @@ def _fwd_resources(config, args, target):
     size, m, n, d, dv, threads, stages = _tile_sizes(config, args)
     if _exact_fp32(size, m, n):
         return float("inf"), float("inf")
-    registers = m * dv + _score_tiles(args, 2) * m * n + m * d * size / 4 + _operand_registers(n * (d + dv), size, target)
+    registers = (
+        m * dv + _score_tiles(args, 2) * m * n + m * d * size / 4 + _operand_registers(n * (d + dv), size, target)
+    )
     return size * (m * d + stages * n * (d + dv)), registers / threads
 
 

@@ -116,7 +116,8 @@ def _store_row_grads(
         ds += tl.load(grad_sum_ptr + row * grad_sum_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(grad_summed_ptr + row * width + cols, ds, mask=mask)
     if HAS_DROPOUT:
-        tl.store(grad_x_ptr + row * width + cols, dropout(ds, seed, row * width + cols, dropout_p, dropout_scale), mask=mask)
+        grad_x = dropout(ds, seed, row * width + cols, dropout_p, dropout_scale)
+        tl.store(grad_x_ptr + row * width + cols, grad_x, mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])

@@ -219,13 +219,14 @@ def measure_provider(module, case, provider, device, dtype, min_run_time):
     return rows
 
 
-def run_op(module, device, quick, log=print):
-    """Measures every provider on every case of an op; returns the result record."""
+def run_op(module, device, quick, log=print, cases=None):
+    """Measures every provider on every case of an op (or on `cases`, a selection of them);
+    returns the result record."""
     dtype = module.dtype(device)
     min_run_time = 0.05 if quick else 0.5
     providers = module.providers(device, dtype)
     rows = []
-    for case in module.cases(device, quick):
+    for case in module.cases(device, quick) if cases is None else cases:
         for provider in providers:
             base = dict(case=case, label=module.label(case), provider=provider.name)
             absent = absent_reason(provider, quick)

@@ -1,10 +1,11 @@
 """Runs the benchmark suite: prints each op's table and writes its result files
 (benchmarks/report.py) to benchmarks/results/<device>/.
 
-    python -m benchmarks.run [--op NAME ...] [--quick] [--device cpu|cuda] [--out DIR]
+    python -m benchmarks.run [--op NAME ...] [--quick | --short] [--device cpu|cuda] [--out DIR]
     lmkern bench [...]       the same, from the installed package lmkern.benchmarks
 
---quick runs small sizes as a smoke test (CI does); its files go to
+--short runs only each op's largest full size (the case the GPU check's summary reports),
+to fit a short GPU lease. --quick runs small sizes as a smoke test (CI does); its files go to
 benchmarks/results/<device>/quick/ unless --out says otherwise. Run from an installed
 package rather than a checkout, the files go under ./lmkern-benchmarks/ instead: an
 installed package's folder is no place for them.
@@ -62,12 +63,16 @@ def main(argv=None):
     """argv: the arguments (default: the command line's); returns the exit status."""
     parser = argparse.ArgumentParser(description="lmkern's benchmark suite")
     parser.add_argument("--op", action="append", choices=list(OPS), help="run only this op (repeatable)")
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    sizes.add_argument("--short", action="store_true", help="each op's largest full size only")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="folder for the result files")
     args = parser.parse_args(argv)
     for name in args.op or OPS:
-        result = run_op(OPS[name], args.device, args.quick)
+        module = OPS[name]
+        short_cases = module.cases(args.device, False)[-1:] if args.short else None
+        result = run_op(module, args.device, args.quick, cases=short_cases)
         folder = args.out or os.path.join(results_folder(), result["device_slug"], "quick" if args.quick else "")
         paths = report.write(result, folder)
         print()

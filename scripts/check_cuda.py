@@ -1,7 +1,8 @@
 """Compile-check lmkern's CUDA sources on a machine without a GPU (CI runs this).
 
 - csrc/cuda/*_kernels.cu, pure CUDA: compiled by nvcc for sm_80 and sm_90 with the flags
-  torch's extension build gives nvcc.
+  torch's extension build gives nvcc, and ptxas's report (-Xptxas -v): each kernel that
+  spills registers is listed with its spilled bytes (the check does not fail on spills).
 - csrc/cuda/*.cpp, the thin torch bindings: syntax-checked by the host compiler against
   torch's and the CUDA runtime's headers. A CPU build of torch ships its CUDA headers
   without one generated file (c10/cuda/impl/cuda_cmake_macros.h); a stand-in is written
@@ -13,6 +14,7 @@
 import concurrent.futures
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,7 +47,7 @@ def nvcc_commands(cuda_home, out_dir):
             output = os.path.join(out_dir, f"{os.path.basename(source)}.sm_{arch}.o")
             yield [
                 os.path.join(cuda_home, "bin", "nvcc"), *COMMON_NVCC_FLAGS, "-O3", "-std=c++17",
-                f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", source, "-o", output,
+                f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-c", source, "-o", output,
             ]
 
 
@@ -62,6 +64,20 @@ def write_missing_cmake_macros(stub_dir):
     os.makedirs(os.path.join(stub_dir, os.path.dirname(relative)))
     with open(os.path.join(stub_dir, relative), "w") as header:
         header.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+
+
+def spills(ptxas_report):
+    """[(kernel, spilled bytes)] for the kernels that spill, from ptxas -v's report (names
+    demangled when c++filt is there)."""
+    found = []
+    pattern = r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, (\d+) bytes spill loads"
+    for name, stores, loads in re.findall(pattern, ptxas_report, flags=re.S):
+        if int(stores) + int(loads):
+            found.append((name, int(stores) + int(loads)))
+    if found and shutil.which("c++filt"):
+        names = subprocess.run(["c++filt"], input="\n".join(n for n, _ in found), capture_output=True, text=True)
+        found = [(demangled, size) for demangled, (_, size) in zip(names.stdout.splitlines(), found)]
+    return found
 
 
 def run(command):
@@ -82,7 +98,11 @@ def main():
             for command, result in pool.map(run, commands):
                 source = next(arg for arg in command if arg.startswith("csrc/"))
                 arch = next((arg.split("=")[-1] for arg in command if arg.startswith("-gencode")), "host")
-                print(f"{'ok' if result.returncode == 0 else 'FAILED':<6} {source} ({arch})")
+                spilled = spills(result.stderr) if arch != "host" else []
+                print(f"{'ok' if result.returncode == 0 else 'FAILED':<6} {source} ({arch})"
+                      + (f", {len(spilled)} kernels spill:" if spilled else ""))
+                for kernel, size in spilled:
+                    print(f"         {size} bytes: {kernel}")
                 if result.returncode != 0:
                     failed += 1
                     print(result.stdout + result.stderr, file=sys.stderr)

@@ -7,9 +7,15 @@
 // block by warp shuffles and shared memory.
 // Backward, for xhat = (s - mean) rstd and g = dy w:
 //   ds = rstd (g - mean(g) - xhat mean(g xhat)) [+ grad_sum],  dx = dropout(ds)
-// Each thread keeps dy xhat and dy for its columns over the rows of its block; each block
-// writes them as one row of partial sums, and the binding adds those up: the weight and
-// bias gradients are deterministic, without atomics.
+// Rows of up to kMaxFusedWidth (8192) elements: each thread keeps xhat and g for its columns
+// between the two passes, and dy xhat and dy summed over the rows of its block; each block
+// writes those sums as one row of partial sums. Wider rows would not fit: at 1024 threads
+// a thread has 64 registers, and the row with the two sums beside it takes 4 per element
+// (64 already at 16 elements a thread, 16K of fp16). There the backward runs as two
+// kernels: the row kernel keeps one pack at a time and reads the row again (from cache)
+// for its second pass, and a column-tiled kernel sums dy xhat and dy over groups of rows
+// (s and dy read twice, and no spills). Either way the binding adds up the rows of partial
+// sums: the weight and bias gradients are deterministic, without atomics.
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -58,6 +64,23 @@ __device__ __forceinline__ int64_t pack_column(int i) {
 
 __device__ __forceinline__ float param(const float* values, int64_t col, int64_t width, float absent) {
   return values == nullptr ? absent : (col < width ? values[col] : 0.0f);
+}
+
+// For the kN columns of a row from `first`: xhat, dy and g = dy w.
+template <typename T>
+__device__ __forceinline__ void row_terms(
+    const LayerNormBwdParams& p, const T* summed, const T* grad_out, int64_t first, float mean, float rstd,
+    float (&xhat)[Pack<T>::kN], float (&dy)[Pack<T>::kN], float (&g)[Pack<T>::kN]) {
+  load_pack(summed, first, p.width, p.vectorized, xhat);
+  load_pack(grad_out, first, p.width, p.vectorized, dy);
+#pragma unroll
+  for (int k = 0; k < Pack<T>::kN; ++k) {
+    const int64_t col = first + k;
+    xhat[k] = col < p.width ? (xhat[k] - mean) * rstd : 0.0f;
+    // Not contracted into an FMA later: a constant row (xhat = 0, e.g. of width 1) must get
+    // exactly g - mean(g) = 0.
+    g[k] = __fmul_rn(dy[k], param(p.weight, col, p.width, 1.0f));
+  }
 }
 
 template <typename T, int kThreads, int kPacks>
@@ -139,20 +162,27 @@ __global__ void __launch_bounds__(kThreads) layer_norm_fwd_kernel(const LayerNor
   }
 }
 
+// The widest row the fused backward takes, in elements (see the top of this file).
+constexpr int64_t kMaxFusedWidth = 8192;
+template <typename T, int kThreads, int kPacks>
+constexpr bool kFusedBackward = static_cast<int64_t>(kThreads) * kPacks * Pack<T>::kN <= kMaxFusedWidth;
+
 template <typename T, int kThreads, int kPacks>
 __global__ void __launch_bounds__(kThreads) layer_norm_bwd_kernel(const LayerNormBwdParams p) {
   constexpr int kN = Pack<T>::kN;
+  constexpr bool kFused = kFusedBackward<T, kThreads, kPacks>;
+  constexpr int kHeld = kFused ? kPacks : 1;  // packs of xhat and g held between the passes
   __shared__ float shared[2][kThreads / 32];
   const int64_t width = p.width;
-  float sum_dy_xhat[kPacks][kN] = {};
-  float sum_dy[kPacks][kN] = {};
+  float sum_dy_xhat[kHeld][kN] = {};  // fused only
+  float sum_dy[kHeld][kN] = {};
   for (int64_t row = blockIdx.x; row < p.n_rows; row += gridDim.x) {
     const T* summed = static_cast<const T*>(p.summed) + row * p.summed_row_stride;
     const T* grad_out = static_cast<const T*>(p.grad_out) + row * p.grad_out_row_stride;
     const float mean = p.mean[row];
     const float rstd = p.rstd[row];
-    float xhat[kPacks][kN];
-    float g[kPacks][kN];
+    float xhat[kHeld][kN];
+    float g[kHeld][kN];
     float sums[2] = {0.0f, 0.0f};  // sum(g), sum(g xhat)
 #pragma unroll
     for (int i = 0; i < kPacks; ++i) {
@@ -160,20 +190,17 @@ __global__ void __launch_bounds__(kThreads) layer_norm_bwd_kernel(const LayerNor
       if (first >= width) {
         continue;
       }
+      const int held = kFused ? i : 0;
       float dy[kN];
-      load_pack(summed, first, width, p.vectorized, xhat[i]);
-      load_pack(grad_out, first, width, p.vectorized, dy);
+      row_terms(p, summed, grad_out, first, mean, rstd, xhat[held], dy, g[held]);
 #pragma unroll
       for (int k = 0; k < kN; ++k) {
-        const int64_t col = first + k;
-        xhat[i][k] = col < width ? (xhat[i][k] - mean) * rstd : 0.0f;
-        // Not contracted into an FMA below: a constant row (xhat = 0, e.g. of width 1) must get
-        // exactly g - mean(g) = 0.
-        g[i][k] = __fmul_rn(dy[k], param(p.weight, col, width, 1.0f));
-        sums[0] += g[i][k];
-        sums[1] += g[i][k] * xhat[i][k];
-        sum_dy_xhat[i][k] += dy[k] * xhat[i][k];
-        sum_dy[i][k] += dy[k];
+        sums[0] += g[held][k];
+        sums[1] += g[held][k] * xhat[held][k];
+        if constexpr (kFused) {
+          sum_dy_xhat[held][k] += dy[k] * xhat[held][k];
+          sum_dy[held][k] += dy[k];
+        }
       }
     }
     block_sum<kThreads>(sums, shared);
@@ -188,6 +215,11 @@ __global__ void __launch_bounds__(kThreads) layer_norm_bwd_kernel(const LayerNor
       if (first >= width) {
         continue;
       }
+      const int held = kFused ? i : 0;
+      if constexpr (!kFused) {
+        float dy[kN];
+        row_terms(p, summed, grad_out, first, mean, rstd, xhat[0], dy, g[0]);
+      }
       float ds[kN];
       if (grad_sum) {
         load_pack(grad_sum, first, width, p.vectorized, ds);
@@ -199,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_bwd_kernel(const LayerNor
       }
 #pragma unroll
       for (int k = 0; k < kN; ++k) {
-        ds[k] += (g[i][k] - mean_g - xhat[i][k] * mean_gx) * rstd;
+        ds[k] += (g[held][k] - mean_g - xhat[held][k] * mean_gx) * rstd;
       }
       store_pack(grad_summed, first, width, p.vectorized, ds);
       if (grad_x) {
@@ -211,16 +243,56 @@ __global__ void __launch_bounds__(kThreads) layer_norm_bwd_kernel(const LayerNor
       }
     }
   }
-  float* partial = p.partial + static_cast<int64_t>(blockIdx.x) * 2 * width;
+  if constexpr (kFused) {
+    float* partial = p.partial + static_cast<int64_t>(blockIdx.x) * 2 * width;
 #pragma unroll
-  for (int i = 0; i < kPacks; ++i) {
-    const int64_t first = pack_column<T, kThreads>(i);
+    for (int i = 0; i < kPacks; ++i) {
+      const int64_t first = pack_column<T, kThreads>(i);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        if (first + k < width) {
+          partial[first + k] = sum_dy_xhat[i][k];
+          partial[width + first + k] = sum_dy[i][k];
+        }
+      }
+    }
+  }
+}
+
+// The column sums of the two-kernel backward: block (c, r) sums dy xhat and dy for one
+// pack of columns per thread, kWeightGradThreads packs from column tile c, over the rows
+// r, r + R, ... (R = gridDim.y row groups), and writes them as row r of the partial sums.
+constexpr int kWeightGradThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kWeightGradThreads) layer_norm_weight_grad_kernel(const LayerNormBwdParams p) {
+  constexpr int kN = Pack<T>::kN;
+  const int64_t width = p.width;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kWeightGradThreads + threadIdx.x) * kN;
+  if (first >= width) {
+    return;
+  }
+  float sum_dy_xhat[kN] = {};
+  float sum_dy[kN] = {};
+  for (int64_t row = blockIdx.y; row < p.n_rows; row += gridDim.y) {
+    float xhat[kN];
+    float dy[kN];
+    load_pack(static_cast<const T*>(p.summed) + row * p.summed_row_stride, first, width, p.vectorized, xhat);
+    load_pack(static_cast<const T*>(p.grad_out) + row * p.grad_out_row_stride, first, width, p.vectorized, dy);
+    const float mean = p.mean[row];
+    const float rstd = p.rstd[row];
 #pragma unroll
     for (int k = 0; k < kN; ++k) {
-      if (first + k < width) {
-        partial[first + k] = sum_dy_xhat[i][k];
-        partial[width + first + k] = sum_dy[i][k];
-      }
+      sum_dy_xhat[k] += dy[k] * ((xhat[k] - mean) * rstd);
+      sum_dy[k] += dy[k];
+    }
+  }
+  float* partial = p.partial + static_cast<int64_t>(blockIdx.y) * 2 * width;
+#pragma unroll
+  for (int k = 0; k < kN; ++k) {
+    if (first + k < width) {
+      partial[first + k] = sum_dy_xhat[k];
+      partial[width + first + k] = sum_dy[k];
     }
   }
 }
@@ -264,22 +336,34 @@ cudaError_t layer_norm_fwd(const LayerNormFwdParams& params, cudaStream_t stream
   });
 }
 
+// The column tiles of layer_norm_weight_grad_kernel for rows of `width` elements of T.
+template <typename T>
+int64_t weight_grad_column_tiles(int64_t width) {
+  const int64_t columns = static_cast<int64_t>(kWeightGradThreads) * Pack<T>::kN;
+  return (width + columns - 1) / columns;
+}
+
 cudaError_t layer_norm_bwd_blocks(int64_t n_rows, int64_t width, FloatType dtype, int64_t* blocks) {
-  int threads = 0;
-  cudaError_t error = with_kernel_shape(dtype, width, [&](auto, auto block_threads, auto) {
-    threads = decltype(block_threads)::value;
-    return cudaSuccess;
-  });
   int device = 0;
   int sm_count = 0;
-  if (error == cudaSuccess) error = cudaGetDevice(&device);
+  cudaError_t error = cudaGetDevice(&device);
   if (error == cudaSuccess) error = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
   if (error != cudaSuccess) {
     return error;
   }
-  // One wave of blocks at 2048 resident threads per SM.
-  *blocks = std::min<int64_t>(n_rows, static_cast<int64_t>(sm_count) * std::max(1, 2048 / threads));
-  return cudaSuccess;
+  return with_kernel_shape(dtype, width, [&](auto type, auto threads, auto packs) {
+    using T = decltype(type);
+    constexpr int kThreads = decltype(threads)::value;
+    if constexpr (kFusedBackward<T, kThreads, decltype(packs)::value>) {
+      // One wave of blocks at 2048 resident threads per SM.
+      *blocks = std::min<int64_t>(n_rows, static_cast<int64_t>(sm_count) * std::max(1, 2048 / kThreads));
+    } else {
+      // Row groups of the column-tiled kernel: with its column tiles, 8 blocks per SM.
+      const int64_t tiles = weight_grad_column_tiles<T>(width);
+      *blocks = std::min<int64_t>(n_rows, std::max<int64_t>(1, (sm_count * 8 + tiles - 1) / tiles));
+    }
+    return cudaSuccess;
+  });
 }
 
 cudaError_t layer_norm_bwd(const LayerNormBwdParams& params, cudaStream_t stream) {
@@ -287,10 +371,24 @@ cudaError_t layer_norm_bwd(const LayerNormBwdParams& params, cudaStream_t stream
     return cudaSuccess;
   }
   return with_kernel_shape(params.dtype, params.width, [&](auto type, auto threads, auto packs) {
+    using T = decltype(type);
     constexpr int kThreads = decltype(threads)::value;
-    const auto grid = static_cast<unsigned>(params.blocks);
-    layer_norm_bwd_kernel<decltype(type), kThreads, decltype(packs)::value><<<grid, kThreads, 0, stream>>>(params);
-    return cudaGetLastError();
+    constexpr int kPacks = decltype(packs)::value;
+    if constexpr (kFusedBackward<T, kThreads, kPacks>) {
+      layer_norm_bwd_kernel<T, kThreads, kPacks><<<static_cast<unsigned>(params.blocks), kThreads, 0, stream>>>(params);
+      return cudaGetLastError();
+    } else {
+      const auto rows = static_cast<unsigned>(std::min<int64_t>(params.n_rows, INT32_MAX));
+      layer_norm_bwd_kernel<T, kThreads, kPacks><<<rows, kThreads, 0, stream>>>(params);
+      const cudaError_t error = cudaGetLastError();
+      if (error != cudaSuccess) {
+        return error;
+      }
+      const dim3 grid(static_cast<unsigned>(weight_grad_column_tiles<T>(params.width)),
+                      static_cast<unsigned>(params.blocks));
+      layer_norm_weight_grad_kernel<T><<<grid, kWeightGradThreads, 0, stream>>>(params);
+      return cudaGetLastError();
+    }
   });
 }
 

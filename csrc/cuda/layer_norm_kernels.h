@@ -45,8 +45,8 @@ struct LayerNormBwdParams {
   const float* rstd;          // (n_rows,)
   void* grad_summed;          // (n_rows, width) contiguous, out: ds
   void* grad_x;               // (n_rows, width) contiguous, out: dropout(ds), or nullptr
-  float* partial;             // (blocks, 2, width) out: per block, sum of dy xhat and of dy
-  int64_t blocks;             // from layer_norm_bwd_blocks
+  float* partial;             // (blocks, 2, width) out: per block (row group), sum of dy xhat and of dy
+  int64_t blocks;             // rows of partial sums, from layer_norm_bwd_blocks
   int64_t n_rows;
   int64_t width;
   Dropout dropout;
@@ -56,12 +56,13 @@ struct LayerNormBwdParams {
 
 cudaError_t layer_norm_fwd(const LayerNormFwdParams& params, cudaStream_t stream);
 
-// How many thread blocks layer_norm_bwd runs on the current device (each writes one row
-// of partial sums): enough to fill the GPU once, at most n_rows.
+// How many rows of partial sums layer_norm_bwd writes on the current device, at most
+// n_rows: one per thread block of the fused backward (enough to fill the GPU once), or
+// one per row group of the two-kernel backward of rows wider than 8192 elements.
 cudaError_t layer_norm_bwd_blocks(int64_t n_rows, int64_t width, FloatType dtype, int64_t* blocks);
 
-// Writes ds (and dx), and each block's partial sums; the weight and bias gradients are
-// the sums of partial over blocks.
+// Writes ds (and dx), and the partial sums; the weight and bias gradients are the sums of
+// partial over its rows.
 cudaError_t layer_norm_bwd(const LayerNormBwdParams& params, cudaStream_t stream);
 
 }  // namespace lmkern::cuda

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from lmkern.backend import triton_interpreting
+from lmkern.ops.triton_tuning import autotune
 from lmkern.ops.attention.reference import check_cache_lengths_on_cpu, dropout_scale
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -62,31 +63,107 @@ def _configs(shapes):
     ]
 
 
-# Static lists: nothing here asks a GPU what it is. The interpreter gets one small config,
-# which the autotuner then runs without timing anything.
+# Candidate configs, best first, (BLOCK_M, BLOCK_N, warps, stages); the autotuner keeps the
+# first MAX_CONFIGS whose tiles fit (lmkern/ops/triton_tuning.py, with the estimates below):
+# the big tiles at head dim 64, 8 warps over smaller ones at 128 and 256. Static lists:
+# nothing here asks a GPU what it is. The interpreter gets one small config, which the
+# autotuner then runs without timing anything.
 if triton_interpreting():
     FWD_CONFIGS = BWD_CONFIGS = _configs([(32, 32, 4, 1)])
     DECODE_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
 else:
-    # (BLOCK_M, BLOCK_N, warps, stages); the small last ones fit head dim 256 in fp32.
     FWD_CONFIGS = _configs(
-        [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
-         (32, 32, 4, 2)]
+        [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2),
+         (32, 32, 4, 2), (16, 16, 4, 2)]
     )
-    # Both backward roles are tuned over one list: wide key blocks suit dK/dV, wide query
-    # blocks dQ.
+    # One list for both backward roles, each taking its own shape of tile: wide key blocks
+    # (BLOCK_N >= BLOCK_M) for dK/dV, wide query blocks for dQ.
     BWD_CONFIGS = _configs(
-        [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4), (16, 32, 4, 2),
-         (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (32, 32, 4, 2)]
+        [(64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (64, 32, 4, 4), (64, 32, 8, 2),
+         (16, 32, 8, 2), (16, 16, 4, 2)]
     )
     DECODE_CONFIGS = [
         triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages)
-        for n, warps, stages in [(64, 4, 2), (128, 4, 3), (64, 4, 4), (32, 2, 3)]
+        for n, warps, stages in [(64, 4, 2), (64, 4, 4), (32, 2, 3), (32, 4, 2), (16, 4, 2)]
     ]
 
+
+def _tile_sizes(config, args):
+    """(bytes per element, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, threads, stages) of a launch."""
+    return (
+        args["q_ptr"].element_size(), config.kwargs.get("BLOCK_M", args.get("BLOCK_M")), config.kwargs["BLOCK_N"],
+        args["BLOCK_D"], args["BLOCK_DV"], 32 * config.num_warps, config.num_stages,
+    )
+
+
+def _score_tiles(args, computed):
+    """Tiles of the scores' shape live at once, in registers: `computed` fp32 tiles of the
+    math; a full mask's int64 addresses and values (3), a key mask's selects (1); dropout's
+    int64 offsets, random numbers and keep factors (4)."""
+    mask = {NO_MASK.value: 0, KEY_MASK.value: 1, FULL_MASK.value: 3}[args["MASK_KIND"]]
+    return computed + mask + 4 * bool(args["HAS_DROPOUT"])
+
+
+def _exact_fp32(size, m, n, largest=16 * 32):
+    """fp32 attention multiplies exactly, in FMA dots that hold each thread's rows of both
+    operands at the full head dim: only tiles of 16 x 16 or 16 x 32 compile quickly and
+    without spills at head dims up to 256 (16 x 16 for decoding; see
+    benchmarks/results/triton-check/)."""
+    return size == 4 and m * n > largest
+
+
+def _operand_registers(tile, size, target):
+    """Registers of a matrix-product operand that streams through the loop: none with
+    wgmma (read from shared memory) unless fp32 (exact FMA dots take registers), all of it
+    with mma.sync."""
+    return 0 if target.wgmma and size < 4 else tile * size / 4
+
+
+def _fwd_resources(config, args, target):
+    """Shared memory: q, and `stages` buffers of a key and a value block. Registers: the
+    fp32 output accumulator and the score tiles, q, and the key and value blocks as
+    operands."""
+    size, m, n, d, dv, threads, stages = _tile_sizes(config, args)
+    if _exact_fp32(size, m, n):
+        return float("inf"), float("inf")
+    registers = (
+        m * dv + _score_tiles(args, 2) * m * n + m * d * size / 4 + _operand_registers(n * (d + dv), size, target)
+    )
+    return size * (m * d + stages * n * (d + dv)), registers / threads
+
+
+def _bwd_resources(config, args, target):
+    """Per role, the block that stays (keys and values for dK/dV, queries and dO for dQ)
+    with its fp32 gradient accumulators, against `stages` buffers of the block that streams
+    past, and the score tiles (P, dP, dS and more). A role's configs are those of its shape
+    (wide key blocks for dK/dV); others get an infinite estimate, so none is kept."""
+    size, m, n, d, dv, threads, stages = _tile_sizes(config, args)
+    resident, streamed = (n, m) if args["DKDV"] else (m, n)
+    if resident < streamed or _exact_fp32(size, m, n):
+        return float("inf"), float("inf")
+    accumulators = n * (d + dv) if args["DKDV"] else m * d
+    registers = (
+        accumulators + _score_tiles(args, 3) * m * n + resident * (d + dv) * size / 4
+        + _operand_registers(streamed * (d + dv), size, target)
+    )
+    return size * (resident + stages * streamed) * (d + dv), registers / threads
+
+
+def _decode_resources(config, args, target):
+    """As forward, with BLOCK_M packed query rows; its blocks are too small for wgmma, so
+    the key and value blocks are register operands (of mma) on every target."""
+    size, m, n, d, dv, threads, stages = _tile_sizes(config, args)
+    if _exact_fp32(size, m, n, largest=16 * 16):
+        return float("inf"), float("inf")
+    registers = m * dv + 2 * m * n + m * d * size / 4 + n * (d + dv) * size / 4
+    return size * (m * d + stages * n * (d + dv)), registers / threads
+
+
 # Autotuning keys: lengths are bucketed to powers of two so that varying lengths do not
-# re-tune at every call.
+# re-tune at every call, and lengths that are only bounds are not specialised on, so that
+# they do not recompile either.
 ATTENTION_KEY = ["seqlen_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT"]
+LENGTHS = ["seqlen_q", "seqlen_k", "seqlen_bucket"]
 
 
 @triton.jit
@@ -269,8 +346,7 @@ def _attend(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=ATTENTION_KEY)
-@triton.jit
+@autotune(FWD_CONFIGS, ATTENTION_KEY, _fwd_resources, do_not_specialize=LENGTHS)
 def attention_fwd_kernel(
     q_ptr,  # (B, H, Lq, D)
     k_ptr,  # (B, H_kv, Lk, D)
@@ -350,7 +426,7 @@ def attention_fwd_kernel(
     tl.store(lse_ptr + (b * heads + h) * seqlen_q + rows, lse, mask=rows_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q"])
 def attention_bwd_delta_kernel(
     out_ptr,  # (B, H, Lq, Dv)
     grad_out_ptr,  # (B, H, Lq, Dv)
@@ -519,8 +595,7 @@ def _dq_blocks(
     return dq
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=[*ATTENTION_KEY, "DKDV"])
-@triton.jit
+@autotune(BWD_CONFIGS, [*ATTENTION_KEY, "DKDV"], _bwd_resources, do_not_specialize=LENGTHS)
 def attention_bwd_kernel(
     q_ptr,  # (B, H, Lq, D)
     k_ptr,  # (B, H_kv, Lk, D)
@@ -670,7 +745,7 @@ def attention_bwd_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["new_len", "capacity"])
 def kv_cache_append_kernel(
     k_new_ptr,  # (B, H_kv, L_new, D)
     v_new_ptr,  # (B, H_kv, L_new, Dv)
@@ -717,8 +792,12 @@ def kv_cache_append_kernel(
     )
 
 
-@triton.autotune(configs=DECODE_CONFIGS, key=["capacity_bucket", "HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "SPLIT"])
-@triton.jit
+@autotune(
+    DECODE_CONFIGS,
+    ["capacity_bucket", "HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "SPLIT"],
+    _decode_resources,
+    do_not_specialize=["seqlen_q", "new_len", "capacity", "capacity_bucket"],
+)
 def attention_decode_kernel(
     q_ptr,  # (B, H, Lq, D)
     k_ptr,  # (B, H_kv, L_max, D) cache

@@ -19,8 +19,9 @@ import triton.language as tl
 
 
 # Start of the running max: -FLT_MAX rather than -inf, so that rescaling after a chunk of
-# only -inf logits is exp(0) = 1 instead of exp(-inf + inf) = NaN.
-FLT_MAX = 3.4028234663852886e38
+# only -inf logits is exp(0) = 1 instead of exp(-inf + inf) = NaN. A tl.constexpr, since
+# compiled kernels may read no other global (the interpreter reads any).
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 MAX_BLOCK_V = 8192
 
 

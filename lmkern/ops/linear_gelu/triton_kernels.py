@@ -23,16 +23,19 @@ import triton.language as tl
 
 from lmkern.backend import triton_interpreting
 from lmkern.ops.triton_dropout import dropout, dropout_args
+from lmkern.ops.triton_tuning import autotune
 
-SQRT_HALF = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
-SQRT_2_OVER_PI = 0.7978845608028654
-TANH_CUBIC = 0.044715
+# tl.constexpr: compiled kernels may read no other global (the interpreter reads any).
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+TANH_CUBIC = tl.constexpr(0.044715)
 
 
 def matmul_configs():
-    """Static autotuning candidates (no device is queried): the Triton tutorial's for
-    Ampere and Hopper fp16/bf16 matmuls; one small tile under the interpreter."""
+    """Static autotuning candidates, best first (no device is queried): the Triton
+    tutorial's for Ampere and Hopper fp16/bf16 matmuls, and 8-warp tiles whose accumulators
+    leave room for a heavy epilogue (dropout); one small tile under the interpreter."""
     if triton_interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     tiles = [
@@ -40,17 +43,36 @@ def matmul_configs():
         (128, 256, 64, 3, 8),
         (256, 128, 64, 3, 8),
         (128, 128, 64, 4, 8),
+        (128, 64, 64, 4, 8),
+        (64, 128, 64, 4, 8),
         (128, 128, 32, 4, 4),
         (64, 256, 32, 4, 4),
         (128, 64, 32, 4, 4),
         (64, 128, 32, 4, 4),
         (64, 64, 32, 5, 4),
         (32, 64, 32, 5, 2),
+        (32, 32, 32, 4, 4),
     ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
         for m, n, k, stages, warps in tiles
     ]
+
+
+def matmul_resources(config, args, target):
+    """Shared memory: `stages` buffers of an x and a w block. Registers: the fp32
+    accumulator, once more for GELU's temporaries and twice more for dropout's random
+    numbers; a K step of the x and w blocks where they are register operands (fp32's exact
+    FMA dots; mma.sync without wgmma)."""
+    size = args["x_ptr"].element_size()
+    m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    epilogue = 1 + (args["ACTIVATION"] != "none") + 2 * bool(args["HAS_DROPOUT"])
+    registers = m * n * epilogue
+    if size == 4:  # FMA dots: each thread's rows and columns of a K step, in three layouts
+        registers += 3 * (m + n) * k
+    elif not target.wgmma:
+        registers += (m + n) * k * size / 4
+    return size * config.num_stages * k * (m + n), registers / (32 * config.num_warps)
 
 
 @triton.jit
@@ -64,11 +86,13 @@ def tanh(u):
 @triton.jit
 def activation_and_grad(x, ACTIVATION: tl.constexpr):
     """(act(x), act'(x)) in fp32 for ACTIVATION "gelu" or "gelu_tanh"."""
+    # Each constant multiplies a tensor from the right: the interpreter's tl.constexpr
+    # times a tensor stays a constexpr.
     if ACTIVATION == "gelu_tanh":
         x_sq = x * x
-        t = tanh(SQRT_2_OVER_PI * (x + TANH_CUBIC * x_sq * x))
+        t = tanh((x + x_sq * x * TANH_CUBIC) * SQRT_2_OVER_PI)
         value = 0.5 * x * (1.0 + t)
-        grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * x_sq)
+        grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (x_sq * TANH_CUBIC * 3.0 + 1.0)
     else:
         cdf = 0.5 * (1.0 + tl.erf(x * SQRT_HALF))
         value = x * cdf
@@ -76,8 +100,9 @@ def activation_and_grad(x, ACTIVATION: tl.constexpr):
     return value, grad
 
 
-@triton.autotune(configs=matmul_configs(), key=["M", "N", "K"])
-@triton.jit
+# Tuned per power-of-two bucket of M (tokens), which is only a bound: varying batch
+# sizes neither re-tune nor recompile at every call.
+@autotune(matmul_configs(), ["m_bucket", "N", "K", "ACTIVATION", "HAS_DROPOUT"], matmul_resources, ["M", "m_bucket"])
 def linear_fwd_kernel(
     x_ptr,  # (M, K), any strides
     stride_xm,
@@ -93,6 +118,7 @@ def linear_fwd_kernel(
     M,
     N,
     K,
+    m_bucket,  # autotuning key only
     dropout_p,
     dropout_scale,  # 1 / (1 - dropout_p)
     seed,
@@ -154,7 +180,7 @@ def linear_fwd_kernel(
     tl.store(out_ptr + index, acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def linear_gelu_bwd_kernel(
     grad_out_ptr,  # (M, N), rows stride_gm apart, last dim contiguous
     stride_gm,
@@ -220,6 +246,7 @@ def linear_gelu_fwd(x, weight, bias, activation, keep_preactivation, dropout_p=0
         M,
         N,
         K,
+        triton.next_power_of_2(M),
         *dropout_args(dropout_p),
         seed,
         ACTIVATION=activation,
@@ -239,7 +266,8 @@ def linear_gelu_bwd(grad_out, pre, activation, dropout_p, seed, want_activation,
     # Each program reads its tile before it writes it, so grad_pre may be grad_out.
     grad_pre = grad_out if inplace else torch.empty((M, N), dtype=grad_out.dtype, device=grad_out.device)
     act = torch.empty_like(grad_pre) if want_activation else None
-    block_m, block_n = (16, 32) if triton_interpreting() else (64, 128)
+    # fp32 tiles half as tall, so that GELU's temporaries fit in registers without spilling.
+    block_m, block_n = (16, 32) if triton_interpreting() else (64 if grad_out.element_size() < 4 else 32, 128)
     partial = torch.zeros((triton.cdiv(M, block_m), N), dtype=torch.float32, device=grad_out.device)
     if grad_pre.numel() > 0:
         linear_gelu_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](

@@ -68,7 +68,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # The cases: (op, shape label, function calling the op's host launchers on CPU tensors).
-def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0):
+def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0, causal_shift=0):
     def run():
         q, k, v = (torch.empty(2, 16, 2048, head_dim, dtype=dtype) for _ in range(3))
         full_mask = None
@@ -76,9 +76,9 @@ def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0):
             full_mask = torch.ones(2, 1, 1, 2048, dtype=torch.bool).expand(2, 16, 2048, 2048)
         elif mask == "additive":
             full_mask = torch.empty(2048, 2048, dtype=dtype).expand(2, 16, 2048, 2048)
-        out, lse = attention.attention_fwd(q, k, v, full_mask, causal, head_dim**-0.5, dropout_p, 0)
-        grad = torch.empty_like(out)
-        attention.attention_bwd(grad, q, k, v, out, lse, full_mask, causal, head_dim**-0.5, dropout_p, 0)
+        args = (full_mask, causal, causal_shift, head_dim**-0.5, dropout_p, 0)
+        out, lse = attention.attention_fwd(q, k, v, *args)
+        attention.attention_bwd(torch.empty_like(out), q, k, v, out, lse, *args)
 
     return run
 
@@ -140,8 +140,8 @@ def linear_case(width, ffn_width, dtype, activation, prenorm):
 
 def cases():
     """Every case: attention at head dims 64/128/256 in bf16 and fp32 (fp16, whose code and
-    tiles are bf16's, at 64), causal or not (and BERT's padding mask with dropout, and an
-    additive mask), decoding with and without a split cache; cross-entropy at GPT-2's,
+    tiles are bf16's, at 64), causal or not (and BERT's padding mask with dropout, an
+    additive mask, and causal aligned bottom-right), decoding with and without a split cache; cross-entropy at GPT-2's,
     Llama 2's and Llama 3's vocabularies; LayerNorm at widths 768 to 32768 (fp32 to 16384,
     the kernels' 64 KiB row limit); the FFN matmuls at GPT-2 and BERT-large sizes."""
     found = []
@@ -157,6 +157,10 @@ def cases():
                       attention_case(64, DTYPES[name], False, "key padding", 0.1)))
     found.append(("attention", "B2 H16 L2048 D64 additive mask bf16",
                   attention_case(64, torch.bfloat16, False, "additive")))
+    for head_dim, name in ((64, "bf16"), (128, "bf16"), (256, "bf16"), (64, "fp32"), (128, "fp32")):
+        # A causal shift other than 0 (torch's lower-right CausalBias) compiles a variant of its own.
+        found.append(("attention", f"B2 H16 L2048 D{head_dim} causal bottom-right {name}",
+                      attention_case(head_dim, DTYPES[name], True, causal_shift=1)))
     for head_dim in (64, 128, 256):
         for name, dtype in DTYPES.items():
             if name == "fp16" and head_dim > 64:

@@ -99,9 +99,9 @@ def _tile_sizes(config, args):
 def _score_tiles(args, computed):
     """Tiles of the scores' shape live at once, in registers: `computed` fp32 tiles of the
     math; a full mask's int64 addresses and values (3), a key mask's selects (1); dropout's
-    int64 offsets, random numbers and keep factors (4)."""
+    int64 offsets, random numbers and keep factors (4); a causal shift's bounds (1)."""
     mask = {NO_MASK.value: 0, KEY_MASK.value: 1, FULL_MASK.value: 3}[args["MASK_KIND"]]
-    return computed + mask + 4 * bool(args["HAS_DROPOUT"])
+    return computed + mask + 4 * bool(args["HAS_DROPOUT"]) + bool(args["CAUSAL_SHIFTED"])
 
 
 def _exact_fp32(size, m, n, largest=16 * 32):
@@ -139,7 +139,10 @@ def _bwd_resources(config, args, target):
     (wide key blocks for dK/dV); others get an infinite estimate, so none is kept."""
     size, m, n, d, dv, threads, stages = _tile_sizes(config, args)
     resident, streamed = (n, m) if args["DKDV"] else (m, n)
-    if resident < streamed or _exact_fp32(size, m, n):
+    # Exact fp32 (see _exact_fp32): one tile per role, 16 keys x 32 queries for dK/dV (16 x
+    # 16 spills there with a causal shift on sm_80) and 16 x 16 for dQ.
+    fp32_tile = (16, 32) if args["DKDV"] else (16, 16)
+    if resident < streamed or (size == 4 and (m, n) != fp32_tile):
         return float("inf"), float("inf")
     accumulators = n * (d + dv) if args["DKDV"] else m * d
     registers = (
@@ -160,10 +163,12 @@ def _decode_resources(config, args, target):
 
 
 # Autotuning keys: lengths are bucketed to powers of two so that varying lengths do not
-# re-tune at every call, and lengths that are only bounds are not specialised on, so that
-# they do not recompile either.
-ATTENTION_KEY = ["seqlen_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT"]
-LENGTHS = ["seqlen_q", "seqlen_k", "seqlen_bucket"]
+# re-tune at every call, and lengths (and the causal shift) that only bound loops and masks
+# are not specialised on, so that they do not recompile either.
+ATTENTION_KEY = [
+    "seqlen_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "CAUSAL_SHIFTED", "MASK_KIND", "HAS_DROPOUT"
+]
+LENGTHS = ["seqlen_q", "seqlen_k", "causal_shift", "seqlen_bucket"]
 
 
 @triton.jit
@@ -211,8 +216,8 @@ def _mask_scores(
             s = tl.where(values != 0, s, float("-inf"))
         else:
             s = s + values.to(tl.float32) * LOG2E
-    if CAUSAL:
-        s = tl.where(cols <= rows + causal_shift, s, float("-inf"))
+    if CAUSAL:  # in int32 (lengths fit): 64-bit bounds made small tiles spill on sm_80
+        s = tl.where(cols.to(tl.int32) <= rows.to(tl.int32) + causal_shift, s, float("-inf"))
     if CHECK_KEYS:
         s = tl.where(cols < seqlen_k, s, float("-inf"))
     return s
@@ -228,15 +233,24 @@ def _dropout_factor(seed, row_offsets, cols, seqlen_k, dropout_p, dropout_scale)
 
 @triton.jit
 def _key_blocks(
-    start_m, seqlen_k, causal_shift, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    start_m,
+    seqlen_k,
+    causal_shift,
+    IS_CAUSAL: tl.constexpr,
+    CAUSAL_SHIFTED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """(unchecked_stop, stop) for the query rows [start_m, start_m + BLOCK_M): the key blocks
     starting before unchecked_stop are seen whole by every row (no causal or bounds check);
     those from there to stop need the checks; under is_causal the blocks after stop (above
     the diagonal, query i seeing keys j <= i + causal_shift) are skipped."""
-    if IS_CAUSAL:
+    if CAUSAL_SHIFTED:  # the shift may make the bounds negative
         stop = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + causal_shift, 0))
         seen_by_all = tl.minimum(seqlen_k, tl.maximum(start_m + 1 + causal_shift, 0))
+    elif IS_CAUSAL:
+        stop = tl.minimum(seqlen_k, start_m + BLOCK_M)
+        seen_by_all = tl.minimum(seqlen_k, start_m + 1)
     else:
         stop = seqlen_k
         seen_by_all = seqlen_k
@@ -370,6 +384,7 @@ def attention_fwd_kernel(
     dropout_scale,
     seed,
     IS_CAUSAL: tl.constexpr,
+    CAUSAL_SHIFTED: tl.constexpr,  # else causal_shift is 0 (torch's top-left alignment), known when compiling
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -399,7 +414,9 @@ def attention_fwd_kernel(
     mask_ptr += b * stride_mb + h * stride_mh
     dropout_rows = (b * heads + h) * seqlen_q + rows
 
-    unchecked_stop, stop = _key_blocks(start_m, seqlen_k, causal_shift, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    if not CAUSAL_SHIFTED:
+        causal_shift = 0
+    unchecked_stop, stop = _key_blocks(start_m, seqlen_k, causal_shift, IS_CAUSAL, CAUSAL_SHIFTED, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], -FLT_MAX, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -625,6 +642,7 @@ def attention_bwd_kernel(
     seed,
     DKDV: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    CAUSAL_SHIFTED: tl.constexpr,  # else causal_shift is 0 (torch's top-left alignment), known when compiling
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -638,6 +656,8 @@ def attention_bwd_kernel(
     """The backward in two launches. DKDV: one program per (key block, key/value head,
     batch) computes the block's dK and dV over every query head of its group. Else: one
     program per (query block, query head, batch) computes the block's dQ."""
+    if not CAUSAL_SHIFTED:
+        causal_shift = 0
     if DKDV:
         start_n = tl.program_id(0) * BLOCK_N
         kv_head = tl.program_id(1).to(tl.int64)
@@ -661,10 +681,13 @@ def attention_bwd_kernel(
         # Causal: queries before start_n - causal_shift see none of these keys (their blocks
         # are skipped); from start_n + BLOCK_N - 1 - causal_shift on they see all of them (no
         # causal check).
-        if IS_CAUSAL:
+        if CAUSAL_SHIFTED:
             start = tl.maximum(start_n - causal_shift, 0) // BLOCK_M * BLOCK_M
             all_seen_from = tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0)
             checked_stop = tl.minimum(tl.cdiv(all_seen_from, BLOCK_M) * BLOCK_M, seqlen_q)
+        elif IS_CAUSAL:
+            start = start_n // BLOCK_M * BLOCK_M
+            checked_stop = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seqlen_q)
         else:
             start = 0
             checked_stop = 0
@@ -722,7 +745,9 @@ def attention_bwd_kernel(
         k_ptr += b * stride_kb + kv_head * stride_kh
         v_ptr += b * stride_vb + kv_head * stride_vh
         mask_ptr += b * stride_mb + h * stride_mh
-        unchecked_stop, stop = _key_blocks(start_m, seqlen_k, causal_shift, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        unchecked_stop, stop = _key_blocks(
+            start_m, seqlen_k, causal_shift, IS_CAUSAL, CAUSAL_SHIFTED, BLOCK_M, BLOCK_N
+        )
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         dq = _dq_blocks(
             dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
@@ -935,6 +960,7 @@ def _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p):
     sizes = (heads, heads // kv_heads, seqlen_q, seqlen_k, causal_shift, bucket)
     constants = dict(
         IS_CAUSAL=is_causal,
+        CAUSAL_SHIFTED=is_causal and causal_shift != 0,
         MASK_KIND=mask_kind,
         MASK_IS_BOOL=mask_is_bool,
         HAS_DROPOUT=dropout_p > 0,

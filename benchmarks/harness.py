@@ -235,12 +235,15 @@ def run_op(module, device, quick, log=print, cases=None):
                 continue
             try:
                 measured = measure_provider(module, case, provider, device, dtype, min_run_time)
-            except Exception as error:  # one provider failing (e.g. out of memory) must not lose the others
+            except torch.OutOfMemoryError:  # a measurement: this size does not fit this provider
+                log(f"{module.OP} {base['label']} {provider.name}: out of memory")
+                rows.append(dict(base, absent="out of memory"))
+                torch.cuda.empty_cache()
+                continue
+            except Exception as error:  # recorded, and the run fails at its end (benchmarks/run.py)
                 log(f"{module.OP} {base['label']} {provider.name}: {type(error).__name__}: {error}")
                 log(traceback.format_exc(limit=3))
                 rows.append(dict(base, error=f"{type(error).__name__}: {str(error)[:300]}"))
-                if device == "cuda":
-                    torch.cuda.empty_cache()
                 continue
             rows.extend(dict(base, **row) for row in measured)
             headline = measured[-1]

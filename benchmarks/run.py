@@ -4,6 +4,8 @@
     python -m benchmarks.run [--op NAME ...] [--quick | --short] [--device cpu|cuda] [--out DIR]
     lmkern bench [...]       the same, from the installed package lmkern.benchmarks
 
+A case that raises is recorded with its error in the result files, and the run exits 1
+once every op has run (one that runs out of memory is recorded as such, not an error).
 --short runs only each op's largest full size (the case the GPU check's summary reports),
 to fit a short GPU lease. --quick runs small sizes as a smoke test (CI does); its files go to
 benchmarks/results/<device>/quick/ unless --out says otherwise. Run from an installed
@@ -69,6 +71,7 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="folder for the result files")
     args = parser.parse_args(argv)
+    errors = []
     for name in args.op or OPS:
         module = OPS[name]
         short_cases = module.cases(args.device, False)[-1:] if args.short else None
@@ -78,6 +81,10 @@ def main(argv=None):
         print()
         print(report.markdown(result))
         print("wrote " + ", ".join(paths))
+        errors += [f"{name} {row['label']} {row['provider']}: {row['error']}" for row in result["rows"] if "error" in row]
+    if errors:  # every op ran; the run still fails
+        print(f"\n{len(errors)} benchmark case(s) raised:", *errors, sep="\n  ", file=sys.stderr)
+        return 1
     return 0
 
 

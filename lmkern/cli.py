@@ -50,6 +50,7 @@ def main(argv=None):
         args.bench_args = extra  # the benchmark runner parses them
     elif extra:
         top.error(f"unrecognized arguments: {' '.join(extra)}")
+    command = " ".join(name for name in (args.command, getattr(args, "tokenizer_command", None)) if name)
     try:
         return args.run(args) or 0
     except (CommandError, ValueError, BackendUnavailableError) as error:  # bad input: say what, not where
@@ -58,7 +59,7 @@ def main(argv=None):
         message = describe(error)
     except KeyboardInterrupt:
         resume = " (`lmkern train ... --resume` continues from the last checkpoint)" if args.command == "train" else ""
-        print(f"lmkern {args.command}: interrupted{resume}", file=sys.stderr)
+        print(f"lmkern {command}: interrupted{resume}", file=sys.stderr)
         return 130
-    print(f"lmkern {args.command}: error: {message}", file=sys.stderr)
+    print(f"lmkern {command}: error: {message}", file=sys.stderr)
     return 2

@@ -93,9 +93,8 @@ def staged_files(folder, last):
 
 
 def overlap(path, other):
-    """"same" if the two paths name the same file or folder, "contains" if `path` is a folder
-    holding `other`, "inside" if `other` is a folder holding `path`, else None (symbolic
-    links resolved)."""
+    """How two paths relate, symbolic links resolved: "same" file or folder, `path` a folder
+    that "contains" `other`, `path` "inside" the folder `other`, or None."""
     path, other = os.path.realpath(path), os.path.realpath(other)
     if path == other:
         return "same"

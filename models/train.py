@@ -41,6 +41,7 @@ from lmkern.models.files import atomic_file
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
+BOOKKEEPING = ("step", "tokens_per_s", "skipped")  # the keys of a metrics row that are not metrics
 
 
 @dataclasses.dataclass
@@ -185,9 +186,9 @@ def write_metrics(out_dir, rows):
 
 def plot_metrics(out_dir, rows):
     """Writes metrics_figure(rows) to out_dir/loss.png."""
+    figure = metrics_figure(rows)
     import matplotlib.pyplot as plt
 
-    figure = metrics_figure(rows)
     with atomic_file(os.path.join(out_dir, PLOT), "wb") as file:
         figure.savefig(file, format="png", dpi=110)
     plt.close(figure)
@@ -206,7 +207,7 @@ def metrics_figure(rows):
     for row in rows:
         for key in row:
             name = key.removeprefix("val_")
-            if key not in ("step", "tokens_per_s", "skipped") and name not in names:
+            if key not in BOOKKEEPING and name not in names:
                 names.append(name)
     names.sort(key=lambda name: (name != "loss", name == "lr"))  # the loss first, the learning rate last
     columns = 2 if len(names) > 2 else 1
@@ -238,7 +239,7 @@ def metrics_figure(rows):
 def describe(row):
     """A metrics row as text: "loss 3.21, val_loss 3.4, lr 0.0006, 12,345 tokens/s"."""
     parts = [f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
-             for name, value in row.items() if name not in ("step", "tokens_per_s", "skipped")]
+             for name, value in row.items() if name not in BOOKKEEPING]
     if "tokens_per_s" in row:
         parts.append(f"{row['tokens_per_s']:,.0f} tokens/s")
     return ", ".join(parts) + (" (bad step: not applied)" if row.get("skipped") else "")

@@ -117,7 +117,7 @@ def train(args):
                                           save_checkpoint)
     from lmkern.models.data import TokenData
     from lmkern.models.files import check_free_space
-    from lmkern.models.train import METRICS, PLOT, TrainConfig, TrainingDiverged
+    from lmkern.models.train import BOOKKEEPING, METRICS, PLOT, TrainConfig, TrainingDiverged
     from lmkern.models.train import train as train_loop
 
     options = run_options(args)
@@ -167,11 +167,11 @@ def train(args):
     if torch.distributed.is_initialized():  # under torchrun
         torch.distributed.destroy_process_group()
     if writes:
-        last = rows[-1]
-        shown = {name: value for name, value in last.items() if name not in ("step", "lr", "tokens_per_s", "skipped")}
+        last = rows[-1] if rows else {}  # a resumed run that had already finished, its metrics removed
+        shown = {name: value for name, value in last.items() if name not in (*BOOKKEEPING, "lr")}
         metrics = ", ".join(f"{name} {value:.4g}" for name, value in shown.items())
         print(f"trained {args.model} (preset {options['preset']}, kernels {options['kernels']}) to step "
-              f"{last['step']}: {metrics}")
+              f"{last.get('step', config.steps)}: {metrics}")
         print(f"checkpoint {newest_checkpoint(args.out)}; metrics {os.path.join(args.out, METRICS)}, plot "
               f"{os.path.join(args.out, PLOT)}")
 

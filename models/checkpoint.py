@@ -72,10 +72,7 @@ def save_stages(run_dir, step, model, state, *, kind, config, tokenizer_dir, kee
         json.dump({"model": kind, "config": config}, file, indent=1)
     shutil.copyfile(os.path.join(tokenizer_dir, TOKENIZER_FILE), os.path.join(partial, TOKENIZER_FILE))
     yield "wrote the config and tokenizer"
-    weights = os.path.join(partial, WEIGHTS)
-    safetensors.torch.save_model(model, weights)
-    check_weights_file(weights)
-    os.chmod(weights, default_file_mode())
+    write_weights(model, os.path.join(partial, WEIGHTS))
     yield "wrote the weights"
     with open(os.path.join(partial, STATE), "wb") as file:
         torch.save(state, file)  # to a Python file: a full disk raises OSError naming the file
@@ -185,15 +182,18 @@ def describe_file(path):
     return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
-def check_weights_file(path):
-    """Raises OSError unless the weights file at path is whole: safetensors may not report a
-    write that failed (to a full disk), and opening the file checks that its header and
-    data add up."""
+def write_weights(model, path):
+    """Writes model's weights to path with safetensors, then opens the file to check that its
+    header and data add up: safetensors may not report a write that failed (to a full
+    disk). Its errors become OSErrors naming the file, and the file gets the mode open()
+    gives (safetensors makes its files private)."""
     try:
+        safetensors.torch.save_model(model, path)
         with safetensors.safe_open(path, "pt"):
             pass
     except safetensors.SafetensorError as error:
         raise OSError(f"{path}: the weights were not written whole ({error}); is the disk full?") from None
+    os.chmod(path, default_file_mode())
 
 
 # -- loading ----------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ FORMAT = 1
 
 @dataclasses.dataclass(frozen=True)
 class TextFormat:
+    """How text files are read into documents."""
+
     encoding: str = "utf-8"
     separator: str = ""  # a line that is this, once stripped, ends a document; "": a blank line
     skip_bad_files: bool = False  # leave out (and report) files that cannot be read in this encoding
@@ -56,7 +58,7 @@ def text_files(paths):
             files.append(path)
         elif os.path.isdir(path):
             found = []
-            for root, folders, names in os.walk(path, onerror=raise_error):  # an unreadable folder is an error
+            for root, folders, names in os.walk(path, onerror=raise_error):
                 folders[:] = [name for name in folders if not name.startswith(".")]
                 found += [os.path.join(root, name) for name in names if is_text_file_name(name)]
             if not found:
@@ -71,6 +73,7 @@ def text_files(paths):
 
 
 def raise_error(error):
+    """os.walk's onerror: stop, rather than leave out a folder it cannot list."""
     raise error
 
 

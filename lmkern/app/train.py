@@ -150,9 +150,10 @@ def train(args):
             check_free_space(args.out, checkpoint_bytes(model, options["data"]), "a checkpoint")
             write_options(args.out, options)
             parameters = sum(p.numel() for p in model.parameters()) / 1e6
-            start = f"resuming from step {state['step']}" if state else "resuming from the start" if args.resume \
-                else "training"
-            print(f"{start}: {args.model} (preset {options['preset']}, {parameters:.2f}M parameters) on "
+            start = (f"resuming {args.model} at step {state['step']}" if state else
+                     f"resuming {args.model} from the start (it had no complete checkpoint)" if args.resume else
+                     f"training {args.model}")
+            print(f"{start} (preset {options['preset']}, {parameters:.2f}M parameters) on "
                   f"{len(data):,} tokens of {options['data']} for {config.steps} steps of {config.batch_size} "
                   f"sequences; kernels {options['kernels']}, device {args.device}; run in {args.out}", flush=True)
         save = functools.partial(save_checkpoint, args.out, kind=args.model, config=dataclasses.asdict(model.config),

@@ -27,6 +27,7 @@ A task gives the loop its data and loss:
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -144,6 +145,16 @@ class Distributed:
             dist.all_reduce(value)
             value = value / self.world
         return value
+
+
+def finish_distributed():
+    """Ends the process group train() started under torchrun, and frees it while Python still
+    runs: DistributedDataParallel holds it in a reference cycle, and freed only as the
+    interpreter exits, gloo's worker threads can no longer take the GIL they need, and the
+    process aborts (at random, once training is done)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        gc.collect()
 
 
 # -- metrics, their plot, progress ---------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from cli_runs import SMALL_RUN, lmkern, one_line_error, snapshot, train_run, write_corpus
+from cli_runs import SMALL_RUN, lmkern, one_line_error, train_run, write_corpus
 from lmkern.app.models import load_model
 from lmkern.models import gpt, tasks
 from lmkern.models.data import TokenData

@@ -73,7 +73,8 @@ def test_no_command_writes_into_a_users_folder_or_its_input(home, monkeypatch, c
     assert lmkern(*argv) == 2
     error = one_line_error(capsys)
     expected = {"other files": "holds other files (thesis.tex)", "the working folder": "holds other files (thesis.tex)",
-                "its input": f"is the input --data {source}", "a parent of its input": "contains the input --data"}[case]
+                "its input": f"is the input --data {source}",
+                "a parent of its input": "contains the input --data"}[case]
     assert f"--out {out} " in error and expected in error, error
     assert snapshot(home) == before  # nothing removed, changed or added, not even a lock file
 

@@ -220,7 +220,8 @@ def test_the_plot_shows_each_metric_the_learning_rate_and_the_bad_steps():
     figure = metrics_figure(rows)
     panels = {axis.get_title(): axis for axis in figure.axes if axis.get_visible()}
     assert list(panels) == ["loss", "mlm loss", "nsp loss", "grad norm", "mlm accuracy", "learning rate"]
-    mlm = {line.get_label(): line.get_xdata().tolist() for line in panels["mlm loss"].lines if line.get_label()[0] != "_"}
+    mlm = {line.get_label(): line.get_xdata().tolist() for line in panels["mlm loss"].lines
+           if not line.get_label().startswith("_")}
     assert mlm == {"mlm loss": [1, 3], "val mlm loss": [0, 3]}
     for axis in panels.values():  # the bad step, marked in every panel
         assert [line.get_xdata()[0] for line in axis.lines if line.get_color() == "red"] == [2]

@@ -10,7 +10,7 @@ import torch
 
 import lmkern
 from lmkern.models.checkpoint import load_state, load_weights, newest_checkpoint, save_checkpoint
-from lmkern.models.train import TrainConfig, train
+from lmkern.models.train import TrainConfig, finish_distributed, train
 
 VOCAB, CONTEXT = 32, 8
 
@@ -76,3 +76,4 @@ def run(out_dir, tokenizer_dir, steps=12, crash_at_step=None, resume=False, save
 
 if __name__ == "__main__":
     run(sys.argv[1], sys.argv[2])
+    finish_distributed()

@@ -41,7 +41,8 @@ def prepare(args):
         meta = prepare_data(args.data, args.tokenizer, args.out, args.val_fraction, args.seed,
                             progress=show_progress(args), text_format=text)
     report_skipped("lmkern prepare", [(skip["path"], skip["reason"]) for skip in meta["skipped"]])
-    splits = ", ".join(f"{name} {s['tokens']:,} tokens in {s['documents']:,} documents" for name, s in meta["splits"].items())
+    splits = ", ".join(f"{name} {split['tokens']:,} tokens in {split['documents']:,} documents"
+                       for name, split in meta["splits"].items())
     print(f"prepared {args.out}: {splits} ({meta['dtype']})")
 
 

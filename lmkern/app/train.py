@@ -113,68 +113,77 @@ def make_task(kind, options, model):
 
 
 def train(args):
-    from lmkern.models.checkpoint import (checkpoint_bytes, load_state, load_weights, newest_checkpoint,
-                                          save_checkpoint)
-    from lmkern.models.data import TokenData
-    from lmkern.models.files import check_free_space
-    from lmkern.models.train import BOOKKEEPING, METRICS, PLOT, TrainConfig, TrainingDiverged
-    from lmkern.models.train import train as train_loop
+    from lmkern.models.checkpoint import newest_checkpoint
+    from lmkern.models.train import BOOKKEEPING, METRICS, PLOT, finish_distributed
 
     options = run_options(args)
     writes = is_rank_zero()
     claim = output_folder(args.out, "lmkern train", inputs=[("--data", options["data"])], overwrite=args.overwrite)
-    with claim if writes else contextlib.nullcontext():
-        if writes and not args.resume and not args.overwrite and holds_run(args.out):
-            raise CommandError(f"--out {args.out} already holds a run: --resume it, start it anew with --overwrite "
-                               "(which replaces its checkpoints and metrics), or choose another --out")
-        check_kernels(options["kernels"], args.device)
-        data = TokenData(options["data"], "train")
-        torch.manual_seed(options["seed"])  # the initial weights
-        model = build_model(args.model, options, data.meta["vocab_size"])
-        if args.model == "bert" and not options["nsp"]:
-            # Without NSP the pooler and NSP head get no gradient: frozen, AdamW and DDP skip them.
-            model.bert.pooler.requires_grad_(False)
-            model.nsp.requires_grad_(False)
-        task = make_task(args.model, options, model)
-        config = TrainConfig(**{field.name: options[field.name] for field in dataclasses.fields(TrainConfig)
-                                if field.name in options})
-        resumed = newest_checkpoint(args.out) if args.resume else None
-        state = None
-        if resumed is not None:  # (a run killed before its first checkpoint starts again from step 0)
-            check_same_tokenizer(data, resumed, model.config.vocab_size)
-            load_weights(resumed, model)
-            state = load_state(resumed)
-        if writes:
-            if not args.resume:
-                clear_run(args.out)  # the run --overwrite replaces
-            check_free_space(args.out, checkpoint_bytes(model, options["data"]), "a checkpoint")
-            write_options(args.out, options)
-            parameters = sum(p.numel() for p in model.parameters()) / 1e6
-            start = (f"resuming {args.model} at step {state['step']}" if state else
-                     f"resuming {args.model} from the start (it had no complete checkpoint)" if args.resume else
-                     f"training {args.model}")
-            print(f"{start} (preset {options['preset']}, {parameters:.2f}M parameters) on "
-                  f"{len(data):,} tokens of {options['data']} for {config.steps} steps of {config.batch_size} "
-                  f"sequences; kernels {options['kernels']}, device {args.device}; run in {args.out}", flush=True)
-        save = functools.partial(save_checkpoint, args.out, kind=args.model, config=dataclasses.asdict(model.config),
-                                 tokenizer_dir=options["data"], keep=options["keep_checkpoints"])
-        try:
-            rows = train_loop(model, task, config, args.out, save=save, device=args.device, state=state,
-                              progress=not args.quiet)
-        except TrainingDiverged as error:
-            last = newest_checkpoint(args.out)
-            raise CommandError(f"{error}{f' ({last})' if last else ''}: resume with a lower --lr, or pass "
-                               "--skip-bad-steps N to skip up to N bad steps") from None
-    if torch.distributed.is_initialized():  # under torchrun
-        torch.distributed.destroy_process_group()
+    try:
+        with claim if writes else contextlib.nullcontext():
+            rows = run(args, options, writes)
+    finally:
+        finish_distributed()  # after an error too: under torchrun the exit could abort otherwise
     if writes:
         last = rows[-1] if rows else {}  # a resumed run that had already finished, its metrics removed
         shown = {name: value for name, value in last.items() if name not in (*BOOKKEEPING, "lr")}
         metrics = ", ".join(f"{name} {value:.4g}" for name, value in shown.items())
         print(f"trained {args.model} (preset {options['preset']}, kernels {options['kernels']}) to step "
-              f"{last.get('step', config.steps)}: {metrics}")
+              f"{last.get('step', options['steps'])}: {metrics}")
         print(f"checkpoint {newest_checkpoint(args.out)}; metrics {os.path.join(args.out, METRICS)}, plot "
               f"{os.path.join(args.out, PLOT)}")
+
+
+def run(args, options, writes):
+    """Trains the run of `options` in --out (claimed, on the writing rank); returns its metric rows."""
+    from lmkern.models.checkpoint import (checkpoint_bytes, load_state, load_weights, newest_checkpoint,
+                                          save_checkpoint)
+    from lmkern.models.data import TokenData
+    from lmkern.models.files import check_free_space
+    from lmkern.models.train import TrainConfig, TrainingDiverged
+    from lmkern.models.train import train as train_loop
+
+    if writes and not args.resume and not args.overwrite and holds_run(args.out):
+        raise CommandError(f"--out {args.out} already holds a run: --resume it, start it anew with --overwrite "
+                           "(which replaces its checkpoints and metrics), or choose another --out")
+    check_kernels(options["kernels"], args.device)
+    data = TokenData(options["data"], "train")
+    torch.manual_seed(options["seed"])  # the initial weights
+    model = build_model(args.model, options, data.meta["vocab_size"])
+    if args.model == "bert" and not options["nsp"]:
+        # Without NSP the pooler and NSP head get no gradient: frozen, AdamW and DDP skip them.
+        model.bert.pooler.requires_grad_(False)
+        model.nsp.requires_grad_(False)
+    task = make_task(args.model, options, model)
+    config = TrainConfig(**{field.name: options[field.name] for field in dataclasses.fields(TrainConfig)
+                            if field.name in options})
+    resumed = newest_checkpoint(args.out) if args.resume else None
+    state = None
+    if resumed is not None:  # (a run killed before its first checkpoint starts again from step 0)
+        check_same_tokenizer(data, resumed, model.config.vocab_size)
+        load_weights(resumed, model)
+        state = load_state(resumed)
+    if writes:
+        if not args.resume:
+            clear_run(args.out)  # the run --overwrite replaces
+        check_free_space(args.out, checkpoint_bytes(model, options["data"]), "a checkpoint")
+        write_options(args.out, options)
+        parameters = sum(p.numel() for p in model.parameters()) / 1e6
+        start = (f"resuming {args.model} at step {state['step']}" if state else
+                 f"resuming {args.model} from the start (it had no complete checkpoint)" if args.resume else
+                 f"training {args.model}")
+        print(f"{start} (preset {options['preset']}, {parameters:.2f}M parameters) on {len(data):,} tokens of "
+              f"{options['data']} for {config.steps} steps of {config.batch_size} sequences; kernels "
+              f"{options['kernels']}, device {args.device}; run in {args.out}", flush=True)
+    save = functools.partial(save_checkpoint, args.out, kind=args.model, config=dataclasses.asdict(model.config),
+                             tokenizer_dir=options["data"], keep=options["keep_checkpoints"])
+    try:
+        return train_loop(model, task, config, args.out, save=save, device=args.device, state=state,
+                          progress=not args.quiet)
+    except TrainingDiverged as error:
+        last = newest_checkpoint(args.out)
+        raise CommandError(f"{error}{f' ({last})' if last else ''}: resume with a lower --lr, or pass "
+                           "--skip-bad-steps N to skip up to N bad steps") from None
 
 
 def add_parser(commands):

@@ -73,8 +73,8 @@ def add_quiet(parser):
 
 def add_overwrite(parser, command):
     parser.add_argument("--overwrite", action="store_true",
-                        help=f"write into an --out that holds other files: {command} replaces only its own files "
-                        "there and removes nothing else")
+                        help=f"write into an --out that holds other files: {command} writes its own files there "
+                        "(replacing files of the same names) and removes nothing else")
 
 
 def add_text_options(parser):

@@ -8,6 +8,8 @@ import sysconfig
 
 from pydoc_data.topics import topics
 
+from lmkern.models.files import atomic_file
+
 # Parts of the standard library that are tests, demos or tooling rather than prose.
 SKIPPED_FOLDERS = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "site-packages", "__pycache__"}
 
@@ -38,7 +40,7 @@ def write_default_corpus(directory):
     paths = [os.path.join(directory, "topics.txt"), os.path.join(directory, "docstrings.txt")]
     texts = ([topics[name] for name in sorted(topics)], standard_library_docstrings())
     for path, documents in zip(paths, texts):
-        with open(path, "w", encoding="utf-8") as file:
+        with atomic_file(path, encoding="utf-8") as file:
             for document in documents:
                 file.write(document.strip() + "\n\n")
     return paths

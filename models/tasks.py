@@ -79,8 +79,8 @@ class CausalLMTask:
         windows = torch.from_numpy(np.stack(windows))  # (B, T + 1)
         return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
 
-    def loss(self, model, batch):
-        return model(batch["input_ids"], batch["targets"]).loss
+    def losses(self, model, batch):
+        return {"loss": model(batch["input_ids"], batch["targets"]).loss}
 
     def tokens(self, batch):
         return batch["targets"].numel()
@@ -167,8 +167,13 @@ class MaskedLMTask:
         generators = [generator(TRAIN_STREAM, self.seed, step, index) for index in indices]
         return masked_batch(self.train_pairs, generators, self.vocab_size, self.nsp)
 
-    def loss(self, model, batch):
-        return model(**batch).loss
+    def losses(self, model, batch):
+        """The MLM + NSP loss, and (with NSP) each of them apart."""
+        output = model(**batch)
+        if not self.nsp:
+            return {"loss": output.loss}
+        nsp_loss = F.cross_entropy(output.nsp_logits.detach().float(), batch["next_sentence_label"])
+        return {"loss": output.loss, "mlm_loss": output.loss.detach() - nsp_loss, "nsp_loss": nsp_loss}
 
     def tokens(self, batch):
         return int(batch["attention_mask"].sum())

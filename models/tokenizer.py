@@ -6,6 +6,8 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lmkern.models.files import atomic_file
+
 KINDS = ("bpe", "wordpiece")
 END_OF_TEXT = "<|endoftext|>"  # GPT's document separator
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -47,15 +49,20 @@ def train_tokenizer(texts, kind, vocab_size):
 
 
 def save_tokenizer(tokenizer, directory):
+    """Writes directory/tokenizer.json (atomically: a crash leaves the old file or the new one)."""
     os.makedirs(directory, exist_ok=True)
-    tokenizer.save(os.path.join(directory, FILE_NAME))
+    with atomic_file(os.path.join(directory, FILE_NAME), encoding="utf-8") as file:
+        file.write(tokenizer.to_str(pretty=True))
 
 
 def load_tokenizer(directory):
     path = os.path.join(directory, FILE_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no tokenizer in {directory}: expected {path} (made by `lmkern tokenizer train`)")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as error:  # the tokenizers library raises a bare Exception for a damaged file
+        raise ValueError(f"{path} is not a readable tokenizer file: {error}") from None
 
 
 def tokenizer_kind(tokenizer):

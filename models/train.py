@@ -1,36 +1,48 @@
 """The pretraining loop GPT and BERT share: AdamW (fused where torch has it), linear
 warm-up then cosine decay, gradient clipping and accumulation, bf16 autocast on GPU,
-evaluation every N steps, a progress bar, metrics appended to DIR/metrics.jsonl with a
-loss curve in DIR/loss.png, checkpoints in DIR/checkpoint, exact resume, and
-DistributedDataParallel under torchrun (each rank takes its share of every global batch;
-only rank 0 writes). Randomness is seeded per step and micro-batch, so a resumed run and
-a run on any number of processes follow the same curve as one uninterrupted process.
+evaluation before the first step and every N steps, progress (a bar on a terminal, a line
+every N steps otherwise), metrics appended to DIR/metrics.jsonl (standard JSON: null for a
+non-finite value) with a plot of them in DIR/loss.png, checkpoints through a `save`
+callback, exact resume, and DistributedDataParallel under torchrun (each rank takes its
+share of every global batch; only rank 0 writes). Randomness is seeded per step and
+micro-batch, so a resumed run and a run on any number of processes follow the same curve
+as one uninterrupted process.
+
+A step whose loss or gradient norm is not finite, or whose loss is more than
+divergence_factor times the first step's, is bad: its update is not applied, and the run
+stops with TrainingDiverged — or, while fewer than skip_bad_steps have been, goes on to the
+next step (as large-scale trainers skip loss spikes). So the weights, and any checkpoint
+saved, never hold a bad step's update.
 
 A task gives the loop its data and loss:
 
     task.batch(step, part, parts)  the part-th of `parts` equal micro-batches of the global
                                    batch of `step`: a dict of CPU tensors that depends only
                                    on (step, part, parts), so every run and rank agree
-    task.loss(model, batch)        the micro-batch's mean loss, a scalar tensor
+    task.losses(model, batch)      {"loss": the micro-batch's mean loss (a scalar tensor),
+                                   other terms to log beside it, e.g. "mlm_loss"}
     task.tokens(batch)             how many tokens the micro-batch trains on
     task.evaluate(model)           {metric: value} on held-out data
 """
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lmkern.models.checkpoint import load_state, load_weights, save_checkpoint
+from lmkern.models.files import atomic_file
 
-CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+BOOKKEEPING = ("step", "tokens_per_s", "skipped")  # the keys of a metrics row that are not metrics
 
 
 @dataclasses.dataclass
@@ -47,11 +59,15 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 500
     seed: int = 0  # with (step, micro-batch), seeds torch's generator (dropout) before each micro-batch
+    # An untrained model's loss is about log(vocabulary); twice that is far worse than guessing.
+    divergence_factor: float = 2.0
+    skip_bad_steps: int = 0  # 0: the first bad step stops the run
+    log_every: int = 100  # steps between progress lines when stdout is not a terminal
 
     def __post_init__(self):  # checked on construction: before a run writes anything
         for option, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
                               ("--micro-batch-size", self.micro_batch_size), ("--eval-every", self.eval_every),
-                              ("--checkpoint-every", self.checkpoint_every)):
+                              ("--checkpoint-every", self.checkpoint_every), ("--log-every", self.log_every)):
             if value < 1:
                 raise ValueError(f"{option} must be at least 1, got {value}")
         if self.batch_size % self.micro_batch_size:
@@ -61,6 +77,31 @@ class TrainConfig:
         if self.warmup_steps < 0 or not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ValueError(f"need --warmup >= 0 and 0 <= --min-lr <= --lr, got {self.warmup_steps}, "
                              f"{self.min_learning_rate} and {self.learning_rate}")
+        if not self.divergence_factor > 1:
+            raise ValueError(f"--divergence-factor must be more than 1, got {self.divergence_factor}")
+        if self.skip_bad_steps < 0:
+            raise ValueError(f"--skip-bad-steps must be at least 0, got {self.skip_bad_steps}")
+
+
+class TrainingDiverged(Exception):
+    """A bad step (see the module's docstring) stopped the run; its update was not applied."""
+
+    def __init__(self, step, problem, last_saved_step):
+        saved = (f"the last checkpoint, of step {last_saved_step}, holds the weights before it"
+                 if last_saved_step is not None else "no checkpoint was saved before it")
+        super().__init__(f"training diverged at step {step}: {problem}; {saved}")
+        self.step, self.problem, self.last_saved_step = step, problem, last_saved_step
+
+
+def bad_step_problem(loss, grad_norm, first_loss, factor):
+    """What makes a step bad (a sentence), or None for a good one."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm}"
+    if first_loss is not None and loss > factor * first_loss:
+        return f"the loss {loss:.4g} is more than {factor:g} times the first step's {first_loss:.4g}"
+    return None
 
 
 def learning_rate(config, step):
@@ -106,41 +147,152 @@ class Distributed:
         return value
 
 
+def finish_distributed():
+    """Ends the process group train() started under torchrun, and frees it while Python still
+    runs: DistributedDataParallel holds it in a reference cycle, and freed only as the
+    interpreter exits, gloo's worker threads can no longer take the GIL they need, and the
+    process aborts (at random, once training is done)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        gc.collect()
+
+
+# -- metrics, their plot, progress ---------------------------------------------------------------
+
+
 def read_metrics(out_dir, up_to_step=None):
+    """The metric rows of out_dir/metrics.jsonl (those up to a step). A last line cut short
+    (by a kill while it was written) is left out; any other unreadable line is an error
+    naming the file and line."""
     path = os.path.join(out_dir, METRICS)
     if not os.path.exists(path):
         return []
     with open(path) as file:
-        rows = [json.loads(line) for line in file if line.strip()]
-    return [row for row in rows if up_to_step is None or row["step"] <= up_to_step]
+        lines = file.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines[:-1], 1):  # lines[-1] follows the last newline: empty unless cut short
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = row["step"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}, line {number}: not a metrics row ({error!r})") from None
+        if up_to_step is None or step <= up_to_step:
+            rows.append(row)
+    return rows
+
+
+def metrics_line(row):
+    """A row as a line of standard JSON: non-finite values (NaN, infinities) as null."""
+    finite = {name: None if isinstance(value, float) and not math.isfinite(value) else value
+              for name, value in row.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
 
 
 def write_metrics(out_dir, rows):
-    with open(os.path.join(out_dir, METRICS), "w") as file:
-        file.writelines(json.dumps(row) + "\n" for row in rows)
+    with atomic_file(os.path.join(out_dir, METRICS)) as file:
+        file.writelines(metrics_line(row) for row in rows)
 
 
-def plot_losses(out_dir, rows):
+def plot_metrics(out_dir, rows):
+    """Writes metrics_figure(rows) to out_dir/loss.png."""
+    figure = metrics_figure(rows)
+    import matplotlib.pyplot as plt
+
+    with atomic_file(os.path.join(out_dir, PLOT), "wb") as file:
+        figure.savefig(file, format="png", dpi=110)
+    plt.close(figure)
+
+
+def metrics_figure(rows):
+    """A panel per metric over the steps — training and validation values of the same name
+    together, each loss apart (BERT's MLM and NSP), perplexity on a log scale, the learning
+    rate last — with bad steps (non-finite or diverged; not applied) marked in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4))
-    axes.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", linewidth=1)
-    for key in sorted({k for r in rows for k in r if k.startswith("val_") and k.endswith("loss")}):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        axes.plot(*zip(*points), "o-", label=key.replace("_", " "), markersize=3)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.legend()
+    names = []
+    for row in rows:
+        for key in row:
+            name = key.removeprefix("val_")
+            if key not in BOOKKEEPING and name not in names:
+                names.append(name)
+    names.sort(key=lambda name: (name != "loss", name == "lr"))  # the loss first, the learning rate last
+    columns = 2 if len(names) > 2 else 1
+    lines = math.ceil(len(names) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(6 * columns, 2.4 * lines + 0.6), sharex=True, squeeze=False)
+    bad_steps = [row["step"] for row in rows if row.get("skipped")]
+    for axis, name in zip(axes.flat, names):
+        for key, style in ((name, "-"), (f"val_{name}", "o-")):
+            points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+            if points:
+                axis.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3, linewidth=1)
+        for step in bad_steps:
+            axis.axvline(step, color="red", alpha=0.5, linewidth=1)
+        if name == "perplexity":
+            axis.set_yscale("log")
+        axis.set_title("learning rate" if name == "lr" else name.replace("_", " "), fontsize=10)
+        axis.legend(fontsize=8)
+    for axis in axes.flat[len(names):]:
+        axis.set_visible(False)
+    for axis in axes[-1]:
+        axis.set_xlabel("step")
+    if bad_steps:
+        figure.suptitle(f"red: {len(bad_steps)} bad steps (non-finite or diverged loss), not applied", color="red",
+                        fontsize=10)
     figure.tight_layout()
-    figure.savefig(os.path.join(out_dir, "loss.png"), dpi=110)
-    plt.close(figure)
+    return figure
 
 
-def train(model, task, config, out_dir, *, kind, model_config, tokenizer_dir, device, resume=False, progress=True):
-    """Trains `model` on `task`; returns the metric rows (one per step)."""
+def describe(row):
+    """A metrics row as text: "loss 3.21, val_loss 3.4, lr 0.0006, 12,345 tokens/s"."""
+    parts = [f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+             for name, value in row.items() if name not in BOOKKEEPING]
+    if "tokens_per_s" in row:
+        parts.append(f"{row['tokens_per_s']:,.0f} tokens/s")
+    return ", ".join(parts) + (" (bad step: not applied)" if row.get("skipped") else "")
+
+
+class Progress:
+    """Training progress on the writing rank: a bar when stdout is a terminal; otherwise (a
+    log file, a pipe) a line every `every` steps, and at each evaluation and bad step, rather
+    than a stream of carriage returns."""
+
+    def __init__(self, steps, start, every, enabled):
+        terminal = enabled and sys.stdout.isatty()
+        self.bar = tqdm(total=steps, initial=start, unit="step") if terminal else None
+        self.steps, self.every, self.lines = steps, every, enabled and not terminal
+
+    def update(self, row):
+        notable = row.get("skipped") or any(name.startswith("val_") for name in row)
+        line = f"step {row['step']}/{self.steps}: {describe(row)}"
+        if self.bar is not None:
+            self.bar.update(row["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}" if "loss" in row else "-")
+            if notable:
+                self.bar.write(line)
+        elif self.lines and (notable or row["step"] % self.every == 0):
+            print(line, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def train(model, task, config, out_dir, *, save, device, state=None, progress=True):
+    """Trains `model` on `task`, writing metrics into out_dir; returns the metric rows (one
+    per step, after a step-0 row with the untrained model's evaluation).
+
+    save(step, model, state) writes a checkpoint (it is called on rank 0 only). To continue
+    a run, `model` holds the checkpoint's weights and `state` is the training state it was
+    saved with. Raises TrainingDiverged at a bad step beyond config.skip_bad_steps.
+    """
     place = Distributed(device)
     parts = config.batch_size // config.micro_batch_size
     if config.batch_size % (config.micro_batch_size * place.world):
@@ -151,29 +303,35 @@ def train(model, task, config, out_dir, *, kind, model_config, tokenizer_dir, de
     accumulation = parts // place.world
     model.to(place.device)
     optimizer = optimizer_for(model, config, place.device)
-    start, rows = 0, []
-    checkpoint = os.path.join(out_dir, CHECKPOINT)
-    if resume:
-        load_weights(checkpoint, model)
-        state = load_state(checkpoint)
+    start, first_loss, bad_steps, last_saved = 0, None, 0, None
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        rows = read_metrics(out_dir, up_to_step=start)
+        start, first_loss, bad_steps = state["step"], state["first_loss"], state["bad_steps"]
+        last_saved = start
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if place.world > 1 else model
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if place.device.type == "cuda" else contextlib.nullcontext()
     )
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad(), autocast:
+            return task.evaluate(model)
+
+    log = Progress(config.steps, start, config.log_every, progress and place.writes)
+    rows = []
     if place.writes:
+        rows = read_metrics(out_dir, up_to_step=start) if state is not None else [{"step": 0, **evaluate()}]
+        if state is None:
+            log.update(rows[0])
         os.makedirs(out_dir, exist_ok=True)
         write_metrics(out_dir, rows)
-    bar = tqdm(total=config.steps, initial=start, disable=not (progress and place.writes), unit="step")
     for step in range(start, config.steps):
         began = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         wrapped.train()
-        step_loss = torch.zeros((), device=place.device)
-        tokens = 0
+        sums, tokens = {}, 0
         for index in range(accumulation):
             part = place.rank * accumulation + index
             # Randomness (dropout) depends on the step and micro-batch alone: resuming needs no
@@ -184,34 +342,42 @@ def train(model, task, config, out_dir, *, kind, model_config, tokenizer_dir, de
             batch = {name: value.to(place.device, non_blocking=True) for name, value in batch.items()}
             last = index == accumulation - 1
             with autocast, (contextlib.nullcontext() if last or place.world == 1 else wrapped.no_sync()):
-                loss = task.loss(wrapped, batch) / accumulation
-            loss.backward()
-            step_loss += loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+                losses = {name: value / accumulation for name, value in task.losses(wrapped, batch).items()}
+            losses["loss"].backward()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0) + value.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        # One wait for the device per step: the losses, averaged over the ranks, and the norm.
+        values = torch.cat([place.mean(torch.stack(list(sums.values()))), grad_norm.reshape(1)]).tolist()
+        row = {"step": step + 1, **dict(zip(sums, values)), "grad_norm": values[-1], "lr": learning_rate(config, step)}
+        problem = bad_step_problem(row["loss"], row["grad_norm"], first_loss, config.divergence_factor)
+        if problem is None:
+            optimizer.step()
+            first_loss = row["loss"] if first_loss is None else first_loss
+        else:
+            bad_steps += 1
+            row["skipped"] = True
         optimizer.zero_grad(set_to_none=True)
+        row["tokens_per_s"] = tokens / (time.perf_counter() - began)
         done = step + 1
-        row = {
-            "step": done,
-            "loss": place.mean(step_loss).item(),
-            "lr": learning_rate(config, step),
-            "tokens_per_s": tokens / (time.perf_counter() - began),
-        }
-        evaluate = done % config.eval_every == 0 or done == config.steps
-        if evaluate and place.writes:
-            model.eval()
-            with torch.no_grad(), autocast:
-                row.update(task.evaluate(model))
+        stop = problem is not None and bad_steps > config.skip_bad_steps
+        evaluated = not stop and place.writes and (done % config.eval_every == 0 or done == config.steps)
+        if evaluated:
+            row.update(evaluate())
         rows.append(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        log.update(row)
         if place.writes:
             with open(os.path.join(out_dir, METRICS), "a") as file:
-                file.write(json.dumps(row) + "\n")
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                state = {"step": done, "optimizer": optimizer.state_dict(), "train_config": dataclasses.asdict(config)}
-                save_checkpoint(checkpoint, model, kind, model_config, tokenizer_dir, state)
-            if evaluate:
-                plot_losses(out_dir, rows)
-    bar.close()
+                file.write(metrics_line(row))
+            if problem is not None or evaluated:
+                plot_metrics(out_dir, rows)
+        if stop:
+            log.close()
+            raise TrainingDiverged(done, problem, last_saved)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            if place.writes:
+                save(done, model, {"step": done, "optimizer": optimizer.state_dict(), "first_loss": first_loss,
+                                   "bad_steps": bad_steps, "train_config": dataclasses.asdict(config)})
+            last_saved = done
+    log.close()
     return rows

@@ -1,11 +1,11 @@
 """The training command line: `lmkern train gpt|bert` on every kernel backend, exact resume,
-torchrun, `lmkern eval`, `lmkern generate`, `lmkern demo --quick`, `lmkern bench`, and bad
+torchrun, `lmkern eval`, `lmkern generate` (streaming, past the end of a document, long
+prompts, prompt files, several samples), `lmkern demo --quick`, `lmkern bench`, and bad
 input. Models are tiny and runs a few steps long, so that the file runs in about a minute
-on two CPU cores."""
+on two CPU cores. tests/test_cli_safety.py has the careless and unlucky user's cases."""
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -15,37 +15,15 @@ import pytest
 import safetensors.torch
 import torch
 
-from lmkern import cli
+from cli_runs import SMALL_RUN, lmkern, one_line_error, train_run, write_corpus
+from lmkern.app.models import load_model
 from lmkern.models import gpt, tasks
 from lmkern.models.data import TokenData
-from lmkern.models.generation import stream_tokens
+from lmkern.models.generation import DOCUMENT_BREAK, stream_text, stream_tokens
 from lmkern.models.tokenizer import END_OF_TEXT, load_tokenizer
 from lmkern.models.train import read_metrics
 
-SUBJECTS = ["the cat", "a dog", "the model", "my friend", "the kernel", "a student", "the teacher", "our tokenizer"]
-VERBS = ["sees", "likes", "trains", "reads", "writes", "finds", "keeps", "moves"]
-OBJECTS = ["the ball", "a book", "the data", "some text", "the tensor", "a letter", "the garden", "an apple"]
-
-
-def write_corpus(folder, documents=240):
-    """Documents of simple sentences: enough structure for a tiny model to learn in a few steps."""
-    choose = random.Random(0)
-    text = []
-    for _ in range(documents):
-        sentences = [f"{choose.choice(SUBJECTS)} {choose.choice(VERBS)} {choose.choice(OBJECTS)}."
-                     for _ in range(choose.randint(3, 7))]
-        text.append(" ".join(sentences).capitalize())
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "corpus.txt").write_text("\n\n".join(text) + "\n", encoding="utf-8")
-    return str(folder)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def lmkern(*argv):
-    """Runs the command line in this process; returns its exit status."""
-    return cli.main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +41,6 @@ def prepared(tmp_path_factory):
     return folders
 
 
-SMALL_RUN = ("--preset", "tiny", "--context-length", 32, "--batch-size", 8, "--micro-batch-size", 4, "--lr", 3e-3,
-             "--warmup", 3, "--eval-tokens", 512, "--device", "cpu", "--quiet")
-
-
-def train_run(model, data, out, *options):
-    return lmkern("train", model, "--data", data, "--out", out, *SMALL_RUN, *options)
-
-
 @pytest.fixture(scope="module")
 def gpt_run(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "gpt"
@@ -83,6 +53,13 @@ def bert_run(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "bert"
     assert train_run("bert", prepared["wordpiece"], out, "--steps", 30, "--eval-every", 10, "--kernels", "native") == 0
     return out
+
+
+def training_rows(run):
+    """The metric rows of a run's steps (after the step-0 row: the untrained model's evaluation)."""
+    rows = read_metrics(str(run))
+    assert rows[0]["step"] == 0 and "loss" not in rows[0]
+    return rows[1:]
 
 
 def curve(rows):
@@ -98,22 +75,27 @@ def weights(run):
 
 
 def test_gpt_run_learns_and_writes_its_files(gpt_run, capsys):
-    rows = read_metrics(str(gpt_run))
+    rows = training_rows(gpt_run)
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"], [row["loss"] for row in rows]
     assert rows[-1]["val_loss"] < rows[9]["val_loss"]  # steps 10 and 30 evaluate
     assert rows[-1]["val_perplexity"] == pytest.approx(np.exp(rows[-1]["val_loss"]))
-    assert sorted(os.listdir(gpt_run)) == ["checkpoint", "loss.png", "metrics.jsonl", "options.json"]
-    files = ["config.json", "model.safetensors", "state.pt", "tokenizer.json"]
+    assert sorted(os.listdir(gpt_run)) == [".lmkern", ".lmkern.lock", "checkpoint", "checkpoints", "loss.png",
+                                           "metrics.jsonl", "options.json"]
+    assert os.listdir(gpt_run / "checkpoints") == ["step-00000030"]  # the default keeps 3: one was saved
+    files = ["config.json", "manifest.json", "model.safetensors", "state.pt", "tokenizer.json"]
     assert sorted(os.listdir(gpt_run / "checkpoint")) == files
     saved = json.loads((gpt_run / "checkpoint" / "config.json").read_text())
     assert saved["model"] == "gpt" and saved["config"]["context_length"] == 32 and saved["config"]["vocab_size"] == 320
 
 
 def test_bert_run_learns_and_reports_mlm_and_nsp(bert_run):
-    rows = read_metrics(str(bert_run))
+    rows = training_rows(bert_run)
     assert rows[-1]["loss"] < 0.75 * rows[0]["loss"], [row["loss"] for row in rows]
     assert {"val_mlm_loss", "val_mlm_accuracy", "val_nsp_loss", "val_nsp_accuracy"} <= set(rows[-1])
     assert rows[-1]["val_mlm_loss"] < rows[9]["val_mlm_loss"]
+    for row in rows:  # the training loss, and its MLM and NSP parts apart
+        assert row["loss"] == pytest.approx(row["mlm_loss"] + row["nsp_loss"], rel=1e-5)
+        assert 0 < row["nsp_loss"] < 2
 
 
 @pytest.mark.parametrize("model", ["gpt", "bert"])
@@ -125,7 +107,7 @@ def test_training_lowers_the_loss_on_each_backend(prepared, tmp_path, model, ker
         "--steps", 4, "--warmup", 1, "--layers", 1, "--heads", 2, "--width", 32, "--context-length", 16,
         "--batch-size", 4, "--eval-tokens", 32)
     assert train_run(model, data, tmp_path / "run", "--kernels", kernels, "--eval-every", 100, *size) == 0
-    losses = [row["loss"] for row in read_metrics(str(tmp_path / "run"))]
+    losses = [row["loss"] for row in training_rows(tmp_path / "run")]
     assert losses[-1] < losses[0], losses
 
 
@@ -168,7 +150,7 @@ def test_two_processes_train_like_one(prepared, tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    single, distributed = read_metrics(str(tmp_path / "single")), read_metrics(str(tmp_path / "distributed"))
+    single, distributed = training_rows(tmp_path / "single"), training_rows(tmp_path / "distributed")
     torch.testing.assert_close([r["loss"] for r in distributed], [r["loss"] for r in single], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(weights(tmp_path / "distributed"), weights(tmp_path / "single"), rtol=1e-5, atol=1e-6)
 
@@ -201,7 +183,7 @@ def test_eval_gpt_gives_the_perplexity_of_the_validation_tokens(gpt_run, prepare
     assert printed[0].startswith("val perplexity")
     trained = read_metrics(str(gpt_run))[-1]["val_perplexity"]
     assert json.loads(printed[-1])["perplexity"] == pytest.approx(trained, rel=1e-5)
-    assert lmkern(*arguments) == 0  # all of them, windows advancing by half a window
+    assert lmkern(*arguments, "--stride", 16) == 0  # all of them, windows advancing by half a window
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["tokens"] == len(TokenData(prepared["bpe"], "val")) - 1
 
@@ -216,7 +198,7 @@ def test_eval_bert_gives_mlm_and_nsp_accuracy(bert_run, prepared, capsys):
 
 
 def test_generate_streams_what_the_model_generates(gpt_run, capsys):
-    kind, model, folder = cli.load_model(str(gpt_run), "native", "cpu")
+    kind, model, folder = load_model(str(gpt_run), "native", "cpu")
     tokenizer = load_tokenizer(folder)
     prompt = "The cat"
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
@@ -241,14 +223,80 @@ def test_generate_streams_what_the_model_generates(gpt_run, capsys):
 # -- demo and bench ------------------------------------------------------------------------------
 
 
-def test_demo_quick_trains_and_samples(tmp_path, capsys):
-    assert lmkern("demo", "--quick", "--out", tmp_path / "demo", "--quiet", "--device", "cpu") == 0
+def test_end_of_text_is_a_document_break_and_min_new_tokens_holds_it_back(gpt_run, monkeypatch, capsys):
+    kind, model, folder = load_model(str(gpt_run), "native", "cpu")
+    tokenizer = load_tokenizer(folder)
+    end = tokenizer.token_to_id(END_OF_TEXT)
+    ids = tokenizer.encode("The cat sees the ball.", add_special_tokens=False).ids
+    assert "".join(stream_text(tokenizer, ids + [end] + ids, end)) == f"The cat sees the ball.{DOCUMENT_BREAK}" \
+        "The cat sees the ball."
+    preference = torch.zeros(model.config.vocab_size)  # the greedy choice: end of text first, then token 7
+    preference[end], preference[7] = 2.0, 1.0
+    monkeypatch.setattr(gpt.GPT, "decode", lambda self, input_ids, cache: preference.expand(1, input_ids.shape[1], -1))
+    assert list(stream_tokens(model, ids, 8, eos_token_id=end)) == [end]
+    assert list(stream_tokens(model, ids, 8, eos_token_id=end, min_new_tokens=3)) == [7, 7, 7, end]
+    command = ("generate", "--checkpoint", gpt_run, "--prompt", "The cat", "--greedy", "--max-new-tokens", 4,
+               "--device", "cpu")
+    assert lmkern(*command) == 0
+    assert capsys.readouterr().out == "The cat\n"  # it stops at the end of the document
+    assert lmkern(*command, "--min-new-tokens", 2) == 0
+    assert capsys.readouterr().out == "The cat" + tokenizer.decode([7, 7]) + "\n"
+    assert lmkern(*command, "--ignore-eos") == 0
+    assert capsys.readouterr().out == f"The cat{DOCUMENT_BREAK * 4}\n"  # end of text, each time
+
+
+def test_generate_cuts_a_long_prompt_from_the_left(gpt_run, capsys):
+    kind, model, folder = load_model(str(gpt_run), "native", "cpu")
+    tokenizer = load_tokenizer(folder)
+    prompt = "The cat sees the ball. " * 20
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    assert len(ids) > model.config.context_length
+    expected = list(stream_tokens(model, ids[-24:], 8, eos_token_id=tokenizer.token_to_id(END_OF_TEXT)))
+    assert lmkern("generate", "--checkpoint", gpt_run, "--prompt", prompt, "--greedy", "--max-new-tokens", 8,
+                  "--device", "cpu") == 0
+    printed = capsys.readouterr()
+    assert printed.out == prompt + tokenizer.decode(expected) + "\n"
+    assert f"the prompt's first {len(ids) - 24} of {len(ids)} tokens are left out" in printed.err
+
+
+def test_generate_reads_a_prompt_file_and_draws_several_samples(gpt_run, tmp_path, capsys):
+    sampling = ("--max-new-tokens", 10, "--top-k", 20, "--device", "cpu", "--checkpoint", gpt_run)
+    singles = []
+    for seed in (5, 6):
+        assert lmkern("generate", "--prompt", "A dog\n", "--seed", seed, *sampling) == 0
+        singles.append(capsys.readouterr().out)
+    (tmp_path / "prompt.txt").write_text("A dog\n")
+    assert lmkern("generate", "--prompt-file", tmp_path / "prompt.txt", "--num-samples", 2, "--seed", 5, *sampling) == 0
+    assert capsys.readouterr().out == f"[sample 1 of 2]\n{singles[0]}[sample 2 of 2]\n{singles[1]}"
+    assert singles[0] != singles[1]
+
+
+# -- demo and bench ------------------------------------------------------------------------------
+
+
+def test_demo_quick_trains_evaluates_and_samples_among_a_users_files(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "labels.csv").write_text("id,label\n1,cat\n")
+    assert lmkern("demo", "--quick", "--out", out, "--device", "cpu") == 2  # not made by the demo: refused
+    assert "holds other files (data)" in one_line_error(capsys)
+    assert lmkern("demo", "--quick", "--out", out, "--device", "cpu", "--overwrite") == 0
+    assert (out / "data" / "labels.csv").read_text() == "id,label\n1,cat\n"
     printed = capsys.readouterr().out
     before = float(printed.split("validation perplexity before training: ")[1].split()[0])
+    during = printed.split("validation perplexity during training: ")[1].splitlines()[0]
     after = float(printed.split("validation perplexity after training: ")[1].split()[0])
     assert after < 0.8 * before, printed
+    assert [part.split("(step ")[1] for part in during.split("), ")] == ["5", "10", "15", "20", "25", "30", "35)"]
+    assert [line.split(":")[0] for line in printed.splitlines() if line.startswith("step ")] == [
+        f"step {step}/40" for step in range(0, 41, 5)]  # not a terminal: a progress line every 5 steps
     assert "sample:\nThe" in printed
-    assert os.path.isfile(tmp_path / "demo" / "run" / "checkpoint" / "model.safetensors")
+    rows = read_metrics(str(out / "run"))
+    assert rows[0]["val_perplexity"] == pytest.approx(before, abs=0.05)
+    # The eval command the demo prints gives the perplexity it printed.
+    command = printed.split("(`lmkern eval ")[1].split("` computes the same)")[0].split()
+    assert lmkern("eval", *command, "--json", "--quiet", "--device", "cpu") == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["perplexity"] == pytest.approx(after, abs=0.05)
 
 
 def test_bench_hands_its_arguments_to_the_benchmark_runner(monkeypatch):
@@ -307,7 +355,8 @@ def other_tokenizer_data(tmp_path):
         (["eval", "--checkpoint", "{tmp}/missing", "--data", "{bpe}"], "--checkpoint {tmp}/missing: no such folder"),
         (["eval", "--checkpoint", "{gpt}", "--data", "{other}"],
          "has 320 tokens, but --data {other} was prepared with one of 300"),
-        (["eval", "--checkpoint", "{corrupted}", "--data", "{bpe}"], "model.safetensors is corrupted or incomplete"),
+        (["eval", "--checkpoint", "{corrupted}", "--data", "{bpe}"],
+         "model.safetensors is not the file this checkpoint saved"),
         (["generate", "--checkpoint", "{bert}", "--prompt", "hello"], "holds a BERT model: generate needs a GPT"),
         (["generate", "--checkpoint", "{gpt}", "--prompt", "hi", "--temperature", "0"], "--temperature must be > 0"),
         (["generate", "--checkpoint", "{gpt}", "--prompt", "hi", "--max-new-tokens", "500"],

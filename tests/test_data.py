@@ -1,5 +1,6 @@
-"""Tokenizers, token files and their command line: round trips, document boundaries, the
-validation split, memory maps, and bad input."""
+"""Tokenizers, token files and their command line: round trips, document boundaries (blank
+lines or a separator line), encodings, the files a folder gives, skipped files, the
+validation split, memory maps, an output folder's other files, and bad input."""
 
 import json
 import os
@@ -71,6 +72,8 @@ def test_prepare_writes_documents_back_to_back(corpus, tmp_path):
     again = data.prepare([str(corpus / "text")], str(tokenizer_dir), str(tmp_path / "again"), 0.2, 1, progress=False)
     assert again["splits"] == meta["splits"]  # the split is fixed by the seed
     assert sorted(os.listdir(tmp_path)) == ["again", "prepared", "text", "tokenizer"]  # nothing left over
+    assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.json", "train.bin", "train.docs.npy", "val.bin",
+                                       "val.docs.npy"]
 
 
 def test_token_data_checks_its_tokenizer_and_dtype(corpus, tmp_path):
@@ -105,7 +108,9 @@ def test_cli_trains_a_tokenizer_and_prepares(corpus, tmp_path, capsys):
         (None, ["--data", "{tmp}/missing"], "no such file or folder"),
         ("empty_folder", ["--data", "{tmp}/empty"], "has no"),
         ("blank_file", ["--data", "{tmp}/blank.txt"], "no tokens for the train split"),
-        ("latin1", ["--data", "{tmp}/latin1.txt"], "is not UTF-8 text"),
+        ("latin1", ["--data", "{tmp}/latin1.txt"], "latin1.txt is not utf-8 text"),
+        ("bad_tokenizer", ["--data", "{corpus}", "--tokenizer", "{tmp}/broken"], "tokenizer.json is not a readable"),
+        (None, ["--data", "{corpus}", "--encoding", "klingon"], "--encoding klingon: no such text encoding"),
         (None, ["--data", "{corpus}", "--tokenizer", "{tmp}/nowhere"], "no tokenizer in"),
         (None, ["--data", "{corpus}", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
     ],
@@ -118,9 +123,96 @@ def test_prepare_bad_input_is_a_clear_error_and_leaves_nothing(corpus, tmp_path,
         (tmp_path / "blank.txt").write_text("\n\n  \n")
     elif setup == "latin1":
         (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    elif setup == "bad_tokenizer":
+        (tmp_path / "broken").mkdir()
+        (tmp_path / "broken" / "tokenizer.json").write_text((tmp_path / "tok" / "tokenizer.json").read_text()[:100])
     argv = ["prepare", "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "out"), "--quiet"]
     argv += [a.format(tmp=tmp_path, corpus=corpus / "text") for a in arguments]
     assert main(argv) == 2
     error = capsys.readouterr().err
-    assert message in error, error
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert message in error and len(error.strip().splitlines()) == 1, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_folders_give_extensionless_text_files_and_no_hidden_ones(tmp_path):
+    for name in ("README", "notes.txt", "image.png", ".hidden", ".git/HEAD", "sub/LICENSE", ".lmkern.partial/x"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("text\n")
+    files = data.text_files([str(tmp_path)])
+    assert [os.path.relpath(f, tmp_path) for f in files] == ["README", "notes.txt", "sub/LICENSE"]
+
+
+def test_a_separator_line_ends_documents_and_blank_lines_stay_inside(tmp_path):
+    (tmp_path / "fortunes").write_text("\nFirst line.\n\nSame document.\n\n%\nSecond.\n%\n%\n  %  \nThird.\n")
+    found = list(data.documents([str(tmp_path / "fortunes")], data.TextFormat(separator="%")))
+    assert found == ["First line.\n\nSame document.\n", "Second.\n", "Third.\n"]
+    blank_lines = list(data.documents([str(tmp_path / "fortunes")]))
+    assert blank_lines == ["First line.\n", "Same document.\n", "%\nSecond.\n%\n%\n  %  \nThird.\n"]
+
+
+def test_an_encoding_reads_other_text_and_bad_files_can_be_skipped(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café crème\n".encode("latin-1"))
+    (tmp_path / "utf8.txt").write_text("naïve\n", encoding="utf-8")
+    files = [str(tmp_path / "latin1.txt"), str(tmp_path / "utf8.txt")]
+    assert list(data.documents(files[:1], data.TextFormat(encoding="latin-1"))) == ["café crème\n"]
+    with pytest.raises(ValueError, match="latin1.txt is not utf-8 text"):
+        list(data.documents(files))
+    skipped = []
+    assert list(data.documents(files, data.TextFormat(skip_bad_files=True), skipped=skipped)) == ["naïve\n"]
+    assert skipped == [(files[0], "not utf-8 text (invalid continuation byte at byte 3)")]
+
+
+def test_prepare_skips_bad_files_when_asked_and_says_which(corpus, tmp_path, capsys):
+    save_tokenizer(train_tokenizer(DOCUMENTS, "bpe", 300), tmp_path / "tok")
+    (corpus / "text" / "legacy.txt").write_bytes("café\n".encode("latin-1"))
+    argv = ["prepare", "--data", str(corpus / "text"), "--tokenizer", str(tmp_path / "tok"), "--out",
+            str(tmp_path / "out"), "--quiet"]
+    assert main(argv) == 2
+    assert "legacy.txt is not utf-8 text" in capsys.readouterr().err
+    assert main(argv + ["--skip-bad-files"]) == 0
+    assert f"skipped {corpus / 'text' / 'legacy.txt'}: not utf-8 text" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert [skip["path"] for skip in meta["skipped"]] == [str(corpus / "text" / "legacy.txt")]
+    assert meta["sources"] == [str(corpus / "text" / "a.txt"), str(corpus / "text" / "more" / "b.md")]
+    assert sum(split["documents"] for split in meta["splits"].values()) == len(DOCUMENTS)
+
+
+def test_cli_takes_a_separator_and_an_encoding(tmp_path, capsys):
+    fortunes = "%\n".join(f"Fortune {i}:\n\nit is café time.\n" for i in range(30))
+    (tmp_path / "fortunes").write_bytes(fortunes.encode("latin-1"))
+    text = ["--data", str(tmp_path / "fortunes"), "--doc-separator", "%", "--encoding", "latin-1"]
+    assert main(["tokenizer", "train", *text, "--kind", "bpe", "--vocab-size", "300", "--out",
+                 str(tmp_path / "tok")]) == 0
+    assert "on 30 documents" in capsys.readouterr().out
+    assert main(["prepare", *text, "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "out"), "--quiet",
+                 "--val-fraction", "0.3"]) == 0
+    tokens = data.TokenData(str(tmp_path / "out"), "train")
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    first = tokens.tokens[tokens.starts[0] : tokens.starts[1] - 1].tolist()  # less its end-of-text
+    assert tokenizer.decode(first).startswith("Fortune ")
+    assert tokenizer.decode(first).endswith(":\n\nit is café time.\n")  # the blank line stays inside
+
+
+def test_prepare_again_replaces_its_files_only_and_a_failure_keeps_the_old_ones(corpus, tmp_path, capsys):
+    save_tokenizer(train_tokenizer(DOCUMENTS, "bpe", 300), tmp_path / "tok")
+    argv = ["prepare", "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "out"), "--quiet",
+            "--val-fraction", "0.5", "--data"]
+    assert main(argv + [str(corpus / "text")]) == 0
+    (tmp_path / "out" / "my-notes.txt").write_text("mine")
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(tmp_path / "out")}
+    (tmp_path / "blank.txt").write_text("\n\n")
+    assert main(argv + [str(tmp_path / "blank.txt")]) == 2  # no tokens: the folder stays as it was
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(tmp_path / "out")} == before
+    (corpus / "text" / "a.txt").unlink()
+    assert main(argv + [str(corpus / "text")]) == 0  # its own folder: no --overwrite needed
+    assert (tmp_path / "out" / "my-notes.txt").read_text() == "mine"
+    assert sum(s["documents"] for s in data.TokenData(str(tmp_path / "out"), "val").meta["splits"].values()) == 23
+
+
+def test_token_data_names_a_damaged_meta_file(corpus, tmp_path):
+    save_tokenizer(train_tokenizer(DOCUMENTS, "bpe", 300), tmp_path / "tok")
+    data.prepare([str(corpus / "text")], str(tmp_path / "tok"), str(tmp_path / "out"), 0.2, progress=False)
+    meta = tmp_path / "out" / "meta.json"
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(ValueError, match=f"{meta} is corrupted"):
+        data.TokenData(str(tmp_path / "out"), "train")

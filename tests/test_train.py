@@ -1,7 +1,12 @@
-"""The training loop: it learns, it resumes after a crash on exactly the same curve, and
-two processes under torchrun (gloo, CPU) train the same model as one process with the
-same global batch."""
+"""The training loop: it learns, it resumes after a crash on exactly the same curve — a kill
+at any stage of a checkpoint save included — two processes under torchrun (gloo, CPU)
+train the same model as one process with the same global batch, a diverging run stops (or
+skips a bounded number of bad steps) without saving bad weights, and the metrics, their
+plot and the progress lines say what happened."""
 
+import functools
+import itertools
+import json
 import os
 import subprocess
 import sys
@@ -10,9 +15,13 @@ import pytest
 import torch
 import toy_training
 
-from lmkern.models.checkpoint import load_weights
+from lmkern.models import checkpoint
+from lmkern.models.checkpoint import load_weights, newest_checkpoint, save_stages
 from lmkern.models.tokenizer import save_tokenizer, train_tokenizer
-from lmkern.models.train import read_metrics
+from lmkern.models.train import TrainingDiverged, metrics_figure, read_metrics
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -26,14 +35,31 @@ def curve(rows):
     return [{key: value for key, value in row.items() if key != "tokens_per_s"} for row in rows]
 
 
+def assert_same_weights(model, other):
+    for name, parameter in model.state_dict().items():
+        assert torch.equal(parameter, other.state_dict()[name]), name
+
+
+def strict_json(line):
+    """json.loads that refuses NaN and infinities, which are not JSON."""
+    return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in a metrics line: {line}"))
+
+
 def test_learns_and_writes_its_files(tmp_path, tokenizer_dir):
     out = tmp_path / "run"
     _, rows = toy_training.run(str(out), tokenizer_dir, steps=30)
-    assert rows[-1]["loss"] < 0.3 * rows[0]["loss"], [row["loss"] for row in rows]
-    assert "val_loss" in rows[3] and "val_loss" not in rows[0]
+    assert rows[0].keys() == {"step", "val_loss"} and rows[0]["step"] == 0  # the untrained model's evaluation
+    assert rows[-1]["loss"] < 0.3 * rows[1]["loss"], [row.get("loss") for row in rows]
+    assert "val_loss" in rows[4] and "val_loss" not in rows[1]
+    assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= rows[1].keys()
     assert curve(read_metrics(str(out))) == curve(rows)
-    assert sorted(os.listdir(out)) == ["checkpoint", "loss.png", "metrics.jsonl"]
-    assert sorted(os.listdir(out / "checkpoint")) == ["config.json", "model.safetensors", "state.pt", "tokenizer.json"]
+    assert sorted(os.listdir(out)) == ["checkpoint", "checkpoints", "loss.png", "metrics.jsonl"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000024", "step-00000028", "step-00000030"]  # keep 3
+    assert os.path.realpath(out / "checkpoint") == str(out / "checkpoints" / "step-00000030")
+    assert sorted(os.listdir(out / "checkpoint")) == ["config.json", "manifest.json", "model.safetensors", "state.pt",
+                                                      "tokenizer.json"]
+    modes = {name: os.stat(out / "checkpoint" / name).st_mode for name in os.listdir(out / "checkpoint")}
+    assert len(set(modes.values())) == 1, modes  # the weights too: safetensors makes its files private
 
 
 def test_resume_after_a_crash_follows_the_same_curve(tmp_path, tokenizer_dir):
@@ -41,12 +67,173 @@ def test_resume_after_a_crash_follows_the_same_curve(tmp_path, tokenizer_dir):
     crashed = str(tmp_path / "crashed")
     with pytest.raises(KeyboardInterrupt):
         toy_training.run(crashed, tokenizer_dir, crash_at_step=6)  # after the checkpoint of step 4
-    assert sorted(os.listdir(crashed)) == ["checkpoint", "loss.png", "metrics.jsonl"]
+    assert sorted(os.listdir(crashed)) == ["checkpoint", "checkpoints", "loss.png", "metrics.jsonl"]
     resumed_model, resumed = toy_training.run(crashed, tokenizer_dir, resume=True)
     assert curve(resumed) == curve(straight)
     assert curve(read_metrics(crashed)) == curve(straight)
-    for name, parameter in resumed_model.state_dict().items():
-        assert torch.equal(parameter, straight_model.state_dict()[name]), name
+    assert_same_weights(resumed_model, straight_model)
+
+
+class Killed(BaseException):
+    """Stands for a kill: raised where a save stops, it runs no cleanup there (save_stages
+    has none), so the run folder is left as a kill would leave it."""
+
+
+def killing_save(out_dir, tokenizer_dir, at_step, after_stages, seen):
+    """A save callback that kills the save of step `at_step` once `after_stages` of its
+    stages are done (0: before it starts; never, if it has fewer), noting their names in
+    `seen`."""
+
+    def save(step, model, state):
+        stages = save_stages(out_dir, step, model, state, kind="toy", config={}, tokenizer_dir=tokenizer_dir, keep=1)
+        if step == at_step and after_stages == 0:
+            raise Killed("before the save")
+        for name in stages:
+            if step == at_step:
+                seen.append(name)
+                if len(seen) == after_stages:
+                    raise Killed(name)
+
+    return save
+
+
+@pytest.mark.parametrize("at_step", [4, 8])  # the first save; a later one, which also removes the one before
+def test_a_kill_at_any_stage_of_a_save_leaves_a_run_that_resumes_exactly(tmp_path, tokenizer_dir, at_step):
+    run = functools.partial(toy_training.run, tokenizer_dir=tokenizer_dir, keep=1, eval_every=12)  # few plots: fast
+    straight_model, straight = run(str(tmp_path / "straight"))
+    stages = []
+    for stage in itertools.count():
+        out = str(tmp_path / f"killed-{stage}")
+        seen = []
+        try:
+            run(out, save=killing_save(out, tokenizer_dir, at_step, stage, seen))
+        except Killed:
+            pass
+        else:
+            break  # the save has fewer stages than `stage`: each was killed once
+        stages = seen
+        visible = "made the checkpoint visible" in seen
+        expected = at_step if visible else at_step - 4 if at_step > 4 else None
+        newest = newest_checkpoint(out)
+        assert (newest and int(newest.rsplit("-", 1)[1])) == expected, (stage, seen)
+        resumed_model, resumed = run(out, resume=True)
+        assert curve(resumed) == curve(straight), (stage, seen)
+        assert curve(read_metrics(out)) == curve(straight), (stage, seen)
+        assert_same_weights(resumed_model, straight_model)
+        assert os.listdir(os.path.join(out, "checkpoints")) == ["step-00000012"], (stage, seen)  # leftovers removed
+        assert os.path.realpath(os.path.join(out, "checkpoint")) == os.path.join(out, "checkpoints", "step-00000012")
+    assert stages[-1] == ("removed step-00000004" if at_step == 8 else "pointed the link at it"), stages
+
+
+def test_load_refuses_a_changed_file(tmp_path, tokenizer_dir):
+    toy_training.run(str(tmp_path / "run"), tokenizer_dir, steps=4)
+    folder = newest_checkpoint(str(tmp_path / "run"))
+    weights = os.path.join(folder, "model.safetensors")
+    with open(weights, "r+b") as file:  # flip bytes inside the tensor data, past the header
+        file.seek(os.path.getsize(weights) - 8)
+        file.write(b"\x7f\xff\xff\xff\x7f\xff\xff\xff")
+    with pytest.raises(ValueError, match="model.safetensors is not the file this checkpoint saved"):
+        load_weights(folder, toy_training.ToyModel())
+
+
+class PoisonedTask(toy_training.ToyTask):
+    """ToyTask whose loss is scaled by `scales[step]` (NaN, or a spike) at those steps."""
+
+    def __init__(self, batch_size, scales):
+        super().__init__(batch_size)
+        self.scales = scales
+
+    def batch(self, step, part, parts):
+        return {**super().batch(step, part, parts), "scale": torch.tensor(self.scales.get(step + 1, 1.0))}
+
+    def losses(self, model, batch):
+        return {"loss": model(batch["x"], batch["y"]) * batch["scale"]}
+
+
+@pytest.mark.parametrize("scale, problem", [(float("nan"), "the loss is nan"),
+                                            (10.0, "more than 2 times the first step's")])
+def test_a_diverging_run_stops_at_the_bad_step_and_saves_no_bad_weights(tmp_path, tokenizer_dir, scale, problem):
+    out = str(tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match=f"at step 6: .*{problem}.*the last checkpoint, of step 4") as error:
+        toy_training.run(out, tokenizer_dir, task=PoisonedTask(8, {6: scale}))
+    assert error.value.step == 6 and error.value.last_saved_step == 4
+    assert [step for step, _ in checkpoint.checkpoint_folders(out)] == [4]
+    load_weights(newest_checkpoint(out), toy_training.ToyModel())  # finite, whole
+    with open(os.path.join(out, "metrics.jsonl")) as file:
+        rows = [strict_json(line) for line in file]
+    assert [row["step"] for row in rows] == list(range(7))
+    assert rows[-1]["skipped"] is True and (rows[-1]["loss"] is None) == (scale != scale)
+
+
+def test_bad_steps_are_skipped_up_to_a_bound_and_resume_exactly(tmp_path, tokenizer_dir):
+    scales = {3: float("nan"), 6: float("inf")}
+    out = str(tmp_path / "skips")
+    model, rows = toy_training.run(out, tokenizer_dir, task=PoisonedTask(8, scales), skip_bad_steps=2,
+                                   checkpoint_every=1, keep=12)
+    assert [row["step"] for row in rows if row.get("skipped")] == [3, 6]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    weights = {step: checkpoint.describe_file(os.path.join(folder, "model.safetensors"))["sha256"]
+               for step, folder in checkpoint.checkpoint_folders(out)}
+    assert weights[3] == weights[2] and weights[6] == weights[5]  # a skipped step changes no weight
+    assert weights[4] != weights[3] and weights[7] != weights[6]
+
+    resumed_dir = str(tmp_path / "resumed")
+    poisoned = functools.partial(toy_training.run, resumed_dir, tokenizer_dir, task=PoisonedTask(8, scales))
+    with pytest.raises(KeyboardInterrupt):
+        poisoned(skip_bad_steps=2, save=crash_after_save(resumed_dir, tokenizer_dir, 4))
+    # The count of bad steps so far is saved with the checkpoint: step 3's counts after resuming.
+    with pytest.raises(TrainingDiverged, match="at step 6: the loss is inf"):
+        poisoned(skip_bad_steps=1, resume=True)
+    poisoned(skip_bad_steps=2, resume=True)  # from step 4 again
+    assert curve(read_metrics(resumed_dir)) == curve(read_metrics(out))
+
+
+def crash_after_save(out_dir, tokenizer_dir, at_step):
+    """A save callback that saves, then interrupts the run after the save of `at_step`."""
+    save = functools.partial(checkpoint.save_checkpoint, out_dir, kind="toy", config={}, tokenizer_dir=tokenizer_dir,
+                             keep=3)
+
+    def save_then_crash(step, model, state):
+        save(step, model, state)
+        if step == at_step:
+            raise KeyboardInterrupt
+
+    return save_then_crash
+
+
+def test_metrics_survive_a_line_cut_short_and_name_a_damaged_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "val_loss": 3.0}\n{"step": 1, "loss": 2.5}\n{"step": 2, "lo')  # killed mid-line
+    assert read_metrics(str(tmp_path)) == [{"step": 0, "val_loss": 3.0}, {"step": 1, "loss": 2.5}]
+    path.write_text('{"step": 0, "val_loss": 3.0}\n{"step": 1, "lo\n{"step": 2, "loss": 2.5}\n')
+    with pytest.raises(ValueError, match=f"{path}, line 2: not a metrics row"):
+        read_metrics(str(tmp_path))
+
+
+def test_the_plot_shows_each_metric_the_learning_rate_and_the_bad_steps():
+    rows = [{"step": 0, "val_mlm_loss": 7.0, "val_nsp_loss": 0.7},
+            {"step": 1, "loss": 7.7, "mlm_loss": 7.0, "nsp_loss": 0.7, "grad_norm": 1.0, "lr": 1e-4},
+            {"step": 2, "loss": None, "mlm_loss": None, "nsp_loss": None, "grad_norm": None, "lr": 2e-4,
+             "skipped": True},
+            {"step": 3, "loss": 6.9, "mlm_loss": 6.3, "nsp_loss": 0.6, "grad_norm": 1.0, "lr": 3e-4,
+             "val_mlm_loss": 6.5, "val_nsp_loss": 0.69, "val_mlm_accuracy": 0.1}]
+    figure = metrics_figure(rows)
+    panels = {axis.get_title(): axis for axis in figure.axes if axis.get_visible()}
+    assert list(panels) == ["loss", "mlm loss", "nsp loss", "grad norm", "mlm accuracy", "learning rate"]
+    mlm = {line.get_label(): line.get_xdata().tolist() for line in panels["mlm loss"].lines
+           if not line.get_label().startswith("_")}
+    assert mlm == {"mlm loss": [1, 3], "val mlm loss": [0, 3]}
+    for axis in panels.values():  # the bad step, marked in every panel
+        assert [line.get_xdata()[0] for line in axis.lines if line.get_color() == "red"] == [2]
+
+
+def test_progress_is_a_line_every_n_steps_when_stdout_is_not_a_terminal(tmp_path, tokenizer_dir, capsys):
+    toy_training.run(str(tmp_path / "run"), tokenizer_dir, steps=12, progress=True, log_every=3, eval_every=6)
+    printed = capsys.readouterr().out
+    assert "\r" not in printed
+    assert [line.split(":")[0] for line in printed.splitlines()] == [
+        "step 0/12", "step 3/12", "step 6/12", "step 9/12", "step 12/12"]
+    assert "val_loss" in printed.splitlines()[2] and "tokens/s" in printed.splitlines()[1]
 
 
 def test_two_processes_train_like_one(tmp_path, tokenizer_dir):
@@ -61,8 +248,9 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_dir):
     rows = read_metrics(distributed)
     assert [row["step"] for row in rows] == [row["step"] for row in single]
     # The same math; only the order of the gradient sums across processes differs.
-    torch.testing.assert_close([row["loss"] for row in rows], [row["loss"] for row in single], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close([row.get("loss") for row in rows[1:]], [row.get("loss") for row in single[1:]],
+                               rtol=1e-5, atol=1e-6)
     model = toy_training.ToyModel()
-    load_weights(os.path.join(distributed, "checkpoint"), model)
+    load_weights(newest_checkpoint(distributed), model)
     for name, parameter in model.state_dict().items():
         torch.testing.assert_close(parameter, single_model.state_dict()[name], rtol=1e-5, atol=1e-6)

@@ -3,12 +3,14 @@ an embedding, dropout and an LM head through lmkern.linear_cross_entropy, learni
 token stream in which each token is the previous one plus one. Run as a script under
 torchrun it trains and writes its metrics (tests/test_train.py uses both)."""
 
+import functools
 import sys
 
 import torch
 
 import lmkern
-from lmkern.models.train import TrainConfig, train
+from lmkern.models.checkpoint import load_state, load_weights, newest_checkpoint, save_checkpoint
+from lmkern.models.train import TrainConfig, finish_distributed, train
 
 VOCAB, CONTEXT = 32, 8
 
@@ -41,8 +43,8 @@ class ToyTask:
         windows = torch.stack([self.stream[s : s + CONTEXT + 1] for s in starts.chunk(parts)[part]])
         return {"x": windows[:, :-1], "y": windows[:, 1:]}
 
-    def loss(self, model, batch):
-        return model(batch["x"], batch["y"])
+    def losses(self, model, batch):
+        return {"loss": model(batch["x"], batch["y"])}
 
     def tokens(self, batch):
         return batch["y"].numel()
@@ -52,13 +54,26 @@ class ToyTask:
         return {"val_loss": model(batch["x"], batch["y"]).item()}
 
 
-def run(out_dir, tokenizer_dir, steps=12, crash_at_step=None, resume=False, **overrides):
-    config = TrainConfig(steps=steps, batch_size=8, micro_batch_size=2, learning_rate=0.05, min_learning_rate=0.005,
-                         warmup_steps=2, eval_every=4, checkpoint_every=4, **overrides)
+def run(out_dir, tokenizer_dir, steps=12, crash_at_step=None, resume=False, save=None, keep=3, task=None,
+        progress=False, **overrides):
+    """Trains a ToyModel in out_dir (resume: from its newest checkpoint, if any); returns
+    (model, metric rows). save: the loop's checkpoint writer (default save_checkpoint);
+    task: default ToyTask."""
+    config = TrainConfig(**{**dict(steps=steps, batch_size=8, micro_batch_size=2, learning_rate=0.05,
+                                   min_learning_rate=0.005, warmup_steps=2, eval_every=4, checkpoint_every=4),
+                            **overrides})
     model = ToyModel()
-    return model, train(model, ToyTask(config.batch_size, crash_at_step), config, out_dir, kind="toy",
-                        model_config={}, tokenizer_dir=tokenizer_dir, device="cpu", resume=resume, progress=False)
+    state = None
+    newest = newest_checkpoint(out_dir) if resume else None
+    if newest is not None:
+        load_weights(newest, model)
+        state = load_state(newest)
+    save = save or functools.partial(save_checkpoint, out_dir, kind="toy", config={}, tokenizer_dir=tokenizer_dir,
+                                     keep=keep)
+    task = task or ToyTask(config.batch_size, crash_at_step)
+    return model, train(model, task, config, out_dir, save=save, device="cpu", state=state, progress=progress)
 
 
 if __name__ == "__main__":
     run(sys.argv[1], sys.argv[2])
+    finish_distributed()

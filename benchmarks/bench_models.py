@@ -15,14 +15,13 @@ fused AdamW and zero_grad(set_to_none=True). Its passes:
     step     the whole step: forward, backward, clipping, AdamW
 """
 
-import contextlib
 import dataclasses
 import functools
 
 import torch
 
 from lmkern import backend
-from lmkern.models.train import TrainConfig, optimizer_for
+from lmkern.models.train import TrainConfig, autocast_dtype, optimizer_for, training_autocast
 
 from .harness import Provider, backend_unavailable
 
@@ -54,8 +53,8 @@ def model_providers(ops, device, dtype, *, compile_absent=None):
 
 
 def autocast(device):
-    """bf16 autocast on a GPU, as the training loop; nothing on CPU (fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    """The training loop's default precision on the device: bf16 autocast on a GPU, fp32 on CPU."""
+    return training_autocast(TrainConfig().precision, device)
 
 
 def training_passes(model, run, batch, device):
@@ -88,8 +87,8 @@ def train_work(flops, pass_name):
 
 
 def train_dtype(device):
-    """bf16 (autocast) on a GPU, fp32 on CPU."""
-    return torch.bfloat16 if device == "cuda" else torch.float32
+    """The dtype the training loop's default precision computes in on the device."""
+    return autocast_dtype(TrainConfig().precision, device) or torch.float32
 
 
 def random_ids(shape, high, device, seed=0):

@@ -1,5 +1,6 @@
 """The pretraining loop GPT and BERT share: AdamW (fused where torch has it), linear
-warm-up then cosine decay, gradient clipping and accumulation, bf16 autocast on GPU,
+warm-up then cosine decay, gradient clipping and accumulation, mixed precision (torch.autocast
+over fp32 weights: bf16 by default on a GPU, fp16 with loss scaling),
 evaluation before the first step and every N steps, progress (a bar on a terminal, a line
 every N steps otherwise), metrics appended to DIR/metrics.jsonl (standard JSON: null for a
 non-finite value) with a plot of them in DIR/loss.png, checkpoints through a `save`
@@ -42,7 +43,7 @@ from lmkern.models.files import atomic_file
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
-BOOKKEEPING = ("step", "tokens_per_s", "skipped")  # the keys of a metrics row that are not metrics
+BOOKKEEPING = ("step", "tokens_per_s", "skipped", "loss_scale")  # the keys of a metrics row that are not metrics
 
 
 @dataclasses.dataclass
@@ -63,6 +64,9 @@ class TrainConfig:
     divergence_factor: float = 2.0
     skip_bad_steps: int = 0  # 0: the first bad step stops the run
     log_every: int = 100  # steps between progress lines when stdout is not a terminal
+    # fp32, or bf16 / fp16 under torch.autocast over fp32 weights (fp16 with loss scaling);
+    # auto: bf16 on a GPU, as real training runs, fp32 elsewhere.
+    precision: str = "auto"
 
     def __post_init__(self):  # checked on construction: before a run writes anything
         for option, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
@@ -81,6 +85,24 @@ class TrainConfig:
             raise ValueError(f"--divergence-factor must be more than 1, got {self.divergence_factor}")
         if self.skip_bad_steps < 0:
             raise ValueError(f"--skip-bad-steps must be at least 0, got {self.skip_bad_steps}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_dtype(precision, device_type):
+    """The dtype a precision trains in under torch.autocast on device_type, None for fp32."""
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def training_autocast(precision, device_type):
+    """The torch.autocast context a training step's forward runs in (nothing for fp32)."""
+    dtype = autocast_dtype(precision, device_type)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
 class TrainingDiverged(Exception):
@@ -309,9 +331,14 @@ def train(model, task, config, out_dir, *, save, device, state=None, progress=Tr
         start, first_loss, bad_steps = state["step"], state["first_loss"], state["bad_steps"]
         last_saved = start
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if place.world > 1 else model
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if place.device.type == "cuda" else contextlib.nullcontext()
+    autocast = training_autocast(config.precision, place.device.type)
+    # fp16 gradients are scaled up against underflow; a step whose scaled gradients overflow
+    # is skipped by the scaler (which then lowers the scale), not counted as diverged.
+    scaler = torch.amp.GradScaler(
+        place.device.type, enabled=autocast_dtype(config.precision, place.device.type) == torch.float16
     )
+    if state is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
 
     def evaluate():
         model.eval()
@@ -343,20 +370,26 @@ def train(model, task, config, out_dir, *, save, device, state=None, progress=Tr
             last = index == accumulation - 1
             with autocast, (contextlib.nullcontext() if last or place.world == 1 else wrapped.no_sync()):
                 losses = {name: value / accumulation for name, value in task.losses(wrapped, batch).items()}
-            losses["loss"].backward()
+            scaler.scale(losses["loss"]).backward()
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0) + value.detach()
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         # One wait for the device per step: the losses, averaged over the ranks, and the norm.
         values = torch.cat([place.mean(torch.stack(list(sums.values()))), grad_norm.reshape(1)]).tolist()
         row = {"step": step + 1, **dict(zip(sums, values)), "grad_norm": values[-1], "lr": learning_rate(config, step)}
-        problem = bad_step_problem(row["loss"], row["grad_norm"], first_loss, config.divergence_factor)
+        overflow = scaler.is_enabled() and not math.isfinite(row["grad_norm"])  # the loss scaler's to handle
+        problem = bad_step_problem(row["loss"], 0.0 if overflow else row["grad_norm"], first_loss,
+                                   config.divergence_factor)
         if problem is None:
-            optimizer.step()
+            scaler.step(optimizer)  # no update where the scaled gradients overflowed
             first_loss = row["loss"] if first_loss is None else first_loss
         else:
             bad_steps += 1
             row["skipped"] = True
+        if scaler.is_enabled():
+            row["loss_scale"] = scaler.get_scale()
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         row["tokens_per_s"] = tokens / (time.perf_counter() - began)
         done = step + 1
@@ -376,8 +409,9 @@ def train(model, task, config, out_dir, *, save, device, state=None, progress=Tr
             raise TrainingDiverged(done, problem, last_saved)
         if done % config.checkpoint_every == 0 or done == config.steps:
             if place.writes:
-                save(done, model, {"step": done, "optimizer": optimizer.state_dict(), "first_loss": first_loss,
-                                   "bad_steps": bad_steps, "train_config": dataclasses.asdict(config)})
+                save(done, model, {"step": done, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                   "first_loss": first_loss, "bad_steps": bad_steps,
+                                   "train_config": dataclasses.asdict(config)})
             last_saved = done
     log.close()
     return rows

@@ -117,10 +117,11 @@ def test_bert_without_nsp(prepared, tmp_path):
     assert "val_mlm_accuracy" in last and "val_nsp_accuracy" not in last
 
 
-@pytest.mark.parametrize("model", ["gpt", "bert"])
-def test_resume_after_an_interruption_follows_the_same_curve(prepared, tmp_path, monkeypatch, model):
+@pytest.mark.parametrize("model, precision", [("gpt", "fp32"), ("bert", "fp32"), ("gpt", "fp16")])
+def test_resume_after_an_interruption_follows_the_same_curve(prepared, tmp_path, monkeypatch, model, precision):
     data = prepared["bpe" if model == "gpt" else "wordpiece"]
-    options = ("--steps", 8, "--eval-every", 4, "--checkpoint-every", 4, "--kernels", "native", "--dropout", 0.1)
+    options = ("--steps", 8, "--eval-every", 4, "--checkpoint-every", 4, "--kernels", "native", "--dropout", 0.1,
+               "--precision", precision)
     assert train_run(model, data, tmp_path / "straight", *options) == 0
     task = tasks.CausalLMTask if model == "gpt" else tasks.MaskedLMTask
     batch = task.batch
@@ -139,6 +140,17 @@ def test_resume_after_an_interruption_follows_the_same_curve(prepared, tmp_path,
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+
+
+@pytest.mark.parametrize("model", ["gpt", "bert"])
+def test_training_under_bf16_autocast_on_cpu(prepared, tmp_path, model):
+    """--precision bf16: the path a GPU run takes by default (torch.autocast over fp32
+    weights), here on CPU."""
+    data = prepared["bpe" if model == "gpt" else "wordpiece"]
+    assert train_run(model, data, tmp_path / "run", "--precision", "bf16", "--steps", 12, "--kernels", "native") == 0
+    losses = [row["loss"] for row in read_metrics(str(tmp_path / "run"))[1:]]
+    assert losses[-1] < losses[0], losses
+    assert json.loads((tmp_path / "run" / "options.json").read_text())["precision"] == "bf16"
 
 
 def test_two_processes_train_like_one(prepared, tmp_path):

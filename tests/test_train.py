@@ -7,6 +7,7 @@ plot and the progress lines say what happened."""
 import functools
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import toy_training
 from lmkern.models import checkpoint
 from lmkern.models.checkpoint import load_weights, newest_checkpoint, save_stages
 from lmkern.models.tokenizer import save_tokenizer, train_tokenizer
-from lmkern.models.train import TrainingDiverged, metrics_figure, read_metrics
+from lmkern.models.train import TrainingDiverged, metrics_figure, metrics_line, read_metrics
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,8 +32,10 @@ def tokenizer_dir(tmp_path):
 
 
 def curve(rows):
-    """The parts of the metric rows that must repeat exactly (not the timings)."""
-    return [{key: value for key, value in row.items() if key != "tokens_per_s"} for row in rows]
+    """The parts of the metric rows that must repeat exactly (not the timings), as the
+    metrics file holds them (null for a non-finite value, which never equals itself)."""
+    return [json.loads(metrics_line({key: value for key, value in row.items() if key != "tokens_per_s"}))
+            for row in rows]
 
 
 def assert_same_weights(model, other):
@@ -62,13 +65,20 @@ def test_learns_and_writes_its_files(tmp_path, tokenizer_dir):
     assert len(set(modes.values())) == 1, modes  # the weights too: safetensors makes its files private
 
 
-def test_resume_after_a_crash_follows_the_same_curve(tmp_path, tokenizer_dir):
-    straight_model, straight = toy_training.run(str(tmp_path / "straight"), tokenizer_dir)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_after_a_crash_follows_the_same_curve(tmp_path, tokenizer_dir, monkeypatch, precision):
+    """fp16: the loss scaler starts so high that the first steps overflow and lower it, so
+    that a resume must restore its state to follow the same curve."""
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**24))
+    straight_model, straight = toy_training.run(str(tmp_path / "straight"), tokenizer_dir, precision=precision)
+    if precision == "fp16":
+        scales = [row["loss_scale"] for row in straight[1:]]
+        assert scales[0] > scales[5] and not math.isfinite(straight[1]["grad_norm"]), scales  # overflowed
     crashed = str(tmp_path / "crashed")
     with pytest.raises(KeyboardInterrupt):
-        toy_training.run(crashed, tokenizer_dir, crash_at_step=6)  # after the checkpoint of step 4
+        toy_training.run(crashed, tokenizer_dir, crash_at_step=6, precision=precision)  # after the checkpoint of step 4
     assert sorted(os.listdir(crashed)) == ["checkpoint", "checkpoints", "loss.png", "metrics.jsonl"]
-    resumed_model, resumed = toy_training.run(crashed, tokenizer_dir, resume=True)
+    resumed_model, resumed = toy_training.run(crashed, tokenizer_dir, resume=True, precision=precision)
     assert curve(resumed) == curve(straight)
     assert curve(read_metrics(crashed)) == curve(straight)
     assert_same_weights(resumed_model, straight_model)

@@ -174,7 +174,8 @@ def run(args, options, writes):
                  f"training {args.model}")
         print(f"{start} (preset {options['preset']}, {parameters:.2f}M parameters) on {len(data):,} tokens of "
               f"{options['data']} for {config.steps} steps of {config.batch_size} sequences; kernels "
-              f"{options['kernels']}, device {args.device}; run in {args.out}", flush=True)
+              f"{options['kernels']}, precision {options['precision']}, device {args.device}; run in {args.out}",
+              flush=True)
     save = functools.partial(save_checkpoint, args.out, kind=args.model, config=dataclasses.asdict(model.config),
                              tokenizer_dir=options["data"], keep=options["keep_checkpoints"])
     try:
@@ -187,7 +188,7 @@ def run(args, options, writes):
 
 
 def add_parser(commands):
-    from lmkern.models.train import TrainConfig
+    from lmkern.models.train import PRECISIONS, TrainConfig
 
     defaults = TrainConfig()
     train_parser = commands.add_parser(
@@ -247,5 +248,8 @@ def add_parser(commands):
                      f"(default {defaults.skip_bad_steps}: stop at the first, naming the last good checkpoint)")
     run.add_argument("--log-every", type=int, metavar="N",
                      help=f"a progress line every N steps when stdout is not a terminal (default {defaults.log_every})")
+    run.add_argument("--precision", choices=PRECISIONS,
+                     help="fp32, or bf16 / fp16 under torch.autocast over fp32 weights (fp16 with loss scaling); "
+                     "default auto: bf16 on a GPU, fp32 on CPU")
     run.add_argument("--seed", type=int, metavar="N", help="seeds the weights, batches, masks and dropout (default 0)")
     train_parser.set_defaults(run=train)

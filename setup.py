@@ -41,7 +41,10 @@ def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     return CUDAExtension(
-        "lmkern._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS}
+        "lmkern._C",
+        sources,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
+        define_macros=[("LMKERN_WITH_CUDA", "1")],  # lmkern._C.with_cuda
     )
 
 

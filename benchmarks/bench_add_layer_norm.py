@@ -14,8 +14,11 @@ import torch.nn.functional as F
 
 import lmkern
 
-from .bench_layer_norm import cases, dtype, label  # noqa: F401  (the same sizes)
+from . import bench_layer_norm
 from .harness import Provider, compiled_provider, lmkern_providers
+
+# The same sizes and dtype as layer_norm.
+cases, dtype, label = bench_layer_norm.cases, bench_layer_norm.dtype, bench_layer_norm.label
 
 OP = "add_layer_norm"
 METRIC = "GB/s"
@@ -49,5 +52,5 @@ def providers(device, dtype):
     return [
         Provider("torch eager", eager),
         compiled_provider(eager),
-        *lmkern_providers("layer_norm", device, dtype, fused),  # its kernel family
+        *lmkern_providers(OP, device, dtype, fused),
     ]

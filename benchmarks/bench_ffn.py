@@ -13,8 +13,11 @@ import torch.nn.functional as F
 
 import lmkern
 
-from .bench_linear_gelu import cases, dtype  # noqa: F401  (the same sizes)
+from . import bench_linear_gelu
 from .harness import Provider, compiled_provider, lmkern_providers
+
+# The same sizes and dtype as linear_gelu.
+cases, dtype = bench_linear_gelu.cases, bench_linear_gelu.dtype
 
 OP = "ffn"
 METRIC = "TFLOP/s"
@@ -55,5 +58,5 @@ def providers(device, dtype):
     return [
         Provider("torch eager", eager),
         compiled_provider(eager),
-        *lmkern_providers("linear_gelu", device, dtype, fused),  # its kernel family
+        *lmkern_providers(OP, device, dtype, fused),
     ]

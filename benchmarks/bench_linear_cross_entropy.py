@@ -65,6 +65,6 @@ def providers(device, dtype):
     return [
         Provider("torch eager", unfused),
         compiled_provider(unfused),
-        *lmkern_providers("cross_entropy", device, dtype, lmkern.linear_cross_entropy),  # its kernel
+        *lmkern_providers(OP, device, dtype, lmkern.linear_cross_entropy),
         optional_provider("liger_kernel", device, _liger),
     ]

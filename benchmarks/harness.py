@@ -88,7 +88,7 @@ def compiled_provider(function):
 
 def backend_unavailable(name, ops, device, dtype):
     """Why lmkern backend `name` ("auto" included) cannot be timed running the kernels of
-    `ops` (names as in lmkern.backend.AUTO) on this device and dtype, or None."""
+    `ops` (lmkern op names) on this device and dtype, or None."""
     if name == "auto":
         return None
     if name == "triton" and device == "cpu":
@@ -98,7 +98,7 @@ def backend_unavailable(name, ops, device, dtype):
 
 def lmkern_providers(op, device, dtype, function):
     """A provider per lmkern backend: function(*inputs, backend=name); op names the
-    kernel whose availability decides (see lmkern.backend.AUTO)."""
+    op whose availability decides."""
     providers = []
     for name in backend.BACKENDS:
         reason = backend_unavailable(name, (op,), device, dtype)
@@ -141,11 +141,9 @@ def stamp(device):
         commit += "+changes" if dirty.stdout.strip() else ""
     except OSError:
         commit = "unknown"
-    triton_version = "not installed"
-    if backend.triton_error() is None:
-        import triton
+    from lmkern import triton_support
 
-        triton_version = triton.__version__
+    triton_version = "not installed" if triton_support.ERROR else triton_support.triton.__version__
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit or "unknown",

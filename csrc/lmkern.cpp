@@ -4,10 +4,20 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Importing lmkern._C loads this library, which registers the ops below with torch.
+#ifndef LMKERN_WITH_CUDA
+#define LMKERN_WITH_CUDA 0  // setup.py defines it as 1 when it builds the CUDA kernels
+#endif
+
+// Importing lmkern._C loads this library, which registers the ops below with torch. The
+// module's one attribute, with_cuda, says whether the library holds CUDA kernels.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddIntConstant(module, "with_cuda", LMKERN_WITH_CUDA) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 
 TORCH_LIBRARY(lmkern, m) {

@@ -1,7 +1,7 @@
 // Counter-based random numbers for dropout, the same stream on every backend: Triton's
 // tl.rand(seed, offset), i.e. Philox4x32 with 10 rounds on counter (offset mod 2^32,
 // offset >> 32, 0, 0) and key (seed mod 2^32, seed >> 32); the first output word x
-// becomes (x if x >= 0 else ~x) * 4.6566127342e-10 with x read as int32. lmkern/random.py
+// becomes (x if x >= 0 else ~x) * 4.6566127342e-10 with x read as int32. lmkern/philox.py
 // has the same in torch. Usable from C++ and CUDA code.
 #pragma once
 

@@ -9,11 +9,12 @@ Importing lmkern queries no device and does not import triton.
 from lmkern import functional, nn
 from lmkern.backend import BackendUnavailableError, use_backend
 from lmkern.ops.attention import scaled_dot_product_attention
-from lmkern.ops.attention.kv_cache import attention_with_kv_cache
+from lmkern.ops.attention_with_kv_cache import attention_with_kv_cache
 from lmkern.ops.cross_entropy import cross_entropy
-from lmkern.ops.cross_entropy.linear import linear_cross_entropy
+from lmkern.ops.linear_cross_entropy import linear_cross_entropy
 from lmkern.ops.ffn import ffn
-from lmkern.ops.layer_norm import add_layer_norm, layer_norm
+from lmkern.ops.add_layer_norm import add_layer_norm
+from lmkern.ops.layer_norm import layer_norm
 from lmkern.ops.linear_gelu import linear_gelu
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
-"""The dispatch point: which implementation of an op runs a given call.
+"""The dispatch point: which implementation of an op runs a call.
 
-Every op has three implementations with one contract (see lmkern/ops/<op>/):
+Every op has three backends with one contract (lmkern/ops/<op>/):
 
     torch   the PyTorch reference (reference.py), runs anywhere
     triton  Triton kernels (triton_kernels.py): CUDA tensors, or CPU tensors under
@@ -8,23 +8,34 @@ Every op has three implementations with one contract (see lmkern/ops/<op>/):
     native  the compiled extension lmkern._C (native.py): C++ kernels for CPU tensors,
             CUDA kernels for CUDA tensors when built with CUDA
 
+Each op declares its backends in lmkern/ops/<op>/backends.py, as an Op: per backend, how
+to load its implementation, and what it cannot run beyond what every backend of its kind
+checks (a triton backend: triton installed, a CUDA tensor or the interpreter; a native one:
+the extension built, with kernels for the device; both: fp32, fp16 or bf16). Those limits
+are functions of a Call: the device type and dtype of the call's tensors and the op's own
+details (head dims, mask kind, row width...).
+
 The backend asked for is, first that is set: the call's `backend=` argument, the innermost
 `with lmkern.use_backend(...)`, the environment variable LMKERN_BACKEND, else "auto". An
 explicit backend that cannot run the call raises BackendUnavailableError saying why and
-what to do; "auto" takes the first backend in AUTO that can run it. Besides the op, device
-and dtype, a call may name limits of its own: backends that cannot run that call (say, a
-gradient that only the reference computes), with the reason.
+what to do; "auto" takes the first backend of AUTO[op][device type] that can run it. A call
+with nothing to compute (a zero-size dimension) runs on the reference whichever backend is
+asked for: no kernel is launched for nothing.
 
-Importing this module queries no device and does not import triton.
+Importing this module queries no device, imports no triton and loads no extension: the
+first question about a Triton or native backend imports lmkern.triton_support or
+lmkern.extension, which do. The questions and the loading are plain imports, dict lookups
+and attribute reads, which torch.compile traces.
 """
 
 import contextlib
-import importlib
 import os
 import sys
 import threading
 
 import torch
+
+from lmkern.errors import BackendUnavailableError  # noqa: F401  (lmkern.BackendUnavailableError)
 
 BACKENDS = ("torch", "triton", "native")
 CHOICES = (*BACKENDS, "auto")
@@ -32,31 +43,25 @@ CHOICES = (*BACKENDS, "auto")
 # What "auto" tries, in order, per op and device type, each order citing the benchmark
 # result behind it (files in benchmarks/results/intel-xeon-processor-2-threads/, CPU).
 # On CPU native is the fastest lmkern backend wherever it runs, and the torch reference the
-# slowest: cross_entropy.json (native faster than torch eager); layer_norm.json,
-# add_layer_norm.json, linear_gelu.json and ffn.json (native forward+backward within a few
-# per cent of torch eager, inside this shared 2-thread machine's run-to-run noise);
-# attention.json (native forward+backward within 1.4x of torch's CPU flash SDPA, O(L D)
-# memory; the reference forms the whole score matrix) and attention_with_kv_cache.json.
-# On CUDA the orders are placeholders (triton first; every kernel backend is exact) until
-# a GPU result is cited here: no lmkern kernel has run on a GPU yet. For attention the
-# per-call limits in lmkern/ops/attention keep what the native CUDA kernels do not take
-# away from native.
+# slowest: cross_entropy.json and linear_cross_entropy.json (native faster than torch
+# eager); layer_norm.json, add_layer_norm.json, linear_gelu.json and ffn.json (native
+# forward+backward within a few per cent of torch eager, inside this shared 2-thread
+# machine's run-to-run noise); attention.json (native forward+backward within 1.4x of
+# torch's CPU flash SDPA, O(L D) memory; the reference forms the whole score matrix) and
+# attention_with_kv_cache.json. On CUDA the orders are placeholders (triton first; every
+# kernel backend is exact) until a GPU result is cited here: no lmkern kernel has run on a
+# GPU yet.
+_CPU = ("native", "torch")
+_CUDA = ("triton", "native", "torch")
 AUTO = {
-    "cross_entropy": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
-    "layer_norm": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
-    "linear_gelu": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
-    "attention": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
-    "attention_with_kv_cache": {"cpu": ("native", "torch"), "cuda": ("triton", "native", "torch")},
+    op: {"cpu": _CPU, "cuda": _CUDA}
+    for op in ("cross_entropy", "linear_cross_entropy", "layer_norm", "add_layer_norm", "linear_gelu", "ffn",
+               "attention", "attention_with_kv_cache")
 }
 
 # The kernels take these; float64 runs on the torch reference.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-_MODULES = {"torch": "reference", "triton": "triton_kernels", "native": "native"}
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run the call."""
+KERNEL_DTYPES_LIMIT = "its kernels take float32, float16 or bfloat16, got {}; use backend='torch'"
 
 
 class _Requested(threading.local):
@@ -97,118 +102,146 @@ def requested_backend(backend=None):
     return from_env
 
 
-def constant_under_compile(fn):
-    """What torch.compiler.assume_constant_result does, without importing torch._dynamo
-    (which takes seconds and imports triton): torch.compile calls fn while tracing and
-    keeps its result. tests/test_backend.py checks that torch still marks functions so."""
-    fn._dynamo_marked_constant = True
-    return fn
+class Call:
+    """A call as the backends see it: device_type, dtype, and the op's own details as
+    attributes (those its backends' limits read)."""
+
+    def __init__(self, device_type, dtype, **details):
+        self.device_type, self.dtype = device_type, dtype
+        self.__dict__.update(details)
+
+    @classmethod
+    def of(cls, tensor, **details):
+        """The call whose device and dtype are those of `tensor`."""
+        return cls(tensor.device.type, tensor.dtype, **details)
 
 
-_import_errors = {}
+class Backend:
+    """One backend of one op: its implementation is the submodule `module` of the op
+    package `package` (imported when first loaded: see lmkern.ops.lazy_submodules);
+    limit(call) says why it cannot run a call, beyond what every backend of its kind
+    checks, or None."""
 
+    name = None
+    module = None
 
-@constant_under_compile
-def import_error(module):
-    """None if `module` imports, else the ImportError's message; tried once per process."""
-    if module not in _import_errors:
-        try:
-            importlib.import_module(module)
-            _import_errors[module] = None
-        except ImportError as error:
-            _import_errors[module] = str(error)
-    return _import_errors[module]
+    def __init__(self, package, limit=None):
+        self.package, self.limit = package, limit
 
+    def load(self):
+        """The implementation module. A lookup in sys.modules and an attribute read (which
+        imports it the first time), both of which torch.compile traces."""
+        return getattr(sys.modules[self.package], self.module)
 
-def triton_error():
-    """None if triton imports, else why not and what to do."""
-    error = import_error("triton")
-    return error and f"triton is not installed ({error}); install it with `pip install triton`"
+    def unavailable(self, call):
+        """Why this backend cannot run the call (a sentence saying what to do), or None."""
+        return self.kind_limit(call) or (self.limit(call) if self.limit else None)
 
-
-def native_error():
-    """None if the extension lmkern._C loads (registering its ops), else why not and what to do."""
-    error = import_error("lmkern._C")
-    return error and (
-        f"the extension lmkern._C is not built or does not load ({error}); build it from the "
-        "repository root with `pip install --no-build-isolation -e .`"
-    )
-
-
-def triton_interpreting():
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# What is installed and built does not change within a process.
-@constant_under_compile
-def unavailable_reason(name, op, device_type, dtype=None):
-    """None if backend `name` can run `op` on tensors of this device type and dtype, else why not."""
-    if name == "torch":
+    def kind_limit(self, call):
         return None
-    if dtype is not None and dtype not in KERNEL_DTYPES:
-        return f"its kernels take float32, float16 or bfloat16, got {dtype}; use backend='torch'"
-    if name == "triton":
-        if device_type not in ("cuda", "cpu"):
-            return f"triton runs on CUDA tensors, not {device_type}"
-        if triton_error():
-            return triton_error()
-        if device_type == "cpu" and not triton_interpreting():
+
+
+class Reference(Backend):
+    """The PyTorch reference: every device and dtype."""
+
+    name = "torch"
+    module = "reference"
+
+
+class Triton(Backend):
+    """Triton kernels: CUDA tensors, or CPU ones in the interpreter."""
+
+    name = "triton"
+    module = "triton_kernels"
+
+    def kind_limit(self, call):
+        if call.dtype not in KERNEL_DTYPES:
+            return KERNEL_DTYPES_LIMIT.format(call.dtype)
+        if call.device_type not in ("cuda", "cpu"):
+            return f"triton runs on CUDA tensors, not {call.device_type}"
+        from lmkern import triton_support
+
+        if triton_support.ERROR:
+            return triton_support.ERROR
+        if call.device_type == "cpu" and not triton_support.interpreting():
             return (
-                "triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before "
-                "triton is imported (slow; meant for tests), or move the tensors to CUDA"
+                "triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before triton is imported "
+                "(slow; meant for tests), or move the tensors to CUDA"
             )
         return None
-    if native_error():
-        return native_error()
-    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if dispatch_key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"lmkern::{op}_fwd", dispatch_key
-    ):
-        if device_type == "cuda":
+
+
+class Native(Backend):
+    """The compiled extension: C++ kernels for CPU tensors, CUDA ones in a CUDA build."""
+
+    name = "native"
+    module = "native"
+
+    def kind_limit(self, call):
+        if call.dtype not in KERNEL_DTYPES:
+            return KERNEL_DTYPES_LIMIT.format(call.dtype)
+        from lmkern import extension
+
+        if extension.ERROR:
+            return extension.ERROR
+        if extension.has_kernels(call.device_type):
+            return None
+        if call.device_type == "cuda":
             return (
-                f"lmkern._C has no CUDA kernel for {op}: rebuild it with a CUDA toolkit and a "
-                "CUDA build of torch (`LMKERN_BUILD_CUDA=1 pip install --no-build-isolation -e .`)"
+                "lmkern._C has no CUDA kernels: rebuild it with a CUDA toolkit and a CUDA build of torch "
+                "(`LMKERN_BUILD_CUDA=1 pip install --no-build-isolation -e .`)"
             )
-        return f"lmkern._C has no {device_type} kernel for {op}"
-    return None
+        return f"lmkern._C has no kernels for {call.device_type} tensors"
 
 
-def auto_backend(op, device_type, dtype=None, limits=None):
-    """What "auto" picks for `op` on this device type and dtype, skipping the backends in `limits`."""
-    for candidate in AUTO[op].get(device_type, ("torch",)):
-        if candidate not in (limits or {}) and unavailable_reason(candidate, op, device_type, dtype) is None:
-            return candidate
-    return "torch"
+# Every Op by name, as the op packages declare them (importing lmkern imports them all).
+OPS = {}
 
 
-def resolve(op, tensor, backend=None, limits=None, empty=False):
-    """The backend that runs `op` on `tensor` (an input that fixes device and dtype).
+class Op:
+    """An op's three backends and its entry in AUTO: resolve() picks the one that runs a
+    call, implementation() loads it."""
 
-    limits: {backend name: why it cannot run this call}, for what a backend lacks beyond
-    the op, device and dtype; "torch" must not be limited (it is the fallback).
-    empty: the call has nothing to compute (a zero-size dimension). It runs on the torch
-    reference whatever backend is asked for (once that backend is known to exist): no
-    kernel is launched for nothing, and a GPU launch of no blocks would be an error.
-    """
-    name = requested_backend(backend)
-    device_type, dtype = tensor.device.type, tensor.dtype
-    if name == "auto":
-        name = auto_backend(op, device_type, dtype, limits)
-    else:
-        reason = (limits or {}).get(name) or unavailable_reason(name, op, device_type, dtype)
-        if reason is not None:
-            raise BackendUnavailableError(
-                f"lmkern.{op}: backend {name!r} cannot run on a {device_type} {dtype} tensor: {reason}"
-            )
-    return "torch" if empty else name
+    def __init__(self, name, reference, triton, native):
+        self.name = name
+        self.backends = {backend.name: backend for backend in (reference, triton, native)}
+        assert list(self.backends) == list(BACKENDS), self.backends
+        OPS[name] = self
+
+    def unavailable(self, name, call):
+        """Why backend `name` cannot run the call, or None."""
+        return self.backends[name].unavailable(call)
+
+    def auto(self, call):
+        """What "auto" picks for the call: the first backend of AUTO that can run it."""
+        for name in AUTO[self.name].get(call.device_type, ("torch",)):
+            if self.unavailable(name, call) is None:
+                return name
+        return "torch"
+
+    def resolve(self, call, backend=None, empty=False):
+        """The name of the backend that runs the call. backend: the call's own request (see
+        requested_backend). empty: the call has nothing to compute, and runs on the
+        reference once the backend asked for is known to exist."""
+        name = requested_backend(backend)
+        if name == "auto":
+            name = self.auto(call)
+        else:
+            reason = self.unavailable(name, call)
+            if reason is not None:
+                raise BackendUnavailableError(
+                    f"lmkern.{self.name}: backend {name!r} cannot run on a {call.device_type} {call.dtype} tensor: "
+                    f"{reason}"
+                )
+        return "torch" if empty else name
+
+    def implementation(self, name):
+        """Backend `name`'s implementation, loaded."""
+        return self.backends[name].load()
 
 
-def implementation(op_package, name):
-    """The module of backend `name` in an op's package, e.g. lmkern.ops.cross_entropy.reference."""
-    module = f"{op_package}.{_MODULES[name]}"
-    error = import_error(module)
-    if error is not None:
-        raise ImportError(error)
-    # sys.modules rather than importlib, which torch.compile does not trace.
-    return sys.modules[module]
+def unavailable_reason(name, op, device_type, dtype=torch.float32):
+    """Why backend `name` cannot run lmkern.<op> on tensors of this device type and dtype at
+    all (its kind's checks, before any call's own limits), or None: for the command line,
+    lmkern info, the benchmarks and the tests."""
+    return OPS[op].backends[name].kind_limit(Call(device_type, dtype))

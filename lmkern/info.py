@@ -12,11 +12,9 @@ from lmkern import backend
 
 
 def _triton_version():
-    if backend.triton_error():
-        return "not installed"
-    import triton
+    from lmkern import triton_support
 
-    return triton.__version__
+    return triton_support.ERROR or triton_support.triton.__version__
 
 
 def _devices():
@@ -33,21 +31,28 @@ def _devices():
 
 
 def _backends():
+    """Per op and device type: what auto picks for float32 tensors, and per backend whether
+    it runs there (and why not) and the limits it declares for particular calls."""
     lines = []
-    for op in backend.AUTO:
+    for op in backend.OPS.values():
         for device_type in ("cpu", "cuda"):
-            if device_type == "cuda" and not torch.cuda.is_available():
-                lines.append(f"  {op} on cuda: no CUDA device; once there is one:")
-            else:
-                lines.append(f"  {op} on {device_type}: auto -> {backend.auto_backend(op, device_type)}")
-            for name in backend.BACKENDS:
-                reason = backend.unavailable_reason(name, op, device_type)
-                lines.append(f"    {name:<7} {'yes' if reason is None else 'no: ' + reason}")
+            call = backend.Call(device_type, torch.float32)
+            order = backend.AUTO[op.name][device_type]
+            usable = [name for name in order if op.backends[name].kind_limit(call) is None]
+            auto = f"auto -> {usable[0]} (order: {', '.join(order)})"
+            where = "no CUDA device; once there is one" if device_type == "cuda" and not torch.cuda.is_available() else ""
+            lines.append(f"  {op.name} on {device_type}: {where + ': ' if where else ''}{auto}")
+            for name, declared in op.backends.items():
+                reason = declared.kind_limit(call)
+                limit = f"; limits: {' '.join(declared.limit.__doc__.split())}" if declared.limit and reason is None else ""
+                lines.append(f"    {name:<7} {'yes' + limit if reason is None else 'no: ' + reason}")
     return lines
 
 
 def report():
-    native = backend.native_error()
+    from lmkern import extension
+
+    native = extension.ERROR
     lines = [
         f"lmkern  {lmkern.__version__}",
         f"python  {platform.python_version()}",
@@ -58,7 +63,7 @@ def report():
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}",
         "devices:",
         *_devices(),
-        "backends (float32 inputs):",
+        "backends (float32 inputs; limits: what a backend declares it does not take, and auto then skips):",
         *_backends(),
     ]
     return "\n".join(lines)

@@ -56,12 +56,13 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from lmkern.benchmarks.harness import stamp  # noqa: E402
 from lmkern.ops.attention import triton_kernels as attention  # noqa: E402
+from lmkern.ops.attention_with_kv_cache import triton_kernels as attention_with_kv_cache  # noqa: E402
 from lmkern.ops.cross_entropy import triton_kernels as cross_entropy  # noqa: E402
 from lmkern.ops.layer_norm import triton_kernels as layer_norm  # noqa: E402
 from lmkern.ops.linear_gelu import triton_kernels as linear_gelu  # noqa: E402
 from lmkern.ops.triton_tuning import Target  # noqa: E402
 
-MODULES = (attention, cross_entropy, layer_norm, linear_gelu)
+MODULES = (attention, attention_with_kv_cache, cross_entropy, layer_norm, linear_gelu)
 # The shared memory a program may use: cudaDevAttrMaxSharedMemoryPerBlockOptin.
 SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -89,7 +90,7 @@ def decode_case(head_dim, dtype, batch, heads, kv_heads):
         k_cache, v_cache = (torch.empty(batch, kv_heads, 4096, head_dim, dtype=dtype) for _ in range(2))
         k_new, v_new = (torch.empty(batch, kv_heads, 1, head_dim, dtype=dtype) for _ in range(2))
         lengths = torch.zeros(batch, dtype=torch.int32)
-        attention.attention_with_kv_cache_fwd(q, k_cache, v_cache, lengths, k_new, v_new, head_dim**-0.5)
+        attention_with_kv_cache.attention_with_kv_cache_fwd(q, k_cache, v_cache, lengths, k_new, v_new, head_dim**-0.5)
 
     return run
 

@@ -18,13 +18,23 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
 
 
+# Backends that must run here (CI sets it: a broken build or install then fails the tests
+# that need it instead of skipping them).
+REQUIRED = [name for name in os.environ.get("LMKERN_REQUIRE_BACKENDS", "").split(",") if name]
+
+
 def require(name, device, dtype, op):
-    """Skip, saying why, unless backend `name` can run `op` on this device and dtype here."""
+    """Skip, saying why, unless backend `name` can run lmkern.<op> on this device and dtype
+    here; fail instead where it cannot run the op at all and LMKERN_REQUIRE_BACKENDS names it."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    broken = backend.unavailable_reason(name, op, device)
+    if broken is not None and name in REQUIRED:
+        pytest.fail(f"LMKERN_REQUIRE_BACKENDS names {name}, which cannot run lmkern.{op} on {device}: {broken}")
     reason = backend.unavailable_reason(name, op, device, dtype)
     if reason is not None:
         pytest.skip(reason)
+    backend.OPS[op].implementation(name)  # loaded: a native one registers its ops' fake implementations
     if name == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter gave wrong bf16 values (triton 3.9): bf16 Triton runs on GPU")
 

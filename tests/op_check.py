@@ -1,7 +1,8 @@
-"""Checking an op's outputs and gradients on one backend against the reference (or against
-torch's own function), with the tolerance rule of numerics.py: shared by the LayerNorm,
-linear_gelu, FFN and drop-in tests."""
+"""What every op's tests share: its outputs and gradients on one backend against the
+reference (or against torch's own function) under the tolerance rule of numerics.py, and
+its bad-input test."""
 
+import pytest
 import torch
 from numerics import assert_close_to_truth, truth_dtype
 
@@ -55,3 +56,16 @@ def assert_all_close_to_truth(actual, truth, baseline, names, factor=2.0):
             continue
         assert a.dtype == b.dtype, f"{name}: dtype {a.dtype}, expected {b.dtype}"
         assert_close_to_truth(a, t, b, factor=factor, name=name)
+
+
+def bad_call_test(make_calls):
+    """The bad-input test of an op's test file: one case per (call, exception class, message
+    pattern) of make_calls(), each raising that class with a message that matches."""
+
+    @pytest.mark.parametrize("index", range(len(make_calls())))
+    def test(index):
+        call, error, message = make_calls()[index]
+        with pytest.raises(error, match=message):
+            call()
+
+    return test

@@ -6,16 +6,21 @@ Shapes are small where the Triton interpreter runs them (on CPU); the native and
 backends see the same cases.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BACKENDS, DEVICES, DTYPES, assert_compiles_like_eager, require
+from op_check import bad_call_test
 from numerics import assert_close_to_truth, truth_dtype
 from torch.nn.attention import bias as attention_bias
 
 import lmkern
-from lmkern.ops.attention import backend_limits, native_cuda_limit, reference
-from lmkern.random import draw_seed, dropout_keep
+from lmkern.backend import Call
+from lmkern.ops.attention import reference
+from lmkern.ops.attention.backends import ATTENTION, native_cuda_limit
+from lmkern.philox import draw_seed, dropout_keep
 
 # id -> shape (B, H, H_kv, Lq, Lk, D[, Dv]) and keyword arguments; "mask" names a mask
 # that make_case builds.
@@ -93,14 +98,20 @@ def is_causal_bias(mask):
     return isinstance(mask, attention_bias.CausalBias)
 
 
-def require_call(backend, q, v, mask=None, dropout_p=0.0):
-    """Skip, saying why, where `backend` has a per-call limit on this call (e.g. head dims
-    the native CUDA kernels do not take); test_native_cuda_limits covers the limits."""
+def attention_call(q, v, mask=None, dropout_p=0.0):
+    """The Call the backends see for attention of q (B, H, Lq, D) over values v with this
+    mask (or causal bias) and dropout."""
     if is_causal_bias(mask):
         mask = None
     if mask is not None:
         mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], mask.shape[-1])
-    reason = backend_limits(q, mask, (q.shape[3], v.shape[3]), dropout_p).get(backend)
+    return Call.of(q, head_dims=(q.shape[3], v.shape[3]), mask=mask, mask_grad=False, dropout_p=dropout_p)
+
+
+def require_call(backend, q, v, mask=None, dropout_p=0.0):
+    """Skip, saying why, where `backend` has a limit on this call (e.g. head dims the native
+    CUDA kernels do not take); test_native_cuda_limits covers the limits."""
+    reason = ATTENTION.unavailable(backend, attention_call(q, v, mask, dropout_p))
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
 
@@ -234,13 +245,13 @@ def test_dropout_masks_are_the_same_on_every_backend():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_additive_mask_gradient_runs_on_torch(backend):
     require(backend, "cpu", torch.float32, "attention")
-    q, k, v, kwargs = make_case("additive_mask", torch.float64)
+    q, k, v, kwargs = make_case("additive_mask")
     bias = kwargs["attn_mask"].clone().requires_grad_()
     if backend == "torch":
         out = lmkern.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend=backend)
     else:
         with pytest.raises(lmkern.BackendUnavailableError, match="gradient of attn_mask"):
-            lmkern.scaled_dot_product_attention(q, k, v, attn_mask=bias.float(), backend=backend)
+            lmkern.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend=backend)
         out = lmkern.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # auto picks torch
     out.sum().backward()
     expected = bias.detach().clone().requires_grad_()
@@ -248,10 +259,13 @@ def test_additive_mask_gradient_runs_on_torch(backend):
     torch.testing.assert_close(bias.grad, expected.grad)
 
 
-def test_auto_picks_a_kernel_and_float64_runs_on_torch():
-    q, k, v, _ = make_case("basic", torch.float64)
-    expected = F.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(lmkern.scaled_dot_product_attention(q, k, v), expected)
+def test_auto_picks_native_on_cpu_and_the_reference_for_float64():
+    require("native", "cpu", torch.float32, "attention")
+    q, k, v, _ = make_case("basic")
+    assert ATTENTION.resolve(attention_call(q, v)) == "native"
+    assert ATTENTION.resolve(attention_call(q.double(), v.double())) == "torch"
+    q, k, v = (x.double() for x in (q, k, v))
+    torch.testing.assert_close(lmkern.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     with pytest.raises(lmkern.BackendUnavailableError, match="float32, float16 or bfloat16"):
         lmkern.scaled_dot_product_attention(q, k, v, backend="native")
     assert lmkern.functional.scaled_dot_product_attention is lmkern.scaled_dot_product_attention
@@ -268,7 +282,7 @@ def test_native_cuda_limits():
     assert "key-padding" in native_cuda_limit(half, (64, 64), torch.ones(2, 4, 8, 8, dtype=torch.bool))
     assert "key-padding" in native_cuda_limit(half, (64, 64), torch.zeros(2, 1, 1, 8).expand(2, 4, 8, 8))
     assert "dropout" in native_cuda_limit(half, (64, 64), dropout_p=0.1)
-    assert "native" not in backend_limits(torch.empty(2, 4, 8, 96), None, (96, 96))  # CPU runs every case
+    assert ATTENTION.unavailable("native", attention_call(torch.empty(2, 4, 8, 96), torch.empty(1, 1, 1, 96))) is None
 
 
 def test_triton_refuses_head_dims_over_256_and_auto_goes_on():
@@ -307,11 +321,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_arguments_name_the_argument(index):
-    call, error, message = _bad_calls()[index]
-    with pytest.raises(error, match=message):
-        call()
+test_bad_arguments_name_the_argument = bad_call_test(_bad_calls)
 
 
 def test_native_ops_check_their_arguments():
@@ -327,160 +337,176 @@ def test_native_ops_check_their_arguments():
 
 
 # ------------------------------------------------------------------------------------------
-# Decoding with a KV cache.
+# The native ops themselves (torch.ops.lmkern.attention_fwd / _bwd): out, lse and every
+# gradient against the reference's, in half precision on each device (the CUDA kernels take
+# fp16 and bf16 at head dims 64 and 128, key-padding masks, no dropout), and the cases the
+# kernels handle on their own. (In fp32 a flash backward's P = exp(s - lse) carries lse's
+# rounding, some |lse| ulps, beside the reference's directly normalised softmax: the
+# public API's tests above hold fp32 to the tolerance rule at the shapes models use.)
+NATIVE_DTYPES = {"cpu": (torch.float16,), "cuda": (torch.float16, torch.bfloat16)}
+# id -> (B, H, H_kv, Lq, Lk): odd lengths, Lq != Lk both ways, GQA and MQA.
+NATIVE_SHAPES = {
+    "one_query_one_key": (2, 2, 2, 1, 1),
+    "odd_17": (2, 3, 3, 17, 17),
+    "cross_113_255": (2, 2, 2, 113, 255),
+    "cross_255_113": (2, 2, 2, 255, 113),
+    "long_1023": (1, 2, 2, 1023, 1023),
+    "one_query_1023_keys": (3, 2, 2, 1, 1023),
+    "gqa": (2, 8, 2, 129, 200),
+    "mqa": (3, 6, 1, 65, 64),
+}
 
 
-def full_attention(q, k, v, length, scale=None):
-    """The reference for one sequence: q (H, Lq, D) attending over keys (H_kv, length, D),
-    the last query seeing the last key (bottom-right causal alignment)."""
-    (heads, seqlen_q, dim), kv_heads = q.shape, k.shape[0]
-    visible = reference.causal_mask(seqlen_q, length, q.device, shift=length - seqlen_q)
-    mask = visible.expand(1, heads, seqlen_q, length)
-    scale = dim**-0.5 if scale is None else scale
-    out, _ = reference.attention_fwd(q[None], k[None, :, :length], v[None, :, :length], mask, False, 0, scale, 0.0, None)
-    return out[0]
+def native_inputs(shape, dtype, head_dim, device, seed=0):
+    """(q, k, v, dout, generator) of a (B, H, H_kv, Lq, Lk) shape."""
+    batch, heads, kv_heads, seqlen_q, seqlen_k = shape
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, seqlen_q, head_dim, generator=generator)
+    k = torch.randn(batch, kv_heads, seqlen_k, head_dim, generator=generator)
+    v = torch.randn(batch, kv_heads, seqlen_k, head_dim, generator=generator)
+    dout = torch.randn(batch, heads, seqlen_q, head_dim, generator=generator)
+    return (*(x.to(device, dtype) for x in (q, k, v, dout)), generator)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+def key_padding(batch, seqlen_k, generator, device):
+    """(B, 1, 1, Lk) bool, True = attend: random padding; sequence 0's first 3 keys padded
+    (so that under a causal mask its first queries see no key), sequence 1 all padding."""
+    keep = torch.rand(batch, seqlen_k, generator=generator) > 0.3
+    keep[0, :3] = False
+    if batch > 1:
+        keep[1] = False
+    return keep[:, None, None, :].to(device)
+
+
+def op_results(impl, q, k, v, mask, causal_shift, scale, dout):
+    """(out, lse, dq, dk, dv) from an implementation's attention_fwd and attention_bwd;
+    causal_shift None: not causal."""
+    if mask is not None:
+        mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    args = (mask, causal_shift is not None, causal_shift or 0, scale, 0.0, 0)
+    out, lse = impl.attention_fwd(q, k, v, *args)
+    return (out, lse, *impl.attention_bwd(dout, q, k, v, out, lse, *args))
+
+
+def assert_native_op_matches_reference(q, k, v, mask, causal_shift, scale, dout, results=None):
+    """The native op's (out, lse, dq, dk, dv), or `results`, against the reference's in the
+    wider dtype (truth) and in q's (baseline), from the same inputs."""
+    results = results or op_results(torch.ops.lmkern, q, k, v, mask, causal_shift, scale, dout)
+    wide = truth_dtype(q.dtype)
+    truth = op_results(reference, *(x.to(wide) for x in (q, k, v)), mask, causal_shift, scale, dout.to(wide))
+    baseline = op_results(reference, q, k, v, mask, causal_shift, scale, dout)
+    for name, actual, truth_value, baseline_value in zip(("out", "lse", "dq", "dk", "dv"), results, truth, baseline):
+        assert actual.dtype == (torch.float32 if name == "lse" else q.dtype), f"{name}: dtype {actual.dtype}"
+        assert_close_to_truth(actual, truth_value, baseline_value.to(actual.dtype),
+                              factor=3.0 if name.startswith("d") else 2.0, name=name)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "key_padding"])
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"], ids=["full", "causal", "causal_bottom_right"])
+@pytest.mark.parametrize("head_dim", (64, 128))
+@pytest.mark.parametrize("shape", NATIVE_SHAPES.values(), ids=NATIVE_SHAPES.keys())
 @pytest.mark.parametrize("device", DEVICES)
-def test_decoding_token_by_token_matches_full_recomputation(device, backend, dtype):
-    """A prompt of 7 tokens per sequence on top of cached contexts of different lengths,
-    then 5 tokens one at a time; each step against attention over the whole sequence."""
-    require(backend, device, dtype, "attention_with_kv_cache")
-    batch, heads, kv_heads, capacity, dim = 3, 4, 2, 64, 32
-    require_call(backend, torch.empty(batch, heads, 1, dim, dtype=dtype, device=device), torch.empty(1, 1, 1, dim))
-    generator = torch.Generator().manual_seed(4)
-    lengths = torch.tensor([0, 9, 40], dtype=torch.int32)  # already cached
-    steps = [7, 1, 1, 1, 1, 1]
-    total = int(lengths.max()) + sum(steps)
-    keys = torch.randn(batch, kv_heads, total, dim, generator=generator)
-    values = torch.randn(batch, kv_heads, total, dim, generator=generator)
-    queries = torch.randn(batch, heads, total, dim, generator=generator)
-    k_cache = torch.zeros(batch, kv_heads, capacity, dim, dtype=dtype, device=device)
-    v_cache = torch.zeros_like(k_cache)
-    for b in range(batch):
-        k_cache[b, :, : lengths[b]] = keys[b, :, : lengths[b]].to(dtype)
-        v_cache[b, :, : lengths[b]] = values[b, :, : lengths[b]].to(dtype)
-    for step in steps:
-        new = [torch.stack([x[b, :, lengths[b] : lengths[b] + step] for b in range(batch)]) for x in (keys, values)]
-        q = torch.stack([queries[b, :, lengths[b] : lengths[b] + step] for b in range(batch)])
-        with torch.no_grad():
-            out = lmkern.attention_with_kv_cache(
-                q.to(device, dtype), k_cache, v_cache, lengths.to(device), *(x.to(device, dtype) for x in new),
-                backend=backend,
-            )
-        lengths += step
-        for b in range(batch):
-            length = int(lengths[b])
-            torch.testing.assert_close(k_cache[b, :, :length].cpu(), keys[b, :, :length].to(dtype))
-            torch.testing.assert_close(v_cache[b, :, :length].cpu(), values[b, :, :length].to(dtype))
-            query = q[b].to(device, dtype)
-            wide = truth_dtype(dtype)
-            truth = full_attention(query.to(wide), k_cache[b].to(wide), v_cache[b].to(wide), length)
-            baseline = full_attention(query, k_cache[b], v_cache[b], length)
-            assert_close_to_truth(out[b], truth, baseline, name=f"step of {step}, sequence {b}")
+def test_native_ops_match_the_reference(device, shape, head_dim, causal, masked):
+    for dtype in NATIVE_DTYPES[device]:
+        require("native", device, dtype, "attention")
+        q, k, v, dout, generator = native_inputs(shape, dtype, head_dim, device)
+        mask = key_padding(shape[0], shape[4], generator, device) if masked else None
+        causal_shift = {None: None, "top_left": 0, "bottom_right": shape[4] - shape[3]}[causal]
+        assert_native_op_matches_reference(q, k, v, mask, causal_shift, 1.0 / math.sqrt(head_dim), dout)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_decoding_long_cache_splits_the_keys(device, backend):
-    """One sequence, one key/value head (MQA), a long cache: the triton backend splits the
-    keys across programs (flash-decoding) and combines them."""
-    require(backend, device, torch.float32, "attention_with_kv_cache")
-    generator = torch.Generator().manual_seed(5)
-    capacity, heads = 1000, 8
-    q = torch.randn(1, heads, 1, 16, generator=generator).to(device)
-    require_call(backend, q, q)
-    k_cache = torch.randn(1, 1, capacity, 16, generator=generator).to(device)
-    v_cache = torch.randn(1, 1, capacity, 16, generator=generator).to(device)
-    if backend == "triton":
-        from lmkern.ops.attention.triton_kernels import decode_splits
-
-        assert decode_splits(1, capacity, q.device) > 1
-    for length in (0, 1, 130, 999):  # cached keys besides the new one
-        k_new, v_new = torch.randn(2, 1, 1, 1, 16, generator=generator).to(device)
-        seqlens = torch.tensor([length], device=device)
-        with torch.no_grad():
-            out = lmkern.attention_with_kv_cache(q, k_cache, v_cache, seqlens, k_new, v_new, backend=backend)
-        expected = full_attention(q[0].double(), k_cache[0].double(), v_cache[0].double(), length + 1)
-        baseline = full_attention(q[0], k_cache[0], v_cache[0], length + 1)
-        assert_close_to_truth(out[0], expected, baseline, name=f"length {length}")
+def test_native_rows_that_see_no_key_give_zeros_and_infinite_lse(device):
+    for dtype in NATIVE_DTYPES[device]:
+        require("native", device, dtype, "attention")
+        q, k, v, dout, generator = native_inputs((3, 2, 1, 40, 70), dtype, 64, device)
+        mask = key_padding(3, 70, generator, device)
+        mask[2, ..., 0] = True  # every causal row of sequence 2 sees a key
+        out, lse, dq, dk, dv = op_results(torch.ops.lmkern, q, k, v, mask, 0, 0.125, dout)
+        assert torch.isinf(lse[1]).all() and (lse[1] > 0).all()  # sequence 1: all keys padded
+        assert not out[1].any() and not dq[1].any() and not dk[1].any() and not dv[1].any()
+        assert torch.isinf(lse[0, :, :3]).all() and not out[0, :, :3].any()  # causal rows before any key
+        assert torch.isfinite(lse[2]).all()
+        assert all(torch.isfinite(x).all() for x in (out, dq, dk, dv))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_decoding_without_new_keys_and_queries_before_the_cache(backend):
-    """Without k_new the cache is read as it is; a query whose position is negative sees nothing."""
-    require(backend, "cpu", torch.float32, "attention_with_kv_cache")
-    generator = torch.Generator().manual_seed(6)
-    q = torch.randn(2, 2, 3, 16, generator=generator)
-    k_cache, v_cache = torch.randn(2, 2, 2, 20, 16, generator=generator)
-    seqlens = torch.tensor([1, 20])
-    with torch.no_grad():
-        out = lmkern.attention_with_kv_cache(q, k_cache, v_cache, seqlens, scale=0.5, backend=backend)
-    assert (out[0, :, :2] == 0).all()  # positions -2 and -1
-    torch.testing.assert_close(out[0, :, 2:], full_attention(q[0, :, 2:], k_cache[0], v_cache[0], 1, scale=0.5))
-    torch.testing.assert_close(out[1], full_attention(q[1], k_cache[1], v_cache[1], 20, scale=0.5))
+@pytest.mark.parametrize("head_dim", (64, 128))
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_causal_reads_no_key_above_the_diagonal(device, head_dim):
+    """64 queries see keys 0..63 only: NaN in the later key blocks must never be read."""
+    for dtype in NATIVE_DTYPES[device]:
+        require("native", device, dtype, "attention")
+        q, k, v, dout, _ = native_inputs((1, 2, 2, 64, 256), dtype, head_dim, device)
+        k[:, :, 64:] = float("nan")
+        v[:, :, 64:] = float("nan")
+        out, lse, dq, dk, dv = op_results(torch.ops.lmkern, q, k, v, None, 0, 0.1, dout)
+        results = (out, lse, dq, dk[:, :, :64], dv[:, :, :64])
+        assert_native_op_matches_reference(q, k[:, :, :64], v[:, :, :64], None, 0, 0.1, dout, results)
+        assert not dk[:, :, 64:].any() and not dv[:, :, 64:].any()
 
 
-OVERFLOWS = [([3, 8], r"cache_seqlens\[1\] = 8"), ([-1, 0], r"cache_seqlens\[0\] = -1")]
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_ops_read_strided_views(device):
+    """q, k, v sliced from a packed (B, L, 3, H, D) projection (strided rows, read in place),
+    an upstream gradient transposed from (B, L, H, D), and views whose rows are not 16-byte
+    aligned (the CUDA binding copies them)."""
+    for dtype in NATIVE_DTYPES[device]:
+        require("native", device, dtype, "attention")
+        batch, seqlen, heads, head_dim = 2, 97, 4, 64
+        generator = torch.Generator().manual_seed(0)
+        qkv = torch.randn(batch, seqlen, 3, heads, head_dim, generator=generator).to(device, dtype)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D), rows 3 H D apart
+        dout = torch.randn(batch, seqlen, heads, head_dim, generator=generator).to(device, dtype).transpose(1, 2)
+        padded = torch.randn(batch, heads, seqlen, head_dim + 4, generator=generator).to(device, dtype)
+        for value in (v, padded[..., 2 : head_dim + 2]):  # the second: rows D + 4 apart, starting 4 bytes in
+            assert_native_op_matches_reference(q, k, value, None, 0, 0.125, dout)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("lengths, message", OVERFLOWS)
-def test_decoding_past_the_cache_raises_on_cpu_and_writes_nothing(backend, lengths, message):
-    require(backend, "cpu", torch.float32, "attention_with_kv_cache")
-    q, k_new = torch.randn(2, 2, 2, 1, 16)
-    k_cache = torch.zeros(2, 2, 8, 16)
-    with torch.no_grad(), pytest.raises(ValueError, match=message + ": with 1 new keys the sequence must fit"):
-        seqlens = torch.tensor(lengths)
-        lmkern.attention_with_kv_cache(q, k_cache, k_cache.clone(), seqlens, k_new, k_new, backend=backend)
-    assert (k_cache == 0).all()
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_backward_is_deterministic(device):
+    for dtype in NATIVE_DTYPES[device]:
+        require("native", device, dtype, "attention")
+        q, k, v, dout, _ = native_inputs((2, 8, 2, 300, 300), dtype, 128, device)
+        first = op_results(torch.ops.lmkern, q, k, v, None, 0, 0.1, dout)
+        second = op_results(torch.ops.lmkern, q, k, v, None, 0, 0.1, dout)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_decoding_past_the_cache_gives_nan_on_gpu(backend):
-    require(backend, "cuda", torch.float32, "attention_with_kv_cache")
-    q, k_new = torch.randn(2, 2, 2, 1, 16, device="cuda")
-    require_call(backend, q, q)
-    k_cache = torch.zeros(2, 2, 8, 16, device="cuda")
-    with torch.no_grad():
-        out = lmkern.attention_with_kv_cache(
-            q, k_cache, k_cache.clone(), torch.tensor([3, 8], device="cuda"), k_new, k_new, backend=backend
-        )
-    assert out[1].isnan().all() and out[0].isfinite().all()
-    assert (k_cache[1] == 0).all() and torch.equal(k_cache[0, :, 3], k_new[0, :, 0])
+def _native_cuda_refusals():
+    """(attention_fwd's arguments, message) for what the native CUDA kernels do not run."""
 
+    def qkv(head_dim=64, dtype=torch.float16, head_dim_v=None):
+        q, k = (torch.randn(2, 2, 8, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+        return q, k, torch.randn(2, 2, 8, head_dim_v or head_dim, device="cuda", dtype=dtype)
 
-def _bad_cache_calls():
-    q = torch.randn(2, 4, 1, 16)
-    cache = torch.zeros(2, 2, 8, 16)
-    lens = torch.tensor([0, 1])
-    new = torch.randn(2, 2, 1, 16)
-    kv = lmkern.attention_with_kv_cache
     return [
-        (lambda: kv(q, cache[:, :, :, :8], cache, lens), ValueError, r"k_cache must have shape \(B, H_kv, L_max, D\)"),
-        (lambda: kv(q, cache, cache[:, :, :4], lens), ValueError, "v_cache must have shape"),
-        (lambda: kv(q, cache[:, :1].expand(2, 3, 8, 16), cache[:, :1].expand(2, 3, 8, 16), lens), ValueError,
-         r"multiple of the number of cache heads \(3\)"),
-        (lambda: kv(q, cache.transpose(2, 3).contiguous().transpose(2, 3), cache, lens), ValueError,
-         "k_cache must be contiguous in its last dimension"),
-        (lambda: kv(q, cache, cache, lens.float()), TypeError, "cache_seqlens must be int32 or int64"),
-        (lambda: kv(q, cache, cache, lens[:1]), ValueError, r"cache_seqlens must have shape \(2,\)"),
-        (lambda: kv(q, cache, cache, lens, new), ValueError, "k_new and v_new must be given together"),
-        (lambda: kv(q, cache, cache, lens, new[:, :1], new), ValueError,
-         r"k_new must have shape \(B, H_kv, L_new, D\)"),
-        (lambda: kv(q, cache, cache, lens, new.half(), new), ValueError, "k_new must have k_cache's dtype"),
-        (lambda: kv(q.requires_grad_(), cache, cache, lens), RuntimeError, "call it under torch.no_grad"),
+        ((*qkv(), None, False, 0, 0.1, 0.1, 0), "dropout is not supported by native CUDA attention"),
+        ((*qkv(head_dim=96), None, False, 0, 0.1, 0.0, 0), "head dims 64 and 128"),
+        ((*qkv(dtype=torch.float32), None, False, 0, 0.1, 0.0, 0), "float16 or bfloat16"),
+        ((*qkv(head_dim_v=128), None, False, 0, 0.1, 0.0, 0), "v's head dim equal to q's"),
+        ((*qkv(), torch.rand(2, 2, 8, 8, device="cuda") > 0.5, False, 0, 0.1, 0.0, 0), "only boolean key-padding"),
+        ((*qkv(), torch.zeros(2, 1, 1, 8, device="cuda").expand(2, 2, 8, 8), False, 0, 0.1, 0.0, 0),
+         "only boolean key-padding"),
     ]
 
 
-@pytest.mark.parametrize("index", range(len(_bad_cache_calls())))
-def test_bad_cache_arguments_name_the_argument(index):
-    call, error, message = _bad_cache_calls()[index]
-    with pytest.raises(error, match=message):
-        call()
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(6), ids=["dropout", "head_dim_96", "float32", "value_head_dim",
+                                                  "general_bool_mask", "additive_mask"])
+def test_native_cuda_op_refuses_what_it_does_not_run(index):
+    require("native", "cuda", torch.float16, "attention")
+    args, message = _native_cuda_refusals()[index]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.lmkern.attention_fwd(*args)
+
+
+@pytest.mark.gpu
+def test_auto_sends_what_native_cuda_cannot_run_to_triton():
+    require("native", "cuda", torch.float16, "attention")
+    q = torch.randn(2, 2, 8, 96, device="cuda", dtype=torch.float16)
+    with pytest.raises(lmkern.BackendUnavailableError, match="head dims"):
+        lmkern.scaled_dot_product_attention(q, q, q, backend="native")
+    assert ATTENTION.resolve(attention_call(q, q)) == "triton"
 
 
 # ------------------------------------------------------------------------------------------
@@ -510,19 +536,6 @@ def test_native_ops_pass_opcheck(device, case):
     torch.library.opcheck(torch.ops.lmkern.attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, *args))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_native_kv_cache_op_passes_opcheck(device):
-    dtype = NATIVE_TEST_DTYPE[device]
-    require("native", device, dtype, "attention_with_kv_cache")
-    q = torch.randn(2, 4, 3, 64, device=device, dtype=dtype)
-    k_cache, v_cache = torch.randn(2, 2, 2, 12, 64, device=device, dtype=dtype)
-    k_new, v_new = torch.randn(2, 2, 2, 3, 64, device=device, dtype=dtype)
-    lens = torch.tensor([0, 5], device=device)
-    torch.library.opcheck(
-        torch.ops.lmkern.attention_with_kv_cache_fwd.default, (q, k_cache, v_cache, lens, k_new, v_new, 0.25)
-    )
-
-
 @pytest.mark.parametrize("case", ["causal_more_queries", "key_padding", "gqa"])
 def test_compiles_with_fullgraph_on_cpu(case):
     require("native", "cpu", torch.float32, "attention")
@@ -544,21 +557,3 @@ def test_dropout_compiles_with_fullgraph_on_cpu():
     assert abs(kept.double().mean().item() - 0.7) < 0.02
     torch.testing.assert_close(first[kept], torch.full_like(first[kept], 1 / 0.7))
     assert not torch.equal(first, second)
-
-
-def test_kv_cache_compiles_with_fullgraph_on_cpu():
-    require("native", "cpu", torch.float32, "attention_with_kv_cache")
-    q = torch.randn(2, 4, 1, 16)
-    k_cache, v_cache = torch.randn(2, 2, 2, 12, 16)
-    k_new, v_new = torch.randn(2, 2, 2, 1, 16)
-    lens = torch.tensor([0, 5])
-
-    def step(k_cache, v_cache):
-        return lmkern.attention_with_kv_cache(q, k_cache, v_cache, lens, k_new, v_new, backend="native")
-
-    eager_caches = (k_cache.clone(), v_cache.clone())
-    with torch.no_grad():
-        expected = step(*eager_caches)
-        out = torch.compile(step, fullgraph=True)(k_cache, v_cache)
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close((k_cache, v_cache), eager_caches)

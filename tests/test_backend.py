@@ -9,8 +9,12 @@ import torch
 from conftest import BACKENDS
 
 import lmkern
-from lmkern import backend
+from lmkern import backend, extension, triton_support
+from lmkern.backend import Call
+from lmkern.ops import OPS
+from lmkern.ops.attention.backends import ATTENTION
 from lmkern.ops.cross_entropy import reference
+from lmkern.ops.cross_entropy.backends import CROSS_ENTROPY
 
 X = torch.randn(4, 10)
 
@@ -50,40 +54,50 @@ def test_bad_names_say_where_they_came_from(monkeypatch):
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     # Import triton first: it keeps the TRITON_INTERPRET it sees when imported.
-    assert backend.triton_error() is None
+    assert triton_support.ERROR is None
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(lmkern.BackendUnavailableError, match="set TRITON_INTERPRET=1"):
         lmkern.cross_entropy(X, torch.randint(0, 10, (4,)), backend="triton")
 
 
 def test_native_not_built(monkeypatch):
-    monkeypatch.setitem(backend._import_errors, "lmkern._C", "No module named 'lmkern._C'")
+    monkeypatch.setattr(extension, "ERROR", "the extension lmkern._C is not built (pip install --no-build-isolation -e .)")
     with pytest.raises(lmkern.BackendUnavailableError, match="pip install --no-build-isolation -e ."):
         lmkern.cross_entropy(X, torch.randint(0, 10, (4,)), backend="native")
-    assert backend.resolve("cross_entropy", X) == "torch"
+    assert CROSS_ENTROPY.resolve(Call.of(X)) == "torch"
 
 
 def test_native_without_cuda_kernels_says_how_to_build_them():
-    if backend.native_error() or torch._C._dispatch_has_kernel_for_dispatch_key("lmkern::cross_entropy_fwd", "CUDA"):
+    if extension.ERROR or extension.has_kernels("cuda"):
         pytest.skip("needs lmkern._C built without CUDA")
     assert "LMKERN_BUILD_CUDA=1" in backend.unavailable_reason("native", "cross_entropy", "cuda")
 
 
-def test_call_limits_rule_out_a_backend_for_that_call():
-    limits = {"native": "this call needs something native lacks"}
-    with pytest.raises(lmkern.BackendUnavailableError, match="backend 'native' cannot run .*native lacks"):
-        backend.resolve("cross_entropy", X, "native", limits)
-    assert backend.resolve("cross_entropy", X, "auto", limits) != "native"
-    assert backend.resolve("cross_entropy", X, "torch", limits) == "torch"
+def test_a_backends_limits_rule_it_out_for_that_call():
+    """Triton's attention kernels take head dims up to 256: an explicit request for a wider
+    one says so, and auto goes to the next backend."""
+    call = Call("cpu", torch.float32, head_dims=(264, 264), mask=None, mask_grad=False, dropout_p=0.0)
+    with pytest.raises(lmkern.BackendUnavailableError, match="backend 'triton' cannot run .*head dims up to 256"):
+        ATTENTION.resolve(call, "triton")
+    assert ATTENTION.auto(call) != "triton"
+    assert ATTENTION.resolve(call, "torch") == "torch"
+    narrow = Call("cpu", torch.float32, head_dims=(64, 64), mask=None, mask_grad=False, dropout_p=0.0)
+    assert ATTENTION.resolve(narrow, "triton") == "triton"
 
 
 def test_auto_prefers_native_on_cpu_then_torch(monkeypatch):
-    if backend.native_error():
-        pytest.skip(backend.native_error())
-    assert backend.resolve("cross_entropy", X) == "native"
-    assert backend.resolve("cross_entropy", X.double()) == "torch"
-    monkeypatch.setitem(backend._import_errors, "lmkern._C", "not built")
-    assert backend.resolve("cross_entropy", X) == "torch"
+    if extension.ERROR:
+        pytest.skip(extension.ERROR)
+    assert CROSS_ENTROPY.resolve(Call.of(X)) == "native"
+    assert CROSS_ENTROPY.resolve(Call.of(X.double())) == "torch"
+    monkeypatch.setattr(extension, "ERROR", "not built")
+    assert CROSS_ENTROPY.resolve(Call.of(X)) == "torch"
+
+
+def test_a_call_with_nothing_to_compute_runs_on_the_reference():
+    assert CROSS_ENTROPY.resolve(Call.of(X), "triton", empty=True) == "torch"
+    with pytest.raises(lmkern.BackendUnavailableError, match="float64"):  # still a backend that exists
+        CROSS_ENTROPY.resolve(Call.of(X.double()), "native", empty=True)
 
 
 def test_ops_run_the_resolved_backend(monkeypatch):
@@ -100,9 +114,15 @@ def test_ops_run_the_resolved_backend(monkeypatch):
         lmkern.cross_entropy(X, target)
         lmkern.linear_cross_entropy(X, torch.randn(7, 10), target % 7)
     assert calls == ["torch", "torch"]
-    if backend.native_error() is None:
+    if extension.ERROR is None:
         lmkern.cross_entropy(X, target, backend="native")
         assert calls == ["torch", "torch"]
+
+
+def test_every_public_op_declares_its_backends():
+    assert sorted(backend.OPS) == sorted(OPS) == sorted(backend.AUTO)
+    for op in OPS:
+        assert backend.OPS[op].name == op and list(backend.OPS[op].backends) == list(backend.BACKENDS)
 
 
 def test_required_backends_are_available():
@@ -113,13 +133,6 @@ def test_required_backends_are_available():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for name in required:
         assert name in BACKENDS, name
-        for device in devices:
-            assert backend.unavailable_reason(name, "cross_entropy", device) is None, (name, device)
-
-
-def test_constant_marker_is_the_one_torch_compile_uses():
-    def probe():
-        return None
-
-    torch.compiler.assume_constant_result(probe)
-    assert vars(probe) == vars(backend.constant_under_compile(lambda: None))
+        for op in OPS:
+            for device in devices:
+                assert backend.unavailable_reason(name, op, device) is None, (name, op, device)

@@ -30,7 +30,7 @@ from lmkern.models.bert import (
 )
 from lmkern.models.bert_data import PairBuilder, SpecialIds
 from lmkern.models.tokenizer import train_tokenizer
-from lmkern.ops.attention import native_cuda_limit
+from lmkern.ops.attention.backends import native_cuda_limit
 
 TINY = dict(vocab_size=120, hidden_size=32, n_layer=2, n_head=2, intermediate_size=64, max_position=32, dropout=0.0)
 # id -> config fields over TINY (sized_for adapts them to the device and backend)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BACKENDS, DEVICES, DTYPES, assert_compiles_like_eager, require
+from op_check import bad_call_test
 from numerics import assert_close_to_truth, truth_dtype
 
 import lmkern
@@ -195,11 +196,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_arguments_name_the_argument(index):
-    call, error, message = _bad_calls()[index]
-    with pytest.raises(error, match=message):
-        call()
+test_bad_arguments_name_the_argument = bad_call_test(_bad_calls)
 
 
 def test_float64_runs_on_torch_under_auto_and_is_refused_by_kernels():

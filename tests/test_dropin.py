@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BACKENDS, require
-from numerics import assert_close_to_truth, truth_dtype
+from numerics import truth_dtype
 from op_check import assert_all_close_to_truth, outputs_and_grads
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention import bias as attention_bias

@@ -1,16 +1,18 @@
-"""LayerNorm and residual add + dropout + LayerNorm: every backend against the reference
-under the tolerance rule (outputs and all gradients), the reference against torch, the
-dropout mask, the drop-in module, the torch.library registration, and bad input."""
+"""LayerNorm (lmkern.layer_norm): every backend against the reference under the tolerance
+rule (outputs and all gradients), the reference against torch, the GPU kernels' row limit,
+the drop-in module, the torch.library registration, and bad input. Residual add + dropout
++ LayerNorm, on the same kernels: tests/test_add_layer_norm.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BACKENDS, DEVICES, DTYPES, assert_compiles_like_eager, require
-from op_check import assert_matches_reference, outputs_and_grads
+from op_check import assert_matches_reference, bad_call_test, outputs_and_grads
 
 import lmkern
 from lmkern import backend as backend_module
-from lmkern.ops import layer_norm as ln_ops
+from lmkern.backend import Call
+from lmkern.ops.layer_norm.backends import LAYER_NORM
 
 # id -> (input shape, normalized width); widths 1 to 16,384, odd and powers of two.
 SHAPES = {
@@ -47,32 +49,6 @@ def test_layer_norm_matches_reference(device, backend, dtype, shape):
     assert_matches_reference(layer_norm_op, (x, w, b), backend, ["out", "grad_x", "grad_weight", "grad_bias"])
 
 
-# id -> (shape, dropout_p, prenorm, with a residual)
-ADD_CASES = {
-    "prenorm": ((4, 5, 100), 0.0, True, True),
-    "postnorm": ((7, 1023), 0.0, False, True),
-    "prenorm_dropout": ((4, 5, 100), 0.3, True, True),
-    "postnorm_dropout": ((9, 257), 0.1, False, True),
-    "first_layer_dropout": ((6, 64), 0.5, True, False),
-}
-
-
-@pytest.mark.parametrize("case", ADD_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_add_layer_norm_matches_reference(device, backend, dtype, case):
-    require(backend, device, dtype, "layer_norm")
-    shape, p, prenorm, with_residual = ADD_CASES[case]
-    x, r, w, b = make(shape, dtype, device, residual=with_residual)
-
-    def op(x, r, w, b, backend):
-        return lmkern.add_layer_norm(x, r, w, b, dropout_p=p, prenorm=prenorm, backend=backend)
-
-    outputs = ["out", "summed"] if prenorm else ["out"]
-    assert_matches_reference(op, (x, r, w, b), backend, outputs + ["grad_x", "grad_residual", "grad_w", "grad_b"])
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_weight_or_bias_and_noncontiguous(backend):
     require(backend, "cpu", torch.float32, "layer_norm")
@@ -82,19 +58,6 @@ def test_without_weight_or_bias_and_noncontiguous(backend):
         for affine in ((None, None), (torch.rand(x.shape[-1]) + 0.5, None), (None, torch.randn(x.shape[-1]))):
             inputs = (x, *(t if t is None else t.requires_grad_() for t in affine))
             assert_matches_reference(layer_norm_op, inputs, backend, ["out", "grad_x", "grad_weight", "grad_bias"])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_residual_strided_rows(backend):
-    require(backend, "cpu", torch.float32, "layer_norm")
-    x = torch.randn(5, 2, 64)[:, 1].requires_grad_()
-    r = torch.randn(5, 128)[:, 32:96].requires_grad_()
-    w, b = torch.rand(64).requires_grad_(), torch.randn(64).requires_grad_()
-
-    def op(x, r, w, b, backend):
-        return lmkern.add_layer_norm(x, r, w, b, dropout_p=0.2, backend=backend)
-
-    assert_matches_reference(op, (x, r, w, b), backend, ["out", "summed", "grad_x", "grad_r", "grad_w", "grad_b"])
 
 
 def test_multidimensional_normalized_shape_and_int():
@@ -109,60 +72,13 @@ def test_multidimensional_normalized_shape_and_int():
     torch.testing.assert_close(lmkern.layer_norm(x, 6), F.layer_norm(x, (6,)))
 
 
-@pytest.mark.parametrize("prenorm", [True, False])
 @pytest.mark.parametrize("shape", ["odd_7", "gpt2_3d"])
-def test_reference_matches_torch(shape, prenorm):
-    x, r, w, b = make(SHAPES[shape][0], torch.float64, "cpu")
+def test_reference_matches_torch(shape):
+    x, _, w, b = make(SHAPES[shape][0], torch.float64, "cpu", residual=False)
     ours = outputs_and_grads(lambda *a: layer_norm_op(*a, backend="torch"), (x, w, b), torch.float64)
     theirs = outputs_and_grads(lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b), (x, w, b), torch.float64)
     for a, e in zip(ours, theirs):
         torch.testing.assert_close(a, e)
-
-    def added(x, r, w, b):
-        s = x + r
-        out = F.layer_norm(s, (s.shape[-1],), w, b)
-        return (out, s) if prenorm else out
-
-    ours = outputs_and_grads(
-        lambda *a: lmkern.add_layer_norm(*a, prenorm=prenorm, backend="torch"), (x, r, w, b), torch.float64
-    )
-    for a, e in zip(ours, outputs_and_grads(added, (x, r, w, b), torch.float64)):
-        torch.testing.assert_close(a, e)
-
-
-def dropout_pattern(name, p, seed, shape=(64, 300), device="cpu"):
-    """The residual stream s = dropout(ones), which is 0 or 1 / (1 - p), and its gradient."""
-    x = torch.ones(shape, device=device, requires_grad=True)
-    torch.manual_seed(seed)
-    _, s = lmkern.add_layer_norm(x, None, None, None, dropout_p=p, backend=name)
-    s.sum().backward()
-    return s.detach(), x.grad
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout_mask_statistics_and_gradient(backend):
-    require(backend, "cpu", torch.float32, "layer_norm")
-    p = 0.3
-    s, grad = dropout_pattern(backend, p, seed=7)
-    kept = s != 0
-    assert abs(kept.float().mean().item() - (1 - p)) < 0.02
-    torch.testing.assert_close(s[kept], torch.full_like(s[kept], 1 / (1 - p)))
-    # d(sum s)/dx is the mask itself: the backward regenerates the forward's mask.
-    torch.testing.assert_close(grad, s)
-    again, _ = dropout_pattern(backend, p, seed=7)
-    assert torch.equal(s, again), "the same seed must give the same mask"
-    other, _ = dropout_pattern(backend, p, seed=8)
-    assert not torch.equal(s, other)
-    assert (dropout_pattern(backend, 1.0, seed=7)[0] == 0).all()
-
-
-def test_backends_draw_the_same_mask():
-    masks = {}
-    for name in BACKENDS:
-        require(name, "cpu", torch.float32, "layer_norm")
-        masks[name] = dropout_pattern(name, 0.4, seed=3)[0] != 0
-    for name, mask in masks.items():
-        assert torch.equal(mask, masks["torch"]), name
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
@@ -188,11 +104,11 @@ def test_empty_rows(backend):
 def test_gpu_kernels_refuse_wide_rows_and_auto_falls_back(monkeypatch):
     require("triton", "cpu", torch.float32, "layer_norm")
     x = torch.randn(2, 16385)
-    with pytest.raises(ValueError, match=r"rows of 16385 torch.float32 elements \(65540 bytes\) are wider"):
+    with pytest.raises(lmkern.BackendUnavailableError, match=r"rows of up to 65536 bytes, got 16385 torch.float32"):
         lmkern.layer_norm(x, (16385,), backend="triton")
     monkeypatch.setitem(backend_module.AUTO, "layer_norm", {"cpu": ("triton", "torch")})
-    assert ln_ops.resolve_rows(x, 16385, None) == "torch"
-    assert ln_ops.resolve_rows(x, 16384, None) == "triton"
+    assert LAYER_NORM.resolve(Call.of(x, width=16385)) == "torch"
+    assert LAYER_NORM.resolve(Call.of(x, width=16384)) == "triton"
     torch.testing.assert_close(lmkern.layer_norm(x, (16385,)), F.layer_norm(x, (16385,)))
 
 
@@ -244,26 +160,9 @@ def test_compiles_with_fullgraph_on_cpu():
     assert_compiles_like_eager(step, torch.randn(4, 7, 50))
 
 
-def test_compiled_dropout_is_reproducible_and_backward_uses_its_mask():
-    require("native", "cpu", torch.float32, "layer_norm")
-
-    def step(x):
-        return lmkern.add_layer_norm(x, None, None, None, dropout_p=0.5)[1]
-
-    compiled = torch.compile(step, fullgraph=True)
-    x = torch.ones(16, 32, requires_grad=True)
-    torch.manual_seed(0)
-    summed = compiled(x)
-    summed.sum().backward()
-    torch.testing.assert_close(x.grad, summed.detach())  # d(sum s)/dx is the mask
-    assert 0.4 < (summed == 0).float().mean() < 0.6
-    torch.manual_seed(0)
-    assert torch.equal(compiled(x), summed)
-
-
 def _bad_calls():
     x, w = torch.randn(4, 10), torch.ones(10)
-    ln, add = lmkern.layer_norm, lmkern.add_layer_norm
+    ln = lmkern.layer_norm
     return [
         (lambda: ln(x.long(), (10,)), TypeError, "input must be a floating-point tensor"),
         (lambda: ln(x, (9,)), ValueError, r"normalized_shape must be the last dimensions of input \(4, 10\)"),
@@ -271,17 +170,10 @@ def _bad_calls():
         (lambda: ln(x, (10,), torch.ones(9)), ValueError, r"weight must have shape \(10,\)"),
         (lambda: ln(x, (10,), w, torch.ones(10, 1)), ValueError, r"bias must have shape \(10,\)"),
         (lambda: ln(x, (10,), eps=-1.0), ValueError, "eps must be >= 0"),
-        (lambda: add(x, x[:3], w, None), ValueError, r"residual must have x's shape and device"),
-        (lambda: add(x, x, w, None, dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
-        (lambda: add(x, None, w, None, backend="gpu"), ValueError, "backend must be one of"),
     ]
 
 
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_arguments_name_the_argument(index):
-    call, error, message = _bad_calls()[index]
-    with pytest.raises(error, match=message):
-        call()
+test_bad_arguments_name_the_argument = bad_call_test(_bad_calls)
 
 
 def test_native_ops_check_their_arguments():

@@ -4,6 +4,7 @@ computation under the tolerance rule, chunking, memory, and bad input."""
 import pytest
 import torch
 from conftest import BACKENDS, DEVICES, DTYPES, assert_compiles_like_eager, require
+from op_check import bad_call_test
 from numerics import assert_close_to_truth, truth_dtype
 
 import lmkern
@@ -114,11 +115,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_arguments_name_the_argument(index):
-    call, error, message = _bad_calls()[index]
-    with pytest.raises(error, match=message):
-        call()
+test_bad_arguments_name_the_argument = bad_call_test(_bad_calls)
 
 
 def test_out_of_range_target_raises_on_cpu():

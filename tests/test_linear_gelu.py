@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BACKENDS, DEVICES, DTYPES, assert_compiles_like_eager, require
-from op_check import assert_matches_reference, outputs_and_grads
+from op_check import assert_matches_reference, bad_call_test, outputs_and_grads
 
 import lmkern
-from lmkern.backend import implementation
-from lmkern.ops import linear_gelu as lg_ops
+from lmkern.ops.linear_gelu.backends import LINEAR_GELU
 
 # id -> (input shape, out features, approximate, recompute, bias)
 CASES = {
@@ -79,7 +78,7 @@ def test_epilogue_dropout_and_residual_match_reference(backend, dtype, activatio
     x, w, b = make((30, 40), 72, True, dtype, "cpu")
     residual = torch.randn(30, 72).to(dtype)
     b32, seed, p = b.detach().float(), 1234, 0.25
-    reference, kernels = implementation(lg_ops.__name__, "torch"), implementation(lg_ops.__name__, backend)
+    reference, kernels = LINEAR_GELU.implementation("torch"), LINEAR_GELU.implementation(backend)
     expected, pre = reference.linear_gelu_fwd(x.detach(), w.detach(), b32, activation, True, p, seed, residual)
     out, kernel_pre = kernels.linear_gelu_fwd(x.detach(), w.detach(), b32, activation, True, p, seed, residual)
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
@@ -192,11 +191,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_arguments_name_the_argument(index):
-    call, error, message = _bad_calls()[index]
-    with pytest.raises(error, match=message):
-        call()
+test_bad_arguments_name_the_argument = bad_call_test(_bad_calls)
 
 
 def test_native_ops_check_their_arguments():

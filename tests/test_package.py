@@ -10,6 +10,7 @@ import sys
 import torch
 import lmkern
 assert "triton" not in sys.modules, "importing lmkern imported triton"
+assert sys.modules.get("lmkern._C") is None, "importing lmkern loaded the extension"
 assert not torch.cuda.is_initialized(), "importing lmkern initialised CUDA"
 {check}
 print("ok")

@@ -1,14 +1,14 @@
 """Dropout as lmkern's fused ops apply it, in torch: the oracle for the kernels' masks.
 
 An element of a row-major (N, D) tensor is numbered by its index row * D + col, and kept
-when lmkern.random.uniform(seed, index) >= p; kept elements are scaled by 1 / (1 - p).
+when lmkern.philox.uniform(seed, index) >= p; kept elements are scaled by 1 / (1 - p).
 The Triton kernels (lmkern/ops/triton_dropout.py) and the C++/CUDA kernels
 (csrc/dropout.h) draw the same numbers, so every backend drops the same elements.
 """
 
 import torch
 
-from lmkern import random
+from lmkern import philox
 
 
 def dropout(values, seed, p):
@@ -19,5 +19,5 @@ def dropout(values, seed, p):
     if p == 0:
         return values
     index = torch.arange(values.numel(), device=values.device).view(values.shape)
-    keep = random.dropout_keep(seed, index, p)
+    keep = philox.dropout_keep(seed, index, p)
     return torch.where(keep, values / (1 - p), 0).to(values.dtype)

@@ -10,12 +10,16 @@ import math
 
 import torch
 
-from lmkern import random
-from lmkern.backend import implementation, resolve
+from lmkern import philox
+from lmkern.backend import Call
 from lmkern.errors import ArgumentError, ArgumentTypeError
+from lmkern.ops import lazy_submodules
 from lmkern.ops.attention import reference
+from lmkern.ops.attention.backends import ATTENTION
 from lmkern.ops.autocast import cast_for_autocast, without_autocast
 from lmkern.ops.double_backward import reference_grads
+
+__getattr__ = lazy_submodules(__name__)
 
 
 def check_float_tensor(tensor, name, shape_name, dims=(4,)):
@@ -168,7 +172,7 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def forward(ctx, q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, backend):
-        impl = implementation(__name__, backend)
+        impl = ATTENTION.implementation(backend)
         args = (is_causal, causal_shift, scale, dropout_p, seed)
         out, lse = impl.attention_fwd(q, k, v, mask, *args)
         ctx.save_for_backward(q, k, v, out, lse, mask)
@@ -184,52 +188,11 @@ class AttentionFunction(torch.autograd.Function):
                 lambda *inputs: reference.attention_fwd(*inputs, *ctx.args)[0], (q, k, v, mask),
                 ctx.needs_input_grad[:4], (grad_out,),
             )
-        elif ctx.needs_input_grad[3]:  # an additive mask's gradient: only the reference (see the limits)
-            grads = ctx.impl.attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, *ctx.args)
+        elif ctx.needs_input_grad[3]:  # an additive mask's gradient: the reference (the backends' limits)
+            grads = reference.attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, *ctx.args)
         else:
             grads = (*ctx.impl.attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.args), None)
         return *grads, None, None, None, None, None, None
-
-
-# The largest head dim of the Triton kernels, whose tiles hold whole rows of q, k and v.
-TRITON_MAX_HEAD_DIM = 256
-# What the native CUDA kernels take (csrc/cuda/attention.cpp); "auto" sends the rest to Triton.
-NATIVE_CUDA_DTYPES = (torch.float16, torch.bfloat16)
-NATIVE_CUDA_HEAD_DIMS = (64, 128)
-
-
-def is_key_padding_mask(mask):
-    """Whether a (B, H, Lq, Lk) mask view is a boolean (B, 1, 1, Lk) mask broadcast."""
-    return mask.dtype == torch.bool and all(mask.shape[d] == 1 or mask.stride(d) == 0 for d in (1, 2))
-
-
-def native_cuda_limit(dtype, head_dims, mask=None, dropout_p=0.0):
-    """Why the native CUDA kernels cannot run this call, or None."""
-    if dtype not in NATIVE_CUDA_DTYPES:
-        return f"its CUDA kernels take float16 or bfloat16, got {dtype}"
-    if head_dims[0] != head_dims[1] or head_dims[0] not in NATIVE_CUDA_HEAD_DIMS:
-        return f"its CUDA kernels take head dims {NATIVE_CUDA_HEAD_DIMS} (the same for v), got {tuple(head_dims)}"
-    if mask is not None and not is_key_padding_mask(mask):
-        return "its CUDA kernels take only boolean key-padding masks (B, 1, 1, Lk)"
-    if dropout_p > 0:
-        return "its CUDA kernels have no dropout"
-    return None
-
-
-def backend_limits(query, mask, head_dims, dropout_p=0.0):
-    """What the kernel backends cannot do for this call (see lmkern.backend.resolve); mask
-    is the (B, H, Lq, Lk) view or None, head_dims those of q and v."""
-    limits = {}
-    if max(head_dims) > TRITON_MAX_HEAD_DIM:
-        limits["triton"] = f"its kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {max(head_dims)}"
-    if query.device.type == "cuda":
-        native = native_cuda_limit(query.dtype, head_dims, mask, dropout_p)
-        if native is not None:
-            limits["native"] = native
-    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
-        why = "the gradient of attn_mask is computed by the torch backend only"
-        limits.update(triton=why, native=why)
-    return limits
 
 
 def scaled_dot_product_attention(
@@ -292,12 +255,13 @@ def scaled_dot_product_attention(
     mask_shape = torch.Size([*batch_shape, heads, seqlen_q, seqlen_k])
     mask = _check_mask(attn_mask, query, mask_shape, is_causal)
     scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
-    limits = backend_limits(query, mask, (query.shape[3], value.shape[3]), dropout_p)
-    empty = 0 in (batch, heads, seqlen_q, seqlen_k)
-    name = resolve("attention", query, backend, limits, empty=empty)
+    mask_grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
+    call = Call.of(query, head_dims=(query.shape[3], value.shape[3]), mask=mask, mask_grad=mask_grad,
+                   dropout_p=dropout_p)
+    name = ATTENTION.resolve(call, backend, empty=0 in (batch, heads, seqlen_q, seqlen_k))
     q = _as_heads(query, batch, heads)
     k, v = _as_heads(key, batch, kv_heads), _as_heads(value, batch, kv_heads)
-    seed = random.draw_seed() if dropout_p > 0 else 0
+    seed = philox.draw_seed() if dropout_p > 0 else 0
     out = AttentionFunction.apply(q, k, v, mask, bool(is_causal), causal_shift, scale, float(dropout_p), seed, name)
     out_shape = (*batch_shape, heads, seqlen_q, value.shape[3])  # 2-D inputs: without the (one) head
     return out.reshape(out_shape[len(out_shape) - rank:])

@@ -15,8 +15,7 @@ Lk - Lq: bottom-right).
 
 import torch
 
-from lmkern import random
-from lmkern.errors import ArgumentError
+from lmkern import philox
 
 
 def _repeat_kv(x, heads):
@@ -47,10 +46,10 @@ def dropout_scale(dropout_p):
 
 def dropout_factor(seed, like, dropout_p):
     """Z, shaped and typed like the (B, H, Lq, Lk) probabilities `like`: keep / (1 - p),
-    with element (b, h, i, j) at offset ((b H + h) Lq + i) Lk + j of lmkern.random's
+    with element (b, h, i, j) at offset ((b H + h) Lq + i) Lk + j of lmkern.philox's
     stream, as in every backend."""
     offsets = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
-    return random.dropout_keep(seed, offsets, dropout_p).to(like.dtype) * dropout_scale(dropout_p)
+    return philox.dropout_keep(seed, offsets, dropout_p).to(like.dtype) * dropout_scale(dropout_p)
 
 
 def _scores(q, k, mask, is_causal, causal_shift, scale):
@@ -112,57 +111,3 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, sc
     """(dq, dk, dv): the gradients of attention_fwd's output, in the inputs' dtypes."""
     args = (is_causal, causal_shift, scale, dropout_p, seed)
     return attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, *args)[:3]
-
-
-def check_cache_lengths_on_cpu(cache_seqlens, new_len, capacity):
-    """Raises ValueError for a CPU sequence whose length is negative or whose new keys would
-    not fit in the cache. Only on CPU, where the check costs no device synchronisation;
-    kernels on CUDA give such a sequence NaN output and write nothing for it."""
-    if cache_seqlens.device.type != "cpu":
-        return
-    lengths = cache_seqlens.to(torch.int64)
-    bad = (lengths < 0) | (lengths + new_len > capacity)
-    if bad.any():
-        b = int(bad.nonzero()[0, 0])
-        raise ArgumentError(
-            f"cache_seqlens[{b}] = {int(lengths[b])}: with {new_len} new keys the sequence must fit in the "
-            f"cache's {capacity} positions, and its length must be >= 0"
-        )
-
-
-def _write_at_lengths(cache, new, lengths, fits):
-    """cache[b, :, lengths[b] + n] = new[b, :, n] for the sequences that fit. The others
-    write back their cache's own values (at clamped positions), so that nothing waits on
-    the host and CUDA graphs can capture the step."""
-    batch = torch.arange(cache.shape[0], device=cache.device)[:, None]  # (B, 1)
-    positions = lengths[:, None] + torch.arange(new.shape[2], device=cache.device)  # (B, L_new)
-    positions = positions.clamp(0, cache.shape[2] - 1)
-    current = cache[batch, :, positions]  # indexed as (B, L_new, H_kv, D)
-    cache[batch, :, positions] = torch.where(fits[:, None, None, None], new.transpose(1, 2), current)
-
-
-def attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
-    """Writes k_new, v_new into the caches at each sequence's length, then attends.
-
-    q (B, H, Lq, D); k_cache (B, H_kv, L_max, D) and v_cache (B, H_kv, L_max, Dv), written
-    in place; cache_seqlens (B,) int32/int64, each sequence's cached length before the new
-    keys; k_new (B, H_kv, L_new, D) and v_new (B, H_kv, L_new, Dv), or both None. With
-    total_b = cache_seqlens[b] + L_new, query i sits at position total_b - Lq + i and sees
-    the keys up to it (bottom-right causal alignment). Returns out (B, H, Lq, Dv) in q's
-    dtype. A sequence whose new keys would not fit, or with a negative length, raises
-    ValueError on CPU; on CUDA it gets NaN output and nothing is written for it.
-    """
-    capacity = k_cache.shape[2]
-    new_len = 0 if k_new is None else k_new.shape[2]
-    check_cache_lengths_on_cpu(cache_seqlens, new_len, capacity)
-    lengths = cache_seqlens.to(torch.int64)
-    fits = (lengths >= 0) & (lengths + new_len <= capacity)
-    if new_len > 0:
-        _write_at_lengths(k_cache, k_new, lengths, fits)
-        _write_at_lengths(v_cache, v_new, lengths, fits)
-    seqlen_q = q.shape[2]
-    query_positions = (lengths + new_len)[:, None] - seqlen_q + torch.arange(seqlen_q, device=q.device)  # (B, Lq)
-    visible = torch.arange(capacity, device=q.device) <= query_positions[:, :, None]  # (B, Lq, L_max)
-    mask = visible[:, None].expand(-1, q.shape[1], -1, -1)
-    out, _ = attention_fwd(q, k_cache, v_cache, mask, False, 0, scale, 0.0, None)
-    return out.masked_fill(~fits[:, None, None, None], float("nan"))

@@ -8,10 +8,14 @@ is done here with one torch multiply.
 
 import torch
 
-from lmkern.backend import implementation, resolve
+from lmkern.backend import Call
 from lmkern.errors import ArgumentError, ArgumentTypeError, TargetIndexError
+from lmkern.ops import lazy_submodules
 from lmkern.ops.autocast import autocast_dtype, without_autocast
+from lmkern.ops.cross_entropy.backends import CROSS_ENTROPY
 from lmkern.ops.double_backward import refuse_create_graph
+
+__getattr__ = lazy_submodules(__name__)
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -52,7 +56,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, inplace_backward, loss_dtype,
         backend,
     ):
-        fwd = implementation(__name__, backend).cross_entropy_fwd
+        fwd = CROSS_ENTROPY.implementation(backend).cross_entropy_fwd
         row_loss, grad = fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_backward)
         if inplace_backward:
             # Anything else that saved the logits must now fail loudly instead of reading gradients.
@@ -206,7 +210,7 @@ def cross_entropy(
             )
         # The kernels take float32 weights; float64 input runs on the torch backend in float64.
         weight = weight.to(torch.promote_types(torch.float32, input.dtype)).contiguous()
-    name = resolve("cross_entropy", input, backend, empty=input.numel() == 0)
+    name = CROSS_ENTROPY.resolve(Call.of(input), backend, empty=input.numel() == 0)
     logits = input.reshape(-1, vocab)
     if logits.stride(1) != 1:
         logits = logits.contiguous()

@@ -7,18 +7,20 @@ torch.compile trace the ops, and the wrapper with the backend contract.
 
 import torch
 
-from lmkern import backend
+from lmkern import extension
 
-if backend.native_error() is None:  # loads lmkern._C, which defines the ops
+extension.require()  # loads lmkern._C, which defines the ops, before their fakes are registered
 
-    @torch.library.register_fake("lmkern::cross_entropy_fwd")
-    def _(logits, target, weight, ignore_index, label_smoothing, z_loss):
-        loss = logits.new_empty(logits.shape[0], dtype=torch.float32)
-        return loss, torch.empty_like(logits, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("lmkern::cross_entropy_fwd_")
-    def _(logits, target, weight, ignore_index, label_smoothing, z_loss):
-        return logits.new_empty(logits.shape[0], dtype=torch.float32)
+@torch.library.register_fake("lmkern::cross_entropy_fwd")
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss):
+    loss = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return loss, torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lmkern::cross_entropy_fwd_")
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
 def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, inplace_backward):

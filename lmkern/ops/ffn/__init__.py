@@ -20,14 +20,17 @@ import math
 
 import torch
 
-from lmkern import random
-from lmkern.backend import implementation, resolve
+from lmkern import philox
+from lmkern.backend import Call
 from lmkern.errors import ArgumentError
 from lmkern.ops import layer_norm as ln_ops
 from lmkern.ops import linear_gelu as lg_ops
-from lmkern.ops.cross_entropy.linear import add_matmul_wide
 from lmkern.ops.autocast import autocast_dtype, cast_for_autocast, without_autocast
 from lmkern.ops.double_backward import reference_grads
+from lmkern.ops.ffn.backends import FFN
+from lmkern.ops.layer_norm.backends import LAYER_NORM
+from lmkern.ops.linear_cross_entropy import add_matmul_wide
+from lmkern.ops.linear_gelu.backends import LINEAR_GELU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +42,7 @@ class FFNOptions:
     prenorm: bool
     residual: bool
     recompute: bool
-    norm_backend: str
-    linear_backend: str
+    backend: str  # of both the LayerNorm and the linear_gelu kernels
 
 
 def ffn_fwd(norm, linear, x, norm_weight, norm_bias, w1, b1, w2, b2, opt):
@@ -80,8 +82,7 @@ class FFNFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, opt):
-        norm = implementation(ln_ops.__name__, opt.norm_backend)
-        linear = implementation(lg_ops.__name__, opt.linear_backend)
+        norm, linear = LAYER_NORM.implementation(opt.backend), LINEAR_GELU.implementation(opt.backend)
         out, mean, rstd, pre, summed = ffn_fwd(norm, linear, x, norm_weight, norm_bias, w1, b1, w2, b2, opt)
         ctx.save_for_backward(x, norm_weight, norm_bias, w1, b1, w2, b2, mean, rstd, pre, summed)
         ctx.norm, ctx.linear, ctx.opt = norm, linear, opt
@@ -230,12 +231,11 @@ def ffn(
         eps=float(eps),
         activation=lg_ops.ACTIVATION[approximate],
         dropout_p=float(dropout_p),
-        seed=random.draw_seed() if dropout_p > 0 else 0,
+        seed=philox.draw_seed() if dropout_p > 0 else 0,
         prenorm=prenorm,
         residual=residual,
         recompute=recompute,
-        norm_backend=ln_ops.resolve_rows(x, width, backend),
-        linear_backend=resolve("linear_gelu", x, backend, empty=x.numel() == 0 or w1.shape[0] == 0),
+        backend=FFN.resolve(Call.of(x, width=width), backend, empty=x.numel() == 0 or w1.shape[0] == 0),
     )
     out = FFNFunction.apply(
         ln_ops.as_rows(x, width),

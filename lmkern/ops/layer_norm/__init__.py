@@ -1,5 +1,5 @@
-"""LayerNorm, and residual add + dropout + LayerNorm in one pass: the autograd Function,
-lmkern.layer_norm and lmkern.add_layer_norm.
+"""LayerNorm: the autograd Function (which lmkern.add_layer_norm shares: residual add +
+dropout + LayerNorm in one pass) and lmkern.layer_norm.
 
 Forward saves only what backward cannot cheaply get back: the normalised rows s (the
 input itself for a plain LayerNorm, or the new residual stream) and the fp32 mean and
@@ -10,23 +10,22 @@ import math
 
 import torch
 
-from lmkern import random
-from lmkern.backend import implementation, requested_backend, resolve
+from lmkern.backend import Call
 from lmkern.errors import ArgumentError, ArgumentTypeError
+from lmkern.ops import lazy_submodules
 from lmkern.ops.autocast import without_autocast
 from lmkern.ops.double_backward import reference_grads, refuse_create_graph
 from lmkern.ops.layer_norm import reference
+from lmkern.ops.layer_norm.backends import LAYER_NORM
 
-# The widest row the GPU kernels (Triton's, anywhere, and the native CUDA ones) hold in
-# registers. Wider rows run on the torch reference under "auto" (and natively on CPU).
-MAX_GPU_ROW_BYTES = 65536
+__getattr__ = lazy_submodules(__name__)
 
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed, prenorm, backend):
-        impl = implementation(__name__, backend)
+        impl = LAYER_NORM.implementation(backend)
         adds = residual is not None or dropout_p > 0
         out, mean, rstd, summed = impl.layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed, keep_sum=adds)
         if not adds:
@@ -89,22 +88,9 @@ def as_rows(tensor, width):
     return last_dim_contiguous(tensor.reshape(math.prod(tensor.shape[:-1]), width))
 
 
-def resolve_rows(x, width, backend):
-    """The backend for LayerNorm rows of `width` elements of x's dtype: resolve(), except
-    that rows wider than the GPU kernels hold (MAX_GPU_ROW_BYTES) go to the torch reference
-    under "auto" and raise ValueError for an explicit backend; empty x runs on the reference."""
-    name = resolve("layer_norm", x, backend, empty=x.numel() == 0)
-    limited = name == "triton" or (name == "native" and x.device.type == "cuda")
-    row_bytes = width * x.element_size()
-    if limited and row_bytes > MAX_GPU_ROW_BYTES:
-        if requested_backend(backend) == "auto":
-            return "torch"
-        raise ArgumentError(
-            f"lmkern.layer_norm: rows of {width} {x.dtype} elements ({row_bytes} bytes) are wider than the "
-            f"{name} kernels on {x.device.type} take ({MAX_GPU_ROW_BYTES} bytes); use backend='torch'"
-            + (" or 'native'" if x.device.type == "cpu" else "")
-        )
-    return name
+def resolve_rows(op, x, width, backend):
+    """The backend of op (LAYER_NORM or ADD_LAYER_NORM) for rows of `width` elements of x."""
+    return op.resolve(Call.of(x, width=width), backend, empty=x.numel() == 0)
 
 
 def check_float_tensor(tensor, name):
@@ -170,7 +156,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, bac
     check_param(bias, "bias", shape, input)
     check_eps_dropout(eps, 0.0)
     width = math.prod(shape)
-    name = resolve_rows(input, width, backend)
+    name = resolve_rows(LAYER_NORM, input, width, backend)
     out = LayerNormFunction.apply(
         as_rows(input.reshape(*input.shape[: input.dim() - len(shape)], width), width),
         None,
@@ -183,57 +169,3 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, bac
         name,
     )
     return out.view(input.shape)
-
-
-def add_layer_norm(x, residual, weight, bias, eps=1e-5, *, dropout_p=0.0, prenorm=True, backend=None):
-    """s = residual + dropout(x), then LayerNorm of s over the last dimension, in one pass.
-
-    Args:
-        x: (..., D), float32/float16/bfloat16: a sub-layer's output.
-        residual: the residual stream, shaped like x, or None (s = dropout(x)). Of x's
-            dtype or another: s is computed in the residual's dtype, x cast to it (a
-            half-precision branch added to an fp32 stream, as under torch.autocast).
-        weight, bias: (D,) or None.
-        eps: added to the variance.
-        dropout_p: drop probability for x (as F.dropout with training=True). The mask comes
-            from lmkern's counter-based RNG seeded from torch's generator (torch.manual_seed
-            reproduces it; every backend draws the same mask) and is drawn again in backward,
-            never stored.
-        prenorm: True (pre-LN, GPT) returns (LayerNorm(s), s), s being the new residual
-            stream; False (post-LN, BERT) returns LayerNorm(s) alone. Both in s's dtype.
-        backend: as in lmkern.layer_norm.
-
-    Saves for backward s and the fp32 mean and rstd per row. torch.autocast changes
-    nothing: the statistics are fp32 whatever the dtypes.
-    """
-    check_float_tensor(x, "x")
-    if x.dim() == 0:
-        raise ArgumentError("x must have at least one dimension (..., D), got a scalar")
-    if residual is not None:
-        check_float_tensor(residual, "residual")
-        if residual.shape != x.shape or residual.device != x.device:
-            raise ArgumentError(
-                f"residual must have x's shape and device ({tuple(x.shape)}, {x.device}), "
-                f"got {tuple(residual.shape)}, {residual.device}"
-            )
-        x = x.to(residual.dtype)  # the sum is the residual stream: in its dtype
-    width = x.shape[-1]
-    check_param(weight, "weight", (width,), x)
-    check_param(bias, "bias", (width,), x)
-    check_eps_dropout(eps, dropout_p)
-    name = resolve_rows(x, width, backend)
-    outputs = LayerNormFunction.apply(
-        as_rows(x, width),
-        None if residual is None else as_rows(residual, width),
-        as_stats_param(weight, width, x.dtype),
-        as_stats_param(bias, width, x.dtype),
-        float(eps),
-        float(dropout_p),
-        random.draw_seed() if dropout_p > 0 else 0,
-        prenorm,
-        name,
-    )
-    if prenorm:
-        out, summed = outputs
-        return out.view(x.shape), summed.view(x.shape)
-    return outputs.view(x.shape)

@@ -28,7 +28,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, dropout_p=0.0, seed=0, k
 
     x: (N, D), last dim contiguous. residual: (N, D) in x's dtype, or None (s = dropout(x)).
     weight, bias: (D,) in fp32 (fp64 for fp64 x), or None. dropout_p in [0, 1] with the
-    int seed of lmkern.random.
+    int seed of lmkern.philox.
     Returns out (N, D) in x's dtype, mean and rstd (N,) in fp32 (fp64 for fp64 x), and,
     if keep_sum, s (N, D) in x's dtype (x itself when nothing was added), else None.
     """

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lmkern.backend import triton_interpreting
-from lmkern.ops.layer_norm import MAX_GPU_ROW_BYTES
+from lmkern.triton_support import interpreting
+from lmkern.ops.layer_norm.backends import MAX_GPU_ROW_BYTES
 from lmkern.ops.triton_dropout import dropout, dropout_args
 
 
@@ -312,7 +312,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, dropout_p=0.0, seed=0, k
 
 def num_row_programs(n_rows, device):
     """G, the programs of the backward pass: a few per SM, each looping over its rows."""
-    if triton_interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return max(1, min(n_rows, 8))
     return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
 

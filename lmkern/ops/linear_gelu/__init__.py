@@ -7,18 +7,27 @@ epilogue kernel). It saves the pre-activation, or with recompute=True nothing bu
 inputs. Backward: one kernel computes d(pre) = gelu'(pre) * d(out) and the bias gradient
 (its column sums, deterministic), then the two matmuls d(x) = d(pre) @ weight and
 d(weight) = d(pre).T @ x run in torch (cuBLAS, or ATen's CPU BLAS).
+
+The backends' contract (linear_gelu_fwd / linear_gelu_bwd) is more general than the public
+op: a linear layer's epilogue of bias, activation ("gelu", "gelu_tanh" or "none"), dropout
+and residual add, which lmkern.ffn also runs for its second matmul (activation "none").
+lmkern.linear_gelu is its public face for a Linear followed by GELU.
 """
 
 import math
 
 import torch
 
-from lmkern.backend import implementation, resolve
+from lmkern.backend import Call
 from lmkern.errors import ArgumentError
 from lmkern.ops.autocast import cast_for_autocast, without_autocast
 from lmkern.ops.double_backward import reference_grads
 from lmkern.ops.layer_norm import as_stats_param, check_float_tensor
+from lmkern.ops import lazy_submodules
 from lmkern.ops.linear_gelu import reference
+from lmkern.ops.linear_gelu.backends import LINEAR_GELU
+
+__getattr__ = lazy_submodules(__name__)
 
 # GELU's `approximate` argument (as in torch) -> the kernels' activation name.
 ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -28,7 +37,7 @@ class LinearGeluFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def forward(ctx, x, weight, bias, activation, recompute, backend):
-        impl = implementation(__name__, backend)
+        impl = LINEAR_GELU.implementation(backend)
         out, pre = impl.linear_gelu_fwd(x, weight, bias, activation, keep_preactivation=not recompute)
         ctx.save_for_backward(x, weight, bias, pre)
         ctx.impl, ctx.activation = impl, activation
@@ -122,7 +131,7 @@ def linear_gelu(input, weight, bias=None, approximate="none", *, recompute=False
     check_linear(weight, bias, input, input.shape[-1])
     check_approximate(approximate)
     rows = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
-    name = resolve("linear_gelu", input, backend, empty=0 in (*rows.shape, weight.shape[0]))
+    name = LINEAR_GELU.resolve(Call.of(input), backend, empty=0 in (*rows.shape, weight.shape[0]))
     out = LinearGeluFunction.apply(
         rows, weight, as_stats_param(bias, weight.shape[0], input.dtype), ACTIVATION[approximate], recompute, name
     )

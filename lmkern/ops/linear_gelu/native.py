@@ -9,28 +9,31 @@ empty tensors where the contract has None).
 
 import torch
 
-from lmkern import backend
+from lmkern import extension
 
-if backend.native_error() is None:  # loads lmkern._C, which defines the ops
+extension.require()  # loads lmkern._C, which defines the ops, before their fakes are registered
 
-    @torch.library.register_fake("lmkern::linear_gelu_fwd")
-    def _(x, weight, bias, activation, keep_preactivation, dropout_p, seed, residual):
-        out = x.new_empty(x.shape[0], weight.shape[0])
-        keep = keep_preactivation and activation != "none"
-        return out, torch.empty_like(out) if keep else x.new_empty(0)
 
-    @torch.library.register_fake("lmkern::linear_gelu_bwd")
-    def _(grad_out, preactivation, activation, dropout_p, seed, want_activation):
-        want = want_activation and activation != "none"
-        act = grad_out.new_empty(grad_out.shape) if want else grad_out.new_empty(0)
-        grad_bias = grad_out.new_empty(grad_out.shape[1], dtype=torch.float32)
-        return grad_out.new_empty(grad_out.shape), grad_bias, act
+@torch.library.register_fake("lmkern::linear_gelu_fwd")
+def _(x, weight, bias, activation, keep_preactivation, dropout_p, seed, residual):
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    keep = keep_preactivation and activation != "none"
+    return out, torch.empty_like(out) if keep else x.new_empty(0)
 
-    @torch.library.register_fake("lmkern::linear_gelu_bwd_")
-    def _(grad_out, preactivation, activation, dropout_p, seed, want_activation):
-        want = want_activation and activation != "none"
-        act = grad_out.new_empty(grad_out.shape) if want else grad_out.new_empty(0)
-        return grad_out.new_empty(grad_out.shape[1], dtype=torch.float32), act
+
+@torch.library.register_fake("lmkern::linear_gelu_bwd")
+def _(grad_out, preactivation, activation, dropout_p, seed, want_activation):
+    want = want_activation and activation != "none"
+    act = grad_out.new_empty(grad_out.shape) if want else grad_out.new_empty(0)
+    grad_bias = grad_out.new_empty(grad_out.shape[1], dtype=torch.float32)
+    return grad_out.new_empty(grad_out.shape), grad_bias, act
+
+
+@torch.library.register_fake("lmkern::linear_gelu_bwd_")
+def _(grad_out, preactivation, activation, dropout_p, seed, want_activation):
+    want = want_activation and activation != "none"
+    act = grad_out.new_empty(grad_out.shape) if want else grad_out.new_empty(0)
+    return grad_out.new_empty(grad_out.shape[1], dtype=torch.float32), act
 
 
 def linear_gelu_fwd(x, weight, bias, activation, keep_preactivation, dropout_p=0.0, seed=0, residual=None):

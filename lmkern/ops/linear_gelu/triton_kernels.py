@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmkern.backend import triton_interpreting
+from lmkern.triton_support import interpreting
 from lmkern.ops.triton_dropout import dropout, dropout_args
 from lmkern.ops.triton_tuning import autotune
 
@@ -36,7 +36,7 @@ def matmul_configs():
     """Static autotuning candidates, best first (no device is queried): the Triton
     tutorial's for Ampere and Hopper fp16/bf16 matmuls, and 8-warp tiles whose accumulators
     leave room for a heavy epilogue (dropout); one small tile under the interpreter."""
-    if triton_interpreting():
+    if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     tiles = [
         # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
@@ -267,7 +267,7 @@ def linear_gelu_bwd(grad_out, pre, activation, dropout_p, seed, want_activation,
     grad_pre = grad_out if inplace else torch.empty((M, N), dtype=grad_out.dtype, device=grad_out.device)
     act = torch.empty_like(grad_pre) if want_activation else None
     # fp32 tiles half as tall, so that GELU's temporaries fit in registers without spilling.
-    block_m, block_n = (16, 32) if triton_interpreting() else (64 if grad_out.element_size() < 4 else 32, 128)
+    block_m, block_n = (16, 32) if interpreting() else (64 if grad_out.element_size() < 4 else 32, 128)
     partial = torch.zeros((triton.cdiv(M, block_m), N), dtype=torch.float32, device=grad_out.device)
     if grad_pre.numel() > 0:
         linear_gelu_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](

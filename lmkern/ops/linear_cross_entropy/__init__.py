@@ -13,9 +13,10 @@ import math
 
 import torch
 
-from lmkern.backend import implementation, resolve
+from lmkern.backend import Call
 from lmkern.errors import ArgumentError
 from lmkern.ops import cross_entropy as ce
+from lmkern.ops.linear_cross_entropy.backends import LINEAR_CROSS_ENTROPY
 from lmkern.ops.autocast import autocast_dtype, cast_for_autocast, without_autocast
 from lmkern.ops.double_backward import refuse_create_graph
 
@@ -84,7 +85,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx, hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, chunk_size, loss_dtype,
         backend,
     ):
-        fwd = implementation(ce.__name__, backend).cross_entropy_fwd
+        fwd = LINEAR_CROSS_ENTROPY.implementation(backend).cross_entropy_fwd
         options = (ignore_index, label_smoothing, z_loss)
         grads_now = reduction != "none"
         needs_grad = ctx.needs_input_grad[:3] if grads_now else (False, False, False)
@@ -187,7 +188,7 @@ def linear_cross_entropy(
         raise ArgumentError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     rows = hidden.reshape(-1, hidden_size)
     n_rows = rows.shape[0]
-    name = resolve("cross_entropy", hidden, backend, empty=n_rows == 0)
+    name = LINEAR_CROSS_ENTROPY.resolve(Call.of(hidden), backend, empty=n_rows == 0)
     if chunk_size is None:
         chunk_size = default_chunk_size(n_rows, hidden_size, weight.shape[0])
     rows_target = ce.rows_target(target, weight.shape[0], ignore_index)

@@ -1,4 +1,4 @@
-"""The counter-based random stream: lmkern.random in torch draws exactly what Triton's
+"""The counter-based random stream: lmkern.philox in torch draws exactly what Triton's
 tl.rand draws, and is uniform."""
 
 import os
@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from conftest import require
 
-from lmkern import random
+from lmkern import philox
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
@@ -30,21 +30,21 @@ def test_uniform_is_triton_rand():
     for seed in (0, 1, 12345, 2**40 + 7):
         expected = torch.empty(offsets.shape, dtype=torch.float32)
         _rand_kernel[(triton.cdiv(len(offsets), 256),)](expected, offsets, seed, len(offsets), BLOCK=256)
-        torch.testing.assert_close(random.uniform(seed, offsets), expected, rtol=0, atol=0)
+        torch.testing.assert_close(philox.uniform(seed, offsets), expected, rtol=0, atol=0)
 
 
 def test_uniform_is_uniform_and_reproducible():
     offsets = torch.arange(200_000)
-    values = random.uniform(random.draw_seed(), offsets)
+    values = philox.uniform(philox.draw_seed(), offsets)
     assert 0.0 <= values.min() and values.max() < 1.0
     histogram = torch.histc(values, bins=10, min=0.0, max=1.0) / len(values)
     assert (histogram - 0.1).abs().max() < 0.005
     torch.manual_seed(3)
-    first = random.draw_seed()
+    first = philox.draw_seed()
     torch.manual_seed(3)
-    assert random.draw_seed() == first
-    assert random.dropout_keep(first, offsets, 0.0).all()
-    assert abs(random.dropout_keep(first, offsets, 0.3).float().mean() - 0.7) < 0.005
+    assert philox.draw_seed() == first
+    assert philox.dropout_keep(first, offsets, 0.0).all()
+    assert abs(philox.dropout_keep(first, offsets, 0.3).float().mean() - 0.7) < 0.005
 
 
 CPP_PROBE = """
@@ -69,5 +69,5 @@ def test_cpp_philox_matches(tmp_path):
     lines = "\n".join(f"{seed} {offset}" for seed, offset in pairs)
     printed = subprocess.run([str(tmp_path / "probe")], input=lines, capture_output=True, text=True, check=True)
     got = [float.fromhex(value) for value in printed.stdout.split()]
-    expected = [random.uniform(seed, torch.tensor([offset])).item() for seed, offset in pairs]
+    expected = [philox.uniform(seed, torch.tensor([offset])).item() for seed, offset in pairs]
     assert got == expected

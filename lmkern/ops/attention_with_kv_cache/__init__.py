@@ -4,11 +4,14 @@ import math
 
 import torch
 
-from lmkern.backend import implementation, resolve
+from lmkern.backend import Call
 from lmkern.errors import ArgumentError, ArgumentTypeError
-from lmkern.ops import attention
-from lmkern.ops.attention import backend_limits, check_float_tensor, check_kv_heads, check_same_dtype_and_device
+from lmkern.ops import lazy_submodules
+from lmkern.ops.attention import check_float_tensor, check_kv_heads, check_same_dtype_and_device
+from lmkern.ops.attention_with_kv_cache.backends import ATTENTION_WITH_KV_CACHE
 from lmkern.ops.autocast import autocast_dtype, autocast_off
+
+__getattr__ = lazy_submodules(__name__)
 
 
 def _check_cache_lengths(cache_seqlens, batch, device):
@@ -24,6 +27,7 @@ def _check_cache_lengths(cache_seqlens, batch, device):
 
 
 def _rows_aligned(cache):
+    """Whether a cache's rows start at multiples of 8 elements (16 bytes in half precision)."""
     return all(cache.shape[d] == 1 or cache.stride(d) % 8 == 0 for d in range(3))
 
 
@@ -102,11 +106,9 @@ def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
             "(or torch.inference_mode())"
         )
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    limits = backend_limits(q, None, (head_dim, v_cache.shape[3]))
-    if q.is_cuda and "native" not in limits and not all(map(_rows_aligned, (k_cache, v_cache))):
-        # The CUDA kernels write 16-byte rows in place, so the caches cannot be copied to align them.
-        limits["native"] = "its CUDA kernels need the caches' strides to be multiples of 8 elements"
-    name = resolve("attention_with_kv_cache", q, backend, limits, empty=q.numel() == 0)
-    fwd = implementation(attention.__name__, name).attention_with_kv_cache_fwd
+    aligned = _rows_aligned(k_cache) and _rows_aligned(v_cache)
+    call = Call.of(q, head_dims=(head_dim, v_cache.shape[3]), caches_aligned=aligned)
+    name = ATTENTION_WITH_KV_CACHE.resolve(call, backend, empty=q.numel() == 0)
+    fwd = ATTENTION_WITH_KV_CACHE.implementation(name).attention_with_kv_cache_fwd
     with autocast_off(q.device.type):
         return fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)

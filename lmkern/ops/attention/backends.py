@@ -1,0 +1,53 @@
+"""The backends of lmkern.scaled_dot_product_attention (see lmkern.backend). Its calls carry
+head_dims (q's and v's), mask (the (B, H, Lq, Lk) view, or None), mask_grad (whether the
+gradient of an additive mask is wanted) and dropout_p."""
+
+import torch
+
+from lmkern.backend import Native, Op, Reference, Triton
+
+# The largest head dim of the Triton kernels, whose tiles hold whole rows of q, k and v.
+TRITON_MAX_HEAD_DIM = 256
+# What the native CUDA kernels take (csrc/cuda/attention.cpp).
+NATIVE_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+NATIVE_CUDA_HEAD_DIMS = (64, 128)
+MASK_GRAD = "the gradient of attn_mask is computed by the torch backend only"
+
+
+def is_key_padding_mask(mask):
+    """Whether a (B, H, Lq, Lk) mask view is a boolean (B, 1, 1, Lk) mask broadcast."""
+    return mask.dtype == torch.bool and all(mask.shape[d] == 1 or mask.stride(d) == 0 for d in (1, 2))
+
+
+def triton_limit(call):
+    """Head dims up to 256; no gradient of an additive mask."""
+    if max(call.head_dims) > TRITON_MAX_HEAD_DIM:
+        return f"its kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {max(call.head_dims)}"
+    return MASK_GRAD if call.mask_grad else None
+
+
+def native_cuda_limit(dtype, head_dims, mask=None, dropout_p=0.0):
+    """Why the native CUDA kernels cannot run a call of these, or None."""
+    if dtype not in NATIVE_CUDA_DTYPES:
+        return f"its CUDA kernels take float16 or bfloat16, got {dtype}"
+    if head_dims[0] != head_dims[1] or head_dims[0] not in NATIVE_CUDA_HEAD_DIMS:
+        return f"its CUDA kernels take head dims {NATIVE_CUDA_HEAD_DIMS} (the same for v), got {tuple(head_dims)}"
+    if mask is not None and not is_key_padding_mask(mask):
+        return "its CUDA kernels take only boolean key-padding masks (B, 1, 1, Lk)"
+    if dropout_p > 0:
+        return "its CUDA kernels have no dropout"
+    return None
+
+
+def native_limit(call):
+    """No gradient of an additive mask; on CUDA, fp16/bf16 at head dims 64 and 128, no mask
+    or a boolean key-padding one, no dropout (the other calls go to Triton under auto)."""
+    if call.mask_grad:
+        return MASK_GRAD
+    if call.device_type == "cuda":
+        return native_cuda_limit(call.dtype, call.head_dims, call.mask, call.dropout_p)
+    return None
+
+
+PACKAGE = "lmkern.ops.attention"
+ATTENTION = Op("attention", Reference(PACKAGE), Triton(PACKAGE, triton_limit), Native(PACKAGE, native_limit))

@@ -1,0 +1,280 @@
+"""Attention over a KV cache (lmkern.attention_with_kv_cache): every backend against the
+reference's full recomputation under the tolerance rule, token by token and with a long
+cache split across programs, queries before the cache, caches that would overflow, the
+torch.library registration, torch.compile, and bad input; on CUDA the native kernels'
+cases (prefill, speculative tokens, GQA/MQA, int32 and int64 lengths)."""
+
+import math
+
+import pytest
+import torch
+from conftest import BACKENDS, DEVICES, DTYPES, require
+from numerics import assert_close_to_truth, truth_dtype
+from op_check import bad_call_test
+
+import lmkern
+from lmkern.ops.attention import reference
+from lmkern.ops.attention_with_kv_cache.backends import ATTENTION_WITH_KV_CACHE
+from lmkern.backend import Call
+
+
+def require_call(backend, q, v_cache, caches_aligned=True):
+    """Skip, saying why, where `backend` has a limit on this call (e.g. head dims the native
+    CUDA kernels do not take)."""
+    call = Call.of(q, head_dims=(q.shape[3], v_cache.shape[3]), caches_aligned=caches_aligned)
+    reason = ATTENTION_WITH_KV_CACHE.unavailable(backend, call)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+
+
+def full_attention(q, k, v, length, scale=None):
+    """The reference for one sequence: q (H, Lq, D) attending over keys (H_kv, length, D),
+    the last query seeing the last key (bottom-right causal alignment)."""
+    _, seqlen_q, dim = q.shape
+    scale = dim**-0.5 if scale is None else scale
+    keys, values = k[None, :, :length], v[None, :, :length]
+    out, _ = reference.attention_fwd(q[None], keys, values, None, True, length - seqlen_q, scale, 0.0, None)
+    return out[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoding_token_by_token_matches_full_recomputation(device, backend, dtype):
+    """A prompt of 7 tokens per sequence on top of cached contexts of different lengths,
+    then 5 tokens one at a time; each step against attention over the whole sequence."""
+    require(backend, device, dtype, "attention_with_kv_cache")
+    batch, heads, kv_heads, capacity, dim = 3, 4, 2, 64, 32
+    require_call(backend, torch.empty(batch, heads, 1, dim, dtype=dtype, device=device), torch.empty(1, 1, 1, dim))
+    generator = torch.Generator().manual_seed(4)
+    lengths = torch.tensor([0, 9, 40], dtype=torch.int32)  # already cached
+    steps = [7, 1, 1, 1, 1, 1]
+    total = int(lengths.max()) + sum(steps)
+    keys = torch.randn(batch, kv_heads, total, dim, generator=generator)
+    values = torch.randn(batch, kv_heads, total, dim, generator=generator)
+    queries = torch.randn(batch, heads, total, dim, generator=generator)
+    k_cache = torch.zeros(batch, kv_heads, capacity, dim, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    for b in range(batch):
+        k_cache[b, :, : lengths[b]] = keys[b, :, : lengths[b]].to(dtype)
+        v_cache[b, :, : lengths[b]] = values[b, :, : lengths[b]].to(dtype)
+    for step in steps:
+        new = [torch.stack([x[b, :, lengths[b] : lengths[b] + step] for b in range(batch)]) for x in (keys, values)]
+        q = torch.stack([queries[b, :, lengths[b] : lengths[b] + step] for b in range(batch)])
+        with torch.no_grad():
+            out = lmkern.attention_with_kv_cache(
+                q.to(device, dtype), k_cache, v_cache, lengths.to(device), *(x.to(device, dtype) for x in new),
+                backend=backend,
+            )
+        lengths += step
+        for b in range(batch):
+            length = int(lengths[b])
+            torch.testing.assert_close(k_cache[b, :, :length].cpu(), keys[b, :, :length].to(dtype))
+            torch.testing.assert_close(v_cache[b, :, :length].cpu(), values[b, :, :length].to(dtype))
+            query = q[b].to(device, dtype)
+            wide = truth_dtype(dtype)
+            truth = full_attention(query.to(wide), k_cache[b].to(wide), v_cache[b].to(wide), length)
+            baseline = full_attention(query, k_cache[b], v_cache[b], length)
+            assert_close_to_truth(out[b], truth, baseline, name=f"step of {step}, sequence {b}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoding_long_cache_splits_the_keys(device, backend):
+    """One sequence, one key/value head (MQA), a long cache: the triton backend splits the
+    keys across programs (flash-decoding) and combines them."""
+    require(backend, device, torch.float32, "attention_with_kv_cache")
+    generator = torch.Generator().manual_seed(5)
+    capacity, heads = 1000, 8
+    q = torch.randn(1, heads, 1, 16, generator=generator).to(device)
+    require_call(backend, q, q)
+    k_cache = torch.randn(1, 1, capacity, 16, generator=generator).to(device)
+    v_cache = torch.randn(1, 1, capacity, 16, generator=generator).to(device)
+    if backend == "triton":
+        from lmkern.ops.attention_with_kv_cache.triton_kernels import decode_splits
+
+        assert decode_splits(1, capacity, q.device) > 1
+    for length in (0, 1, 130, 999):  # cached keys besides the new one
+        k_new, v_new = torch.randn(2, 1, 1, 1, 16, generator=generator).to(device)
+        seqlens = torch.tensor([length], device=device)
+        with torch.no_grad():
+            out = lmkern.attention_with_kv_cache(q, k_cache, v_cache, seqlens, k_new, v_new, backend=backend)
+        expected = full_attention(q[0].double(), k_cache[0].double(), v_cache[0].double(), length + 1)
+        baseline = full_attention(q[0], k_cache[0], v_cache[0], length + 1)
+        assert_close_to_truth(out[0], expected, baseline, name=f"length {length}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decoding_without_new_keys_and_queries_before_the_cache(backend):
+    """Without k_new the cache is read as it is; a query whose position is negative sees nothing."""
+    require(backend, "cpu", torch.float32, "attention_with_kv_cache")
+    generator = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 2, 3, 16, generator=generator)
+    k_cache, v_cache = torch.randn(2, 2, 2, 20, 16, generator=generator)
+    seqlens = torch.tensor([1, 20])
+    with torch.no_grad():
+        out = lmkern.attention_with_kv_cache(q, k_cache, v_cache, seqlens, scale=0.5, backend=backend)
+    assert (out[0, :, :2] == 0).all()  # positions -2 and -1
+    torch.testing.assert_close(out[0, :, 2:], full_attention(q[0, :, 2:], k_cache[0], v_cache[0], 1, scale=0.5))
+    torch.testing.assert_close(out[1], full_attention(q[1], k_cache[1], v_cache[1], 20, scale=0.5))
+
+
+OVERFLOWS = [([3, 8], r"cache_seqlens\[1\] = 8"), ([-1, 0], r"cache_seqlens\[0\] = -1")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths, message", OVERFLOWS)
+def test_decoding_past_the_cache_raises_on_cpu_and_writes_nothing(backend, lengths, message):
+    require(backend, "cpu", torch.float32, "attention_with_kv_cache")
+    q, k_new = torch.randn(2, 2, 2, 1, 16)
+    k_cache = torch.zeros(2, 2, 8, 16)
+    with torch.no_grad(), pytest.raises(ValueError, match=message + ": with 1 new keys the sequence must fit"):
+        seqlens = torch.tensor(lengths)
+        lmkern.attention_with_kv_cache(q, k_cache, k_cache.clone(), seqlens, k_new, k_new, backend=backend)
+    assert (k_cache == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decoding_past_the_cache_gives_nan_on_gpu(backend):
+    require(backend, "cuda", torch.float32, "attention_with_kv_cache")
+    q, k_new = torch.randn(2, 2, 2, 1, 16, device="cuda")
+    require_call(backend, q, q)
+    k_cache = torch.zeros(2, 2, 8, 16, device="cuda")
+    with torch.no_grad():
+        out = lmkern.attention_with_kv_cache(
+            q, k_cache, k_cache.clone(), torch.tensor([3, 8], device="cuda"), k_new, k_new, backend=backend
+        )
+    assert out[1].isnan().all() and out[0].isfinite().all()
+    assert (k_cache[1] == 0).all() and torch.equal(k_cache[0, :, 3], k_new[0, :, 0])
+
+
+def _bad_cache_calls():
+    q = torch.randn(2, 4, 1, 16)
+    cache = torch.zeros(2, 2, 8, 16)
+    lens = torch.tensor([0, 1])
+    new = torch.randn(2, 2, 1, 16)
+    kv = lmkern.attention_with_kv_cache
+    return [
+        (lambda: kv(q, cache[:, :, :, :8], cache, lens), ValueError, r"k_cache must have shape \(B, H_kv, L_max, D\)"),
+        (lambda: kv(q, cache, cache[:, :, :4], lens), ValueError, "v_cache must have shape"),
+        (lambda: kv(q, cache[:, :1].expand(2, 3, 8, 16), cache[:, :1].expand(2, 3, 8, 16), lens), ValueError,
+         r"multiple of the number of cache heads \(3\)"),
+        (lambda: kv(q, cache.transpose(2, 3).contiguous().transpose(2, 3), cache, lens), ValueError,
+         "k_cache must be contiguous in its last dimension"),
+        (lambda: kv(q, cache, cache, lens.float()), TypeError, "cache_seqlens must be int32 or int64"),
+        (lambda: kv(q, cache, cache, lens[:1]), ValueError, r"cache_seqlens must have shape \(2,\)"),
+        (lambda: kv(q, cache, cache, lens, new), ValueError, "k_new and v_new must be given together"),
+        (lambda: kv(q, cache, cache, lens, new[:, :1], new), ValueError,
+         r"k_new must have shape \(B, H_kv, L_new, D\)"),
+        (lambda: kv(q, cache, cache, lens, new.half(), new), ValueError, "k_new must have k_cache's dtype"),
+        (lambda: kv(q.requires_grad_(), cache, cache, lens), RuntimeError, "call it under torch.no_grad"),
+    ]
+
+
+test_bad_cache_arguments_name_the_argument = bad_call_test(_bad_cache_calls)
+
+# ------------------------------------------------------------------------------------------
+# The native CUDA kernels, through the op itself.
+# id -> (H, H_kv, Lq, L_new, L_max, cache lengths before the call, one per sequence). Split
+# counts chosen by the launcher on an H100 (132 multiprocessors): one_token 4, long_cache 16
+# (most of them empty for the 101-key sequence), mqa_long_cache 8, the others 1.
+CUDA_CASES = {
+    "one_token": (8, 2, 1, 1, 1023, [0, 16, 500, 1022]),
+    "long_cache": (4, 1, 1, 1, 4096, [4095, 100]),
+    "mqa_long_cache": (16, 1, 1, 1, 2000, [1999]),
+    "speculative": (4, 4, 3, 3, 300, [0, 17, 297]),
+    "no_new_keys": (2, 1, 2, 0, 255, [1, 255]),  # sequence 0's first query sees no key
+    "prefill": (8, 2, 113, 113, 256, [0, 100]),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlens_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("head_dim", (64, 128))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES.values(), ids=CUDA_CASES.keys())
+def test_native_cuda_op_matches_full_recomputation(case, dtype, head_dim, seqlens_dtype):
+    require("native", "cuda", dtype, "attention_with_kv_cache")
+    heads, kv_heads, seqlen_q, seqlen_new, capacity, lengths = case
+    batch = len(lengths)
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to("cuda", dtype)
+
+    q = randn(batch, heads, seqlen_q, head_dim)
+    k_cache, v_cache = randn(batch, kv_heads, capacity, head_dim), randn(batch, kv_heads, capacity, head_dim)
+    k_new, v_new = randn(batch, kv_heads, seqlen_new, head_dim), randn(batch, kv_heads, seqlen_new, head_dim)
+    for b, length in enumerate(lengths):  # past each sequence's keys: never read
+        k_cache[b, :, length + seqlen_new :] = float("nan")
+        v_cache[b, :, length + seqlen_new :] = float("nan")
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    for b, length in enumerate(lengths):
+        expected_k[b, :, length : length + seqlen_new] = k_new[b]
+        expected_v[b, :, length : length + seqlen_new] = v_new[b]
+    cache_seqlens = torch.tensor(lengths, dtype=seqlens_dtype, device="cuda")
+    scale = 1.0 / math.sqrt(head_dim)
+
+    out = torch.ops.lmkern.attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
+    torch.testing.assert_close(k_cache, expected_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0, equal_nan=True)
+    assert cache_seqlens.tolist() == lengths  # the caller advances the lengths
+    for b, length in enumerate(lengths):
+        total = length + seqlen_new
+        truth = full_attention(q[b].float(), expected_k[b].float(), expected_v[b].float(), total, scale)
+        baseline = full_attention(q[b], expected_k[b], expected_v[b], total, scale)
+        assert_close_to_truth(out[b], truth, baseline, name=f"out of sequence {b}")
+
+
+@pytest.mark.gpu
+def test_native_cuda_sequence_that_does_not_fit_gets_nan_and_no_write():
+    require("native", "cuda", torch.float16, "attention_with_kv_cache")
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 1, 64, generator=generator).to("cuda", torch.float16)
+    k_cache = torch.randn(3, 2, 600, 64, generator=generator).to("cuda", torch.float16)
+    v_cache = torch.randn(3, 2, 600, 64, generator=generator).to("cuda", torch.float16)
+    k_new = torch.randn(3, 2, 1, 64, generator=generator).to("cuda", torch.float16)
+    v_new = torch.randn(3, 2, 1, 64, generator=generator).to("cuda", torch.float16)
+    before = k_cache.clone(), v_cache.clone()
+    cache_seqlens = torch.tensor([600, -1, 10], dtype=torch.int32, device="cuda")  # full, negative, fine
+    out = torch.ops.lmkern.attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, 0.125)
+    assert torch.isnan(out[:2]).all() and torch.isfinite(out[2]).all()
+    assert torch.equal(k_cache[:2], before[0][:2]) and torch.equal(v_cache[:2], before[1][:2])
+    assert torch.equal(k_cache[2, :, 10:11], k_new[2]) and torch.equal(v_cache[2, :, 10:11], v_new[2])
+
+
+# ------------------------------------------------------------------------------------------
+# The torch.library registration, and torch.compile.
+NATIVE_TEST_DTYPE = {"cpu": torch.float32, "cuda": torch.float16}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_kv_cache_op_passes_opcheck(device):
+    dtype = NATIVE_TEST_DTYPE[device]
+    require("native", device, dtype, "attention_with_kv_cache")
+    q = torch.randn(2, 4, 3, 64, device=device, dtype=dtype)
+    k_cache, v_cache = torch.randn(2, 2, 2, 12, 64, device=device, dtype=dtype)
+    k_new, v_new = torch.randn(2, 2, 2, 3, 64, device=device, dtype=dtype)
+    lens = torch.tensor([0, 5], device=device)
+    torch.library.opcheck(
+        torch.ops.lmkern.attention_with_kv_cache_fwd.default, (q, k_cache, v_cache, lens, k_new, v_new, 0.25)
+    )
+
+
+def test_kv_cache_compiles_with_fullgraph_on_cpu():
+    require("native", "cpu", torch.float32, "attention_with_kv_cache")
+    q = torch.randn(2, 4, 1, 16)
+    k_cache, v_cache = torch.randn(2, 2, 2, 12, 16)
+    k_new, v_new = torch.randn(2, 2, 2, 1, 16)
+    lens = torch.tensor([0, 5])
+
+    def step(k_cache, v_cache):
+        return lmkern.attention_with_kv_cache(q, k_cache, v_cache, lens, k_new, v_new, backend="native")
+
+    eager_caches = (k_cache.clone(), v_cache.clone())
+    with torch.no_grad():
+        expected = step(*eager_caches)
+        out = torch.compile(step, fullgraph=True)(k_cache, v_cache)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close((k_cache, v_cache), eager_caches)

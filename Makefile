@@ -4,7 +4,8 @@
 #
 #   make demo        the main job: train a tokenizer and a small GPT on this Python's own
 #                    docs with the fused kernels, then sample from it (lmkern demo)
-#   make demo-kernels  the fused cross-entropy on every backend, against torch
+#   make kernel-check  the fused cross-entropy on every backend here, checked against torch
+#                    and timed (lmkern check)
 #   make test        the test suite (CI runs this)
 #   make bench       the benchmark suite; results in benchmarks/results/<device>/
 #   make bench-quick its small sizes, and its pytest-benchmark form run once (CI runs this)
@@ -25,7 +26,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 
-.PHONY: install demo demo-kernels test bench bench-quick cuda-check triton-check info gpu-check gpu-check-cpu
+.PHONY: install demo kernel-check test bench bench-quick cuda-check triton-check info gpu-check gpu-check-cpu
 
 $(INSTALLED): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,8 +40,8 @@ install: $(INSTALLED)
 demo: $(INSTALLED)
 	$(PY) -m lmkern demo
 
-demo-kernels: $(INSTALLED)
-	$(PY) -m lmkern.demo
+kernel-check: $(INSTALLED)
+	$(PY) -m lmkern check
 
 # LMKERN_REQUIRE_BACKENDS turns "cannot run here" skips of these backends into failures,
 # so that a broken build cannot pass as a skipped test.

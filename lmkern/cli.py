@@ -6,20 +6,18 @@
     lmkern eval --checkpoint DIR --data DIR
     lmkern generate --checkpoint DIR --prompt TEXT [--greedy | --temperature T --top-k K --top-p P]
     lmkern demo [--data PATH...] [--quick] [--out DIR] [--kernels K]
+    lmkern check [--tokens N] [--vocab V] [--device cpu|cuda]
     lmkern bench [the benchmark runner's arguments]
     lmkern info
 
-Each command lives in lmkern/app/. Here: the parser, and the one-line error (exit status
-2) for bad input, a missing or damaged file, a folder in use and the operating system's
-errors (no space, no permission, a read-only file system), which name the option or path.
+Each command lives in lmkern/app/, which runs it (lmkern.app.common.run_command: its
+errors as one line, its exit status). Here: the parser, made of the commands' own.
 """
 
 import argparse
-import sys
 
 from lmkern.app import data, demo, evaluate, generate, tools, train
-from lmkern.app.common import CommandError
-from lmkern.backend import BackendUnavailableError
+from lmkern.app.common import run_command
 
 
 def parser():
@@ -29,18 +27,11 @@ def parser():
 
     top = argparse.ArgumentParser(prog="lmkern", description="Fused kernels and GPT/BERT training on them.")
     top.add_argument("--version", action="version", version=f"lmkern {lmkern.__version__} (torch {torch.__version__})")
+    top.set_defaults(flags={}, interrupted=None)  # a command's own: see run_command
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (data, train, evaluate, generate, demo, tools):
         module.add_parser(commands)
     return top
-
-
-def describe(error):
-    """An operating-system error in one line, naming its file: "PATH: No space left on device"."""
-    if error.filename is None:
-        return str(error)
-    paths = f"{error.filename} -> {error.filename2}" if error.filename2 is not None else f"{error.filename}"
-    return f"{paths}: {error.strerror or error}"
 
 
 def main(argv=None):
@@ -51,15 +42,4 @@ def main(argv=None):
     elif extra:
         top.error(f"unrecognized arguments: {' '.join(extra)}")
     command = " ".join(name for name in (args.command, getattr(args, "tokenizer_command", None)) if name)
-    try:
-        return args.run(args) or 0
-    except (CommandError, ValueError, BackendUnavailableError) as error:  # bad input: say what, not where
-        message = str(error)
-    except OSError as error:
-        message = describe(error)
-    except KeyboardInterrupt:
-        resume = " (`lmkern train ... --resume` continues from the last checkpoint)" if args.command == "train" else ""
-        print(f"lmkern {command}: interrupted{resume}", file=sys.stderr)
-        return 130
-    print(f"lmkern {command}: error: {message}", file=sys.stderr)
-    return 2
+    return run_command(args, command)

@@ -27,6 +27,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from lmkern.models.errors import ArgumentPathError
 from lmkern.models.files import check_free_space, default_file_mode, file_sha256, sync
 from lmkern.models.tokenizer import FILE_NAME as TOKENIZER_FILE
 from lmkern.models.tokenizer import load_tokenizer
@@ -53,8 +54,9 @@ def save_stages(run_dir, step, model, state, *, kind, config, tokenizer_dir, kee
     """save_checkpoint's work, one durable change to the run folder per iteration: stopping
     the iteration after any of them, as a kill would, leaves a run that resumes from its
     newest complete checkpoint (the tests stop it at every one). Writes model's weights,
-    kind and config (a dict), tokenizer_dir's tokenizer and the training `state`, then
-    keeps the newest `keep` checkpoints. Yields what each stage did."""
+    kind and config (a dict), the tokenizer.json of tokenizer_dir (the model's tokenizer: a
+    folder of prepared token files holds a copy) and the training `state`, then keeps the
+    newest `keep` checkpoints. Yields what each stage did."""
     bad = nonfinite_weights(model)
     if bad:
         raise ValueError(f"not saving the weights of step {step}: {', '.join(bad[:3])} hold non-finite values")
@@ -159,9 +161,9 @@ def find_checkpoint(path):
     if newest is not None:
         return newest
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such folder")
-    raise FileNotFoundError(f"{path}: neither a checkpoint folder (with {MANIFEST}) nor a run folder with a complete "
-                            f"checkpoint in {CHECKPOINTS}/")
+        raise ArgumentPathError("{path} {}: no such folder", path)
+    raise ArgumentPathError("{path} {}: neither a checkpoint folder (with {}) nor a run folder with a complete "
+                            "checkpoint in {}/", path, MANIFEST, CHECKPOINTS)
 
 
 def nonfinite_weights(model):
@@ -204,8 +206,7 @@ def verified(folder, name):
     the checkpoint's manifest."""
     manifest_path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(manifest_path):
-        raise FileNotFoundError(f"{folder}: no {MANIFEST}, so not a complete checkpoint (one written by `lmkern "
-                                f"train`, or a run folder)")
+        raise FileNotFoundError(f"{folder}: no {MANIFEST}, so not a complete checkpoint")
     try:
         with open(manifest_path) as file:
             expected = json.load(file)["files"][name]
@@ -214,7 +215,7 @@ def verified(folder, name):
         raise ValueError(f"{manifest_path} is corrupted: {error!r}") from None
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder}: no {name} (is it a checkpoint folder written by `lmkern train`?)")
+        raise FileNotFoundError(f"{path}: missing, though the checkpoint's {MANIFEST} lists it")
     if os.path.getsize(path) != size or file_sha256(path) != digest:
         raise ValueError(f"{path} is not the file this checkpoint saved (its size or sha256 differs from "
                          f"{manifest_path}'s): it was damaged or replaced since")

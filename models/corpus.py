@@ -1,4 +1,4 @@
-"""The default corpus of `lmkern demo`: English text that ships with every Python
+"""A default corpus (the demo's): English text that ships with every Python
 installation — the pydoc topic pages and the docstrings of the standard library, about
 2 MB — written to a folder of text files (blank lines between documents)."""
 

@@ -28,6 +28,7 @@ import shutil
 import numpy as np
 from tqdm import tqdm
 
+from lmkern.models.errors import ArgumentPathError, ArgumentValueError
 from lmkern.models.files import file_sha256, staged_files
 from lmkern.models.tokenizer import END_OF_TEXT, FILE_NAME, load_tokenizer, tokenizer_kind
 
@@ -63,12 +64,13 @@ def text_files(paths):
                 found += [os.path.join(root, name) for name in names if is_text_file_name(name)]
             if not found:
                 suffixes = ", ".join(f"*{suffix}" for suffix in TEXT_SUFFIXES)
-                raise ValueError(f"--data {path}: the folder has no text files ({suffixes} or without an extension)")
+                raise ArgumentValueError("{paths} {}: the folder has no text files ({} or without an extension)",
+                                         path, suffixes)
             files += sorted(found)
         else:
-            raise FileNotFoundError(f"--data {path}: no such file or folder")
+            raise ArgumentPathError("{paths} {}: no such file or folder", path)
     if not files:
-        raise ValueError("--data: no input given")
+        raise ArgumentValueError("{paths}: no input given")
     return files
 
 
@@ -144,7 +146,7 @@ def prepare(paths, tokenizer_dir, out_dir, val_fraction=0.05, seed=0, batch_docu
     """Tokenizes the text at `paths` into `out_dir` (created if need be); returns its
     meta.json contents, which list the files read ("sources") and those skipped."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise ArgumentValueError("{val_fraction} must be in [0, 1), got {}", val_fraction)
     files = text_files(paths)
     tokenizer = load_tokenizer(tokenizer_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -155,11 +157,9 @@ def prepare(paths, tokenizer_dir, out_dir, val_fraction=0.05, seed=0, batch_docu
         empty = [name for name, split in splits.items() if split["tokens"] == 0 and (name == "train" or val_fraction)]
         if empty:
             documents_seen = sum(split["documents"] for split in splits.values())
-            raise ValueError(
-                f"--data {' '.join(paths)}: no tokens for the {empty[0]} split "
-                f"({documents_seen} documents, --val-fraction {val_fraction}"
-                f"{f', {len(skipped)} files skipped' if skipped else ''})"
-            )
+            raise ArgumentValueError("{paths} {}: no tokens for the {} split ({} documents, {val_fraction} {}{})",
+                                     " ".join(paths), empty[0], documents_seen, val_fraction,
+                                     f", {len(skipped)} files skipped" if skipped else "")
         left_out = {path for path, _ in skipped}
         meta = {
             "format": FORMAT,
@@ -221,12 +221,12 @@ def _tokenize(files, text_format, skipped, tokenizer, folder, val_fraction, seed
 class TokenData:
     """A prepared split: `tokens` (a read-only memory map) and `starts` (document offsets)."""
 
-    def __init__(self, directory, split):
+    def __init__(self, data_dir, split):
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        meta_path = os.path.join(directory, META)
+            raise ArgumentValueError("{split} must be one of {}, got {!r}", ", ".join(SPLITS), split)
+        meta_path = os.path.join(data_dir, META)
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"--data {directory}: no {META} (prepare it with `lmkern prepare`)")
+            raise ArgumentPathError("{data_dir} {}: no {}, so not a folder of prepared token files", data_dir, META)
         try:
             with open(meta_path) as file:
                 self.meta = json.load(file)
@@ -236,16 +236,16 @@ class TokenData:
             raise ValueError(f"{meta_path} is corrupted: {error!r}") from None
         if vocab_size > np.iinfo(dtype).max + 1:
             raise ValueError(f"{meta_path}: a vocabulary of {vocab_size} does not fit the token files' {dtype}")
-        path = os.path.join(directory, f"{split}.bin")
+        path = os.path.join(data_dir, f"{split}.bin")
         if os.path.getsize(path) != expected * dtype.itemsize:
             raise ValueError(f"{path}: {os.path.getsize(path)} bytes, expected {expected} {dtype} tokens")
         self.tokens = np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype)
-        starts_path = os.path.join(directory, f"{split}.docs.npy")
+        starts_path = os.path.join(data_dir, f"{split}.docs.npy")
         try:
             self.starts = np.load(starts_path)
         except (ValueError, EOFError) as error:
             raise ValueError(f"{starts_path} is corrupted: {error}") from None
-        self.directory = directory
+        self.data_dir = data_dir
 
     def __len__(self):
         return len(self.tokens)
@@ -255,6 +255,6 @@ class TokenData:
         path = os.path.join(tokenizer_dir, FILE_NAME)
         if file_sha256(path) != self.meta["tokenizer_sha256"]:
             raise ValueError(
-                f"the tokenizer {path} is not the one {self.directory} was prepared with "
-                f"(its copy is {os.path.join(self.directory, FILE_NAME)})"
+                f"the tokenizer {path} is not the one {self.data_dir} was prepared with "
+                f"(its copy is {os.path.join(self.data_dir, FILE_NAME)})"
             )

@@ -1,7 +1,7 @@
-"""The pretraining tasks of `lmkern train` for the loop in models/train.py — GPT's causal
-language modelling and BERT's masked language modelling (with next-sentence prediction) —
-and the evaluations they share with `lmkern eval`: a GPT's perplexity over a token stream
-with a sliding window, and a BERT's MLM loss and accuracy and NSP accuracy.
+"""Pretraining tasks for the loop in models/train.py — GPT's causal language modelling and
+BERT's masked language modelling (with next-sentence prediction) — and the evaluations
+they run, which also serve on their own: a GPT's perplexity over a token stream with a
+sliding window, and a BERT's MLM loss and accuracy and NSP accuracy.
 
 A training batch depends only on (seed, step, sequence index): every sequence is drawn
 from its own generator, so the global batch of a step is the same however it is split
@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from lmkern.models.bert_data import PairBuilder, SpecialIds
 from lmkern.models.data import TokenData
+from lmkern.models.errors import ArgumentValueError
 from lmkern.models.tokenizer import load_tokenizer
 
 # Separate random streams for training batches and held-out evaluation sequences.
@@ -38,11 +39,8 @@ def micro_batch(batch_size, part, parts):
 def check_kind(data, kind, model):
     """Raises unless `data` (TokenData) was prepared with a tokenizer of `kind`."""
     if data.meta["tokenizer_kind"] != kind:
-        command = f"lmkern tokenizer train --kind {kind}"
-        raise ValueError(
-            f"--data {data.directory} was prepared with a {data.meta['tokenizer_kind']} tokenizer; "
-            f"{model} needs a {kind} one (`{command}`, then `lmkern prepare`)"
-        )
+        raise ArgumentValueError("{data_dir} {} was prepared with a {} tokenizer; {} needs a {} one", data.data_dir,
+                                 data.meta["tokenizer_kind"], model, kind)
 
 
 # -- GPT: causal language modelling ------------------------------------------------------------
@@ -58,14 +56,11 @@ class CausalLMTask:
         self.val_data = TokenData(data_dir, "val")
         check_kind(self.train_data, "bpe", "GPT")
         if len(self.train_data) < context_length + 1:
-            raise ValueError(
-                f"--data {data_dir}: the train split has {len(self.train_data)} tokens, fewer than "
-                f"--context-length {context_length} + 1"
-            )
+            raise ArgumentValueError("{data_dir} {}: the train split has {} tokens, fewer than {context_length} {} + 1",
+                                     data_dir, len(self.train_data), context_length)
         if len(self.val_data) < 2:
-            raise ValueError(
-                f"--data {data_dir}: the val split has no tokens to evaluate on (prepare with --val-fraction > 0)"
-            )
+            raise ArgumentValueError("{data_dir} {}: the val split has no tokens to evaluate on (prepare the text with "
+                                     "a validation fraction above 0)", data_dir)
         self.context_length, self.batch_size, self.seed = context_length, batch_size, seed
         self.eval_tokens, self.eval_batch_size = eval_tokens, eval_batch_size
 
@@ -117,9 +112,9 @@ def perplexity(model, tokens, context_length, stride=None, batch_size=8, device=
     """
     stride = stride or context_length
     if not 1 <= stride <= context_length:
-        raise ValueError(f"--stride must be in [1, context length {context_length}], got {stride}")
+        raise ArgumentValueError("{stride} must be in [1, {context_length} {}], got {}", context_length, stride)
     if len(tokens) < 2:
-        raise ValueError(f"perplexity needs at least 2 tokens, got {len(tokens)}")
+        raise ArgumentValueError("{tokens} must hold at least 2 tokens, got {}", len(tokens))
     was_training = model.training
     model.eval()
     windows = sliding_windows(len(tokens), context_length, stride)
@@ -190,7 +185,7 @@ def pair_builder(data, split, specials, seq_length, nsp):
     try:
         return PairBuilder(data.tokens, data.starts, specials, seq_length, nsp)
     except ValueError as error:
-        raise ValueError(f"--data {data.directory} ({split} split): {error}") from None
+        raise ArgumentValueError("{data_dir} {} ({} split): {}", data.data_dir, split, error) from None
 
 
 def masked_batch(pairs, generators, vocab_size, nsp):

@@ -6,6 +6,7 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lmkern.models.errors import ArgumentPathError, ArgumentValueError
 from lmkern.models.files import atomic_file
 
 KINDS = ("bpe", "wordpiece")
@@ -17,10 +18,10 @@ FILE_NAME = "tokenizer.json"
 def train_tokenizer(texts, kind, vocab_size):
     """A tokenizer of `kind` ("bpe" or "wordpiece") trained on an iterable of strings."""
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    minimum = 256 + 1 if kind == "bpe" else len(BERT_SPECIALS) + 1
+        raise ArgumentValueError("{kind} must be one of {}, got {!r}", ", ".join(KINDS), kind)
+    minimum = 256 + 1 if kind == "bpe" else len(BERT_SPECIALS) + 1  # every byte and <|endoftext|>; specials + 1
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size must be at least {minimum} for {kind}, got {vocab_size}")
+        raise ArgumentValueError("{vocab_size} must be at least {} for {kind} {}, got {}", minimum, kind, vocab_size)
     if kind == "bpe":
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -55,10 +56,11 @@ def save_tokenizer(tokenizer, directory):
         file.write(tokenizer.to_str(pretty=True))
 
 
-def load_tokenizer(directory):
-    path = os.path.join(directory, FILE_NAME)
+def load_tokenizer(tokenizer_dir):
+    """The tokenizer saved in tokenizer_dir (by save_tokenizer)."""
+    path = os.path.join(tokenizer_dir, FILE_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no tokenizer in {directory}: expected {path} (made by `lmkern tokenizer train`)")
+        raise ArgumentPathError("no tokenizer in {tokenizer_dir} {}: expected {}", tokenizer_dir, path)
     try:
         return Tokenizer.from_file(path)
     except Exception as error:  # the tokenizers library raises a bare Exception for a damaged file

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from lmkern.models.errors import ArgumentValueError, check_at_least
 from lmkern.models.files import atomic_file
 
 METRICS = "metrics.jsonl"
@@ -48,17 +49,19 @@ BOOKKEEPING = ("step", "tokens_per_s", "skipped", "loss_scale")  # the keys of a
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 1000
+    """The training loop's settings, checked on construction (errors name the field)."""
+
+    steps: int = 1000  # a short run, long enough to see a tiny preset learn
     batch_size: int = 32  # sequences per optimizer step, over all ranks and micro-batches
     micro_batch_size: int = 8  # sequences per forward pass on one rank
-    learning_rate: float = 6e-4
-    min_learning_rate: float = 6e-5  # reached at the last step by the cosine decay
-    warmup_steps: int = 100
+    learning_rate: float = 6e-4  # GPT-2 small's peak (as nanoGPT)
+    min_learning_rate: float = 6e-5  # reached at the last step by the cosine decay: a tenth of the peak
+    warmup_steps: int = 100  # a tenth of the default run
     weight_decay: float = 0.1  # on matrices and embeddings; biases and norms get none (as nanoGPT)
-    betas: tuple = (0.9, 0.95)
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    checkpoint_every: int = 500
+    betas: tuple = (0.9, 0.95)  # GPT-3's AdamW betas (as nanoGPT)
+    grad_clip: float = 1.0  # GPT-3's clip of the global gradient norm
+    eval_every: int = 100  # ten evaluations over the default run
+    checkpoint_every: int = 500  # two checkpoints over the default run (and one at the end of any run)
     seed: int = 0  # with (step, micro-batch), seeds torch's generator (dropout) before each micro-batch
     # An untrained model's loss is about log(vocabulary); twice that is far worse than guessing.
     divergence_factor: float = 2.0
@@ -69,24 +72,20 @@ class TrainConfig:
     precision: str = "auto"
 
     def __post_init__(self):  # checked on construction: before a run writes anything
-        for option, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
-                              ("--micro-batch-size", self.micro_batch_size), ("--eval-every", self.eval_every),
-                              ("--checkpoint-every", self.checkpoint_every), ("--log-every", self.log_every)):
-            if value < 1:
-                raise ValueError(f"{option} must be at least 1, got {value}")
+        for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "checkpoint_every", "log_every"):
+            check_at_least(name, getattr(self, name), 1)
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size {self.micro_batch_size}"
-            )
-        if self.warmup_steps < 0 or not 0 <= self.min_learning_rate <= self.learning_rate:
-            raise ValueError(f"need --warmup >= 0 and 0 <= --min-lr <= --lr, got {self.warmup_steps}, "
-                             f"{self.min_learning_rate} and {self.learning_rate}")
+            raise ArgumentValueError("{batch_size} {} must be a multiple of {micro_batch_size} {}", self.batch_size,
+                                     self.micro_batch_size)
+        check_at_least("warmup_steps", self.warmup_steps, 0)
+        if not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise ArgumentValueError("{min_learning_rate} must be in [0, {learning_rate} {}], got {}",
+                                     self.learning_rate, self.min_learning_rate)
         if not self.divergence_factor > 1:
-            raise ValueError(f"--divergence-factor must be more than 1, got {self.divergence_factor}")
-        if self.skip_bad_steps < 0:
-            raise ValueError(f"--skip-bad-steps must be at least 0, got {self.skip_bad_steps}")
+            raise ArgumentValueError("{divergence_factor} must be more than 1, got {}", self.divergence_factor)
+        check_at_least("skip_bad_steps", self.skip_bad_steps, 0)
         if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ArgumentValueError("{precision} must be one of {}, got {!r}", ", ".join(PRECISIONS), self.precision)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -313,15 +312,14 @@ def train(model, task, config, out_dir, *, save, device, state=None, progress=Tr
 
     save(step, model, state) writes a checkpoint (it is called on rank 0 only). To continue
     a run, `model` holds the checkpoint's weights and `state` is the training state it was
-    saved with. Raises TrainingDiverged at a bad step beyond config.skip_bad_steps.
+    saved with. Raises TrainingDiverged at a bad step beyond config.skip_bad_steps, and
+    ArgumentValueError if config's micro-batches do not split evenly over the processes.
     """
     place = Distributed(device)
     parts = config.batch_size // config.micro_batch_size
     if config.batch_size % (config.micro_batch_size * place.world):
-        raise ValueError(
-            f"--batch-size {config.batch_size} must be a multiple of --micro-batch-size {config.micro_batch_size} "
-            f"times the {place.world} processes"
-        )
+        raise ArgumentValueError("{batch_size} {} must be a multiple of {micro_batch_size} {} times the {} processes",
+                                 config.batch_size, config.micro_batch_size, place.world)
     accumulation = parts // place.world
     model.to(place.device)
     optimizer = optimizer_for(model, config, place.device)

@@ -48,8 +48,10 @@ def snapshot(folder):
     return found
 
 
-def one_line_error(capsys):
-    """The error lmkern printed, checked to be one line."""
+def one_line_error(capsys, status):
+    """The error of a command that exited with `status`, checked to be bad input's (2) and
+    said in one line: e.g. one_line_error(capsys, lmkern("train", ...))."""
     error = capsys.readouterr().err.strip()
+    assert status == 2, error
     assert len(error.splitlines()) == 1, error
     return error

@@ -70,8 +70,7 @@ def test_no_command_writes_into_a_users_folder_or_its_input(home, monkeypatch, c
            "a parent of its input": home}[case]
     argv, _ = command_line(command, home, out)
     before = snapshot(home)
-    assert lmkern(*argv) == 2
-    error = one_line_error(capsys)
+    error = one_line_error(capsys, lmkern(*argv))
     expected = {"other files": "holds other files (thesis.tex)", "the working folder": "holds other files (thesis.tex)",
                 "its input": f"is the input --data {source}",
                 "a parent of its input": "contains the input --data"}[case]
@@ -101,8 +100,7 @@ def test_a_lmkern_folder_is_its_commands_own(home, tmp_path, capsys):
     argv, _ = command_line("prepare", home, tmp_path / "data")
     assert lmkern(*argv) == 0 and lmkern(*argv) == 0  # made by prepare: prepare may write there again
     argv, _ = command_line("tokenizer train", home, tmp_path / "data")
-    assert lmkern(*argv) == 2  # but no other command
-    assert "was made by `lmkern prepare`" in one_line_error(capsys)
+    assert "was made by `lmkern prepare`" in one_line_error(capsys, lmkern(*argv))  # but no other command
 
 
 # -- one run per folder ---------------------------------------------------------------------------
@@ -126,8 +124,7 @@ def test_a_second_run_into_a_folder_stops_naming_the_process_writing_there(home,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        assert train_run("gpt", home / "prepared", out, "--steps", 2) == 2
-        error = one_line_error(capsys)
+        error = one_line_error(capsys, train_run("gpt", home / "prepared", out, "--steps", 2))
         assert f"--out {out} is in use by another lmkern command, process {holder.pid}" in error
         assert os.listdir(out) == [".lmkern.lock"]
     finally:
@@ -143,8 +140,8 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_its_good_checkpoint(home, t
     out = tmp_path / "run"
     assert train_run("gpt", home / "prepared", out, "--steps", 4, "--checkpoint-every", 2) == 0
     good = (out / "checkpoints" / "step-00000004" / "model.safetensors").read_bytes()
-    assert lmkern("train", "gpt", "--out", out, "--resume", "--steps", 8, "--lr", 1e6, "--quiet") == 2
-    error = one_line_error(capsys)
+    error = one_line_error(capsys, lmkern("train", "gpt", "--out", out, "--resume", "--steps", 8, "--lr", 1e6,
+                                          "--quiet"))
     # Step 5's loss was computed before its update, which step 6's loss shows to have diverged.
     assert "training diverged at step 6: the loss" in error, error
     assert f"the last checkpoint, of step 4, holds the weights before it ({out}/checkpoints/step-00000004)" in error
@@ -167,8 +164,8 @@ def test_eval_and_generate_refuse_non_finite_weights(home, tmp_path, capsys):
     manifest["files"]["model.safetensors"] = checkpoint.describe_file(str(folder / "model.safetensors"))
     (folder / "manifest.json").write_text(json.dumps(manifest))
     for argv in (["eval", "--data", home / "prepared"], ["generate", "--prompt", "The"]):
-        assert lmkern(*argv, "--checkpoint", folder, "--device", "cpu") == 2
-        assert f"model.safetensors holds non-finite weights ({name})" in one_line_error(capsys)
+        error = one_line_error(capsys, lmkern(*argv, "--checkpoint", folder, "--device", "cpu"))
+        assert f"model.safetensors holds non-finite weights ({name})" in error
 
 
 # -- crashes: a kill mid-save, damaged and swapped files ------------------------------------------
@@ -196,8 +193,8 @@ def test_after_a_kill_mid_save_a_plain_run_refuses_and_resume_continues(home, tm
     newest = 4 if stage == "made the checkpoint visible" else 2
     assert checkpoint.newest_checkpoint(str(out)).endswith(f"step-{newest:08d}")
     before = snapshot(out)
-    assert train_run("gpt", home / "prepared", out, "--steps", 6, "--checkpoint-every", 2) == 2
-    assert f"--out {out} already holds a run: --resume it" in one_line_error(capsys)
+    error = one_line_error(capsys, train_run("gpt", home / "prepared", out, "--steps", 6, "--checkpoint-every", 2))
+    assert f"--out {out} already holds a run: --resume it" in error
     assert snapshot(out) == before
     assert lmkern("train", "gpt", "--out", out, "--resume", "--quiet") == 0
     assert [row["step"] for row in read_metrics(str(out))] == list(range(7))
@@ -221,10 +218,11 @@ def test_damaged_or_swapped_checkpoint_files_are_refused(home, tmp_path, capsys)
                   tmp_path / "other") == 0
     shutil.copyfile(tmp_path / "other" / "tokenizer.json", swapped / "tokenizer.json")
     capsys.readouterr()
-    assert lmkern("eval", "--checkpoint", flipped, "--data", home / "prepared", "--device", "cpu") == 2
-    assert "model.safetensors is not the file this checkpoint saved" in one_line_error(capsys)
-    assert lmkern("generate", "--checkpoint", swapped, "--prompt", "The", "--device", "cpu") == 2
-    assert f"{swapped}/tokenizer.json is not the file this checkpoint saved" in one_line_error(capsys)
+    error = one_line_error(capsys, lmkern("eval", "--checkpoint", flipped, "--data", home / "prepared", "--device",
+                                          "cpu"))
+    assert "model.safetensors is not the file this checkpoint saved" in error
+    error = one_line_error(capsys, lmkern("generate", "--checkpoint", swapped, "--prompt", "The", "--device", "cpu"))
+    assert f"{swapped}/tokenizer.json is not the file this checkpoint saved" in error
 
 
 def test_a_failed_resume_leaves_the_runs_options_as_they_were(home, tmp_path, capsys):
@@ -232,8 +230,9 @@ def test_a_failed_resume_leaves_the_runs_options_as_they_were(home, tmp_path, ca
     assert train_run("gpt", home / "prepared", out, "--steps", 2) == 0
     options = (out / "options.json").read_bytes()
     flip_bytes(out / "checkpoint" / "model.safetensors")
-    assert lmkern("train", "gpt", "--out", out, "--resume", "--steps", 4, "--lr", 1e-3, "--quiet") == 2
-    assert "model.safetensors is not the file this checkpoint saved" in one_line_error(capsys)
+    error = one_line_error(capsys, lmkern("train", "gpt", "--out", out, "--resume", "--steps", 4, "--lr", 1e-3,
+                                          "--quiet"))
+    assert "model.safetensors is not the file this checkpoint saved" in error
     assert (out / "options.json").read_bytes() == options
 
 
@@ -246,8 +245,8 @@ def test_resume_survives_a_metrics_line_cut_short_and_names_a_damaged_one(home, 
     assert lmkern("train", "gpt", "--out", out, "--resume", "--steps", 3, "--quiet") == 0
     assert [row["step"] for row in read_metrics(str(out))] == [0, 1, 2, 3]
     metrics.write_text(metrics.read_text().replace('"step": 1,', '"step": 1'))
-    assert lmkern("train", "gpt", "--out", out, "--resume", "--steps", 4, "--quiet") == 2
-    assert f"{metrics}, line 2: not a metrics row" in one_line_error(capsys)
+    error = one_line_error(capsys, lmkern("train", "gpt", "--out", out, "--resume", "--steps", 4, "--quiet"))
+    assert f"{metrics}, line 2: not a metrics row" in error
 
 
 # -- the operating system's errors ------------------------------------------------------------------
@@ -270,14 +269,13 @@ def test_an_unwritable_out_is_a_one_line_error_before_any_work(home, tmp_path, m
         out.chmod(0o555)
     monkeypatch.setattr("lmkern.models.tokenizer.train_tokenizer", lambda *args: pytest.fail("trained anyway"))
     argv, _ = command_line("tokenizer train", home, out)
-    assert lmkern(*argv) == 2
-    assert f"lmkern tokenizer train: error: {out}/.lmkern.lock: {os.strerror(code)}" == one_line_error(capsys)
+    error = one_line_error(capsys, lmkern(*argv))
+    assert error == f"lmkern tokenizer train: error: {out}/.lmkern.lock: {os.strerror(code)}"
 
 
 def test_no_room_for_a_checkpoint_stops_before_training(home, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
-    assert train_run("gpt", home / "prepared", tmp_path / "run", "--steps", 2) == 2
-    error = one_line_error(capsys)
+    error = one_line_error(capsys, train_run("gpt", home / "prepared", tmp_path / "run", "--steps", 2))
     assert f"error: {tmp_path / 'run'}: a checkpoint needs " in error and "MB free, there are 0.0 MB" in error
     assert not (tmp_path / "run").exists()  # claimed, then given back: nothing was written
 
@@ -292,8 +290,7 @@ def test_a_checkpoint_the_disk_could_not_hold_is_an_error_and_the_run_resumes(ho
 
     monkeypatch.setattr(checkpoint.safetensors.torch, "save_model", filling_the_disk)
     out = tmp_path / "run"
-    assert train_run("gpt", home / "prepared", out, "--steps", 4, "--checkpoint-every", 2) == 2
-    error = one_line_error(capsys)
+    error = one_line_error(capsys, train_run("gpt", home / "prepared", out, "--steps", 4, "--checkpoint-every", 2))
     assert "step-00000004.partial/model.safetensors: the weights were not written whole" in error, error
     monkeypatch.setattr(checkpoint.safetensors.torch, "save_model", save_model)
     assert checkpoint.newest_checkpoint(str(out)).endswith("step-00000002")

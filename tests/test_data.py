@@ -1,6 +1,7 @@
 """Tokenizers, token files and their command line: round trips, document boundaries (blank
 lines or a separator line), encodings, the files a folder gives, skipped files, the
-validation split, memory maps, an output folder's other files, and bad input."""
+validation split, memory maps, an output folder's other files, and bad input (the
+library's errors name its arguments, the command line's its flags)."""
 
 import json
 import os
@@ -8,8 +9,9 @@ import os
 import numpy as np
 import pytest
 
+from cli_runs import one_line_error
 from lmkern.cli import main
-from lmkern.models import data
+from lmkern.models import data, tasks
 from lmkern.models.tokenizer import END_OF_TEXT, load_tokenizer, save_tokenizer, train_tokenizer
 
 DOCUMENTS = [
@@ -105,13 +107,13 @@ def test_cli_trains_a_tokenizer_and_prepares(corpus, tmp_path, capsys):
 @pytest.mark.parametrize(
     "setup, arguments, message",
     [
-        (None, ["--data", "{tmp}/missing"], "no such file or folder"),
+        (None, ["--data", "{tmp}/missing"], "--data {tmp}/missing: no such file or folder"),
         ("empty_folder", ["--data", "{tmp}/empty"], "has no"),
         ("blank_file", ["--data", "{tmp}/blank.txt"], "no tokens for the train split"),
         ("latin1", ["--data", "{tmp}/latin1.txt"], "latin1.txt is not utf-8 text"),
         ("bad_tokenizer", ["--data", "{corpus}", "--tokenizer", "{tmp}/broken"], "tokenizer.json is not a readable"),
         (None, ["--data", "{corpus}", "--encoding", "klingon"], "--encoding klingon: no such text encoding"),
-        (None, ["--data", "{corpus}", "--tokenizer", "{tmp}/nowhere"], "no tokenizer in"),
+        (None, ["--data", "{corpus}", "--tokenizer", "{tmp}/nowhere"], "no tokenizer in --tokenizer {tmp}/nowhere"),
         (None, ["--data", "{corpus}", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
     ],
 )
@@ -128,10 +130,15 @@ def test_prepare_bad_input_is_a_clear_error_and_leaves_nothing(corpus, tmp_path,
         (tmp_path / "broken" / "tokenizer.json").write_text((tmp_path / "tok" / "tokenizer.json").read_text()[:100])
     argv = ["prepare", "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "out"), "--quiet"]
     argv += [a.format(tmp=tmp_path, corpus=corpus / "text") for a in arguments]
-    assert main(argv) == 2
-    error = capsys.readouterr().err
-    assert message in error and len(error.strip().splitlines()) == 1, error
+    assert message.format(tmp=tmp_path) in one_line_error(capsys, main(argv))
     assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_train_bad_input_names_the_flag_and_leaves_nothing(corpus, tmp_path, capsys):
+    argv = ["tokenizer", "train", "--data", str(corpus / "text"), "--kind", "bpe", "--vocab-size", "100", "--out",
+            str(tmp_path / "tok")]
+    assert "--vocab-size must be at least 257 for --kind bpe, got 100" in one_line_error(capsys, main(argv))
+    assert not (tmp_path / "tok").exists()
 
 
 def test_folders_give_extensionless_text_files_and_no_hidden_ones(tmp_path):
@@ -167,8 +174,7 @@ def test_prepare_skips_bad_files_when_asked_and_says_which(corpus, tmp_path, cap
     (corpus / "text" / "legacy.txt").write_bytes("café\n".encode("latin-1"))
     argv = ["prepare", "--data", str(corpus / "text"), "--tokenizer", str(tmp_path / "tok"), "--out",
             str(tmp_path / "out"), "--quiet"]
-    assert main(argv) == 2
-    assert "legacy.txt is not utf-8 text" in capsys.readouterr().err
+    assert "legacy.txt is not utf-8 text" in one_line_error(capsys, main(argv))
     assert main(argv + ["--skip-bad-files"]) == 0
     assert f"skipped {corpus / 'text' / 'legacy.txt'}: not utf-8 text" in capsys.readouterr().err
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
@@ -201,7 +207,8 @@ def test_prepare_again_replaces_its_files_only_and_a_failure_keeps_the_old_ones(
     (tmp_path / "out" / "my-notes.txt").write_text("mine")
     before = {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(tmp_path / "out")}
     (tmp_path / "blank.txt").write_text("\n\n")
-    assert main(argv + [str(tmp_path / "blank.txt")]) == 2  # no tokens: the folder stays as it was
+    error = one_line_error(capsys, main(argv + [str(tmp_path / "blank.txt")]))
+    assert "no tokens for the train split" in error  # and the folder stays as it was:
     assert {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(tmp_path / "out")} == before
     (corpus / "text" / "a.txt").unlink()
     assert main(argv + [str(corpus / "text")]) == 0  # its own folder: no --overwrite needed
@@ -216,3 +223,41 @@ def test_token_data_names_a_damaged_meta_file(corpus, tmp_path):
     meta.write_text(meta.read_text()[:40])
     with pytest.raises(ValueError, match=f"{meta} is corrupted"):
         data.TokenData(str(tmp_path / "out"), "train")
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda tmp: data.text_files([f"{tmp}/missing"]), FileNotFoundError, "paths {tmp}/missing: no such file or folder"),
+    (lambda tmp: data.text_files([]), ValueError, "paths: no input given"),
+    (lambda tmp: data.prepare([str(tmp)], str(tmp), f"{tmp}/out", val_fraction=1.5), ValueError,
+     "val_fraction must be in [0, 1), got 1.5"),
+    (lambda tmp: data.TokenData(str(tmp), "train"), FileNotFoundError,
+     "data_dir {tmp}: no meta.json, so not a folder of prepared token files"),
+    (lambda tmp: data.TokenData(str(tmp), "test"), ValueError, "split must be one of train, val, got 'test'"),
+    (lambda tmp: load_tokenizer(f"{tmp}/nowhere"), FileNotFoundError,
+     "no tokenizer in tokenizer_dir {tmp}/nowhere: expected {tmp}/nowhere/tokenizer.json"),
+    (lambda tmp: train_tokenizer([], "bpe", 100), ValueError, "vocab_size must be at least 257 for kind bpe, got 100"),
+    (lambda tmp: train_tokenizer([], "unigram", 100), ValueError, "kind must be one of bpe, wordpiece, got 'unigram'"),
+], ids=["no such path", "no paths", "val_fraction", "no meta.json", "split", "no tokenizer", "vocab_size", "kind"])
+def test_errors_name_the_arguments_as_the_library_calls_them(tmp_path, call, error, message):
+    """Not the command line's flags, which it says instead (the tests above)."""
+    with pytest.raises(error) as raised:
+        call(tmp_path)
+    assert str(raised.value) == message.format(tmp=tmp_path)
+
+
+def test_tasks_name_their_arguments(corpus, tmp_path):
+    save_tokenizer(train_tokenizer(DOCUMENTS, "bpe", 300), tmp_path / "tok")
+    out = str(tmp_path / "out")
+    data.prepare([str(corpus / "text")], str(tmp_path / "tok"), out, 0.2, progress=False)
+    tokens = len(data.TokenData(out, "train"))
+    for call, message in [
+        (lambda: tasks.CausalLMTask(out, context_length=10**5, batch_size=8),
+         f"data_dir {out}: the train split has {tokens} tokens, fewer than context_length 100000 + 1"),
+        (lambda: tasks.MaskedLMTask(out, seq_length=32, batch_size=8),
+         f"data_dir {out} was prepared with a bpe tokenizer; BERT needs a wordpiece one"),
+        (lambda: tasks.perplexity(None, np.zeros(16, np.uint16), context_length=8, stride=9),
+         "stride must be in [1, context_length 8], got 9"),
+    ]:
+        with pytest.raises(ValueError) as raised:
+            call()
+        assert str(raised.value) == message

@@ -1,8 +1,8 @@
 """The training loop: it learns, it resumes after a crash on exactly the same curve — a kill
 at any stage of a checkpoint save included — two processes under torchrun (gloo, CPU)
 train the same model as one process with the same global batch, a diverging run stops (or
-skips a bounded number of bad steps) without saving bad weights, and the metrics, their
-plot and the progress lines say what happened."""
+skips a bounded number of bad steps) without saving bad weights, the metrics, their plot
+and the progress lines say what happened, and a bad setting is an error that names it."""
 
 import functools
 import itertools
@@ -19,7 +19,8 @@ import toy_training
 from lmkern.models import checkpoint
 from lmkern.models.checkpoint import load_weights, newest_checkpoint, save_stages
 from lmkern.models.tokenizer import save_tokenizer, train_tokenizer
-from lmkern.models.train import TrainingDiverged, metrics_figure, metrics_line, read_metrics
+from lmkern.models.errors import ArgumentPathError, ArgumentValueError
+from lmkern.models.train import TrainConfig, TrainingDiverged, metrics_figure, metrics_line, read_metrics
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,6 +136,36 @@ def test_a_kill_at_any_stage_of_a_save_leaves_a_run_that_resumes_exactly(tmp_pat
     assert stages[-1] == ("removed step-00000004" if at_step == 8 else "pointed the link at it"), stages
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(steps=0), "steps must be at least 1, got 0"),
+    (dict(log_every=0), "log_every must be at least 1, got 0"),
+    (dict(batch_size=6, micro_batch_size=4), "batch_size 6 must be a multiple of micro_batch_size 4"),
+    (dict(warmup_steps=-1), "warmup_steps must be at least 0, got -1"),
+    (dict(learning_rate=1e-3, min_learning_rate=2e-3),
+     "min_learning_rate must be in [0, learning_rate 0.001], got 0.002"),
+    (dict(divergence_factor=1), "divergence_factor must be more than 1, got 1"),
+    (dict(skip_bad_steps=-1), "skip_bad_steps must be at least 0, got -1"),
+    (dict(precision="fp8"), "precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+])
+def test_config_errors_name_the_fields(fields, message):
+    with pytest.raises(ArgumentValueError) as raised:
+        TrainConfig(**fields)
+    assert str(raised.value) == message
+
+
+def test_a_caller_names_the_arguments_in_its_own_words(tmp_path):
+    """The command line says its flags where the library says its arguments' names; the
+    values, braces and all, stay as they were."""
+    with pytest.raises(ArgumentValueError) as raised:
+        TrainConfig(batch_size=6, micro_batch_size=4)
+    assert raised.value.message({"batch_size": "--batch-size"}) == "--batch-size 6 must be a multiple of " \
+        "micro_batch_size 4"
+    with pytest.raises(ArgumentPathError) as raised:
+        checkpoint.find_checkpoint(str(tmp_path / "run {1}"))
+    assert str(raised.value) == f"path {tmp_path}/run {{1}}: no such folder"
+    assert raised.value.message({"path": "--checkpoint"}) == f"--checkpoint {tmp_path}/run {{1}}: no such folder"
+
+
 def test_load_refuses_a_changed_file(tmp_path, tokenizer_dir):
     toy_training.run(str(tmp_path / "run"), tokenizer_dir, steps=4)
     folder = newest_checkpoint(str(tmp_path / "run"))
@@ -200,8 +231,7 @@ def test_bad_steps_are_skipped_up_to_a_bound_and_resume_exactly(tmp_path, tokeni
 
 def crash_after_save(out_dir, tokenizer_dir, at_step):
     """A save callback that saves, then interrupts the run after the save of `at_step`."""
-    save = functools.partial(checkpoint.save_checkpoint, out_dir, kind="toy", config={}, tokenizer_dir=tokenizer_dir,
-                             keep=3)
+    save = toy_training.checkpoint_writer(out_dir, tokenizer_dir, keep=3)
 
     def save_then_crash(step, model, state):
         save(step, model, state)

@@ -54,10 +54,16 @@ class ToyTask:
         return {"val_loss": model(batch["x"], batch["y"]).item()}
 
 
+def checkpoint_writer(out_dir, tokenizer_dir, keep):
+    """The loop's save callback: checkpoints in out_dir keeping the newest `keep`, with the
+    tokenizer of tokenizer_dir (a ToyModel has no config)."""
+    return functools.partial(save_checkpoint, out_dir, kind="toy", config={}, tokenizer_dir=tokenizer_dir, keep=keep)
+
+
 def run(out_dir, tokenizer_dir, steps=12, crash_at_step=None, resume=False, save=None, keep=3, task=None,
         progress=False, **overrides):
     """Trains a ToyModel in out_dir (resume: from its newest checkpoint, if any); returns
-    (model, metric rows). save: the loop's checkpoint writer (default save_checkpoint);
+    (model, metric rows). save: the loop's checkpoint writer (default checkpoint_writer's);
     task: default ToyTask."""
     config = TrainConfig(**{**dict(steps=steps, batch_size=8, micro_batch_size=2, learning_rate=0.05,
                                    min_learning_rate=0.005, warmup_steps=2, eval_every=4, checkpoint_every=4),
@@ -68,8 +74,7 @@ def run(out_dir, tokenizer_dir, steps=12, crash_at_step=None, resume=False, save
     if newest is not None:
         load_weights(newest, model)
         state = load_state(newest)
-    save = save or functools.partial(save_checkpoint, out_dir, kind="toy", config={}, tokenizer_dir=tokenizer_dir,
-                                     keep=keep)
+    save = save or checkpoint_writer(out_dir, tokenizer_dir, keep)
     task = task or ToyTask(config.batch_size, crash_at_step)
     return model, train(model, task, config, out_dir, save=save, device="cpu", state=state, progress=progress)
 

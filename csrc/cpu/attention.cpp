@@ -216,7 +216,7 @@ LMKERN_CPU_CLONES void softmax_grad_row(const float* p, float* dp, int64_t n, fl
   }
 }
 
-// z_j = keep / (1 - p) for the elements at offsets offset + j (see lmkern/random.py).
+// z_j = keep / (1 - p) for the elements at offsets offset + j (see lmkern/philox.py).
 void dropout_factors(float* z, int64_t n, uint64_t seed, uint64_t offset, float dropout_p, float keep_scale) {
   for (int64_t j = 0; j < n; ++j) {
     z[j] = philox_uniform(seed, offset + j) >= dropout_p ? keep_scale : 0.0f;

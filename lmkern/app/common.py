@@ -1,5 +1,5 @@
-"""What the commands share: devices and kernels, options common to several commands, the
-one-line error a command stops with, and the output folder a command claims."""
+"""What the commands share: running one (its errors as one line), devices and kernels,
+options common to several commands, and the output folder a command claims."""
 
 import codecs
 import contextlib
@@ -11,6 +11,7 @@ import torch
 from lmkern import backend
 from lmkern.backend import BackendUnavailableError
 from lmkern.models import files
+from lmkern.models.errors import NamedError
 
 MODEL_OPS = ("attention", "layer_norm", "linear_gelu", "cross_entropy")  # what GPT and BERT call
 
@@ -20,14 +21,34 @@ class CommandError(Exception):
     (lmkern exits with status 2)."""
 
 
-@contextlib.contextmanager
-def option(flag):
-    """Names the option `flag` in the errors the library raises about the value it was given
-    (the library's messages name the value, a path say, but not the option)."""
+def run_command(args, command):
+    """Runs the parsed command `command` ("tokenizer train", say): args.run(args). Returns
+    its exit status: 0; 2 after a one-line error on stderr for bad input, a missing or
+    damaged file, a folder in use or the operating system's errors (no space, no
+    permission, a read-only file system), naming the option or path — the library's errors
+    name its arguments, which args.flags gives as the command's flags; 130 on Ctrl-C,
+    saying args.interrupted."""
     try:
-        yield
-    except (ValueError, FileNotFoundError) as error:
-        raise CommandError(f"{flag} {error}") from None
+        return args.run(args) or 0
+    except NamedError as error:  # before ValueError and OSError, which it also is
+        message = error.message(args.flags)
+    except (CommandError, ValueError, BackendUnavailableError) as error:  # bad input: say what, not where
+        message = str(error)
+    except OSError as error:
+        message = describe(error)
+    except KeyboardInterrupt:
+        print(f"lmkern {command}: interrupted{f' ({args.interrupted})' if args.interrupted else ''}", file=sys.stderr)
+        return 130
+    print(f"lmkern {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def describe(error):
+    """An operating-system error in one line, naming its file: "PATH: No space left on device"."""
+    if error.filename is None:
+        return str(error)
+    paths = f"{error.filename} -> {error.filename2}" if error.filename2 is not None else f"{error.filename}"
+    return f"{paths}: {error.strerror or error}"
 
 
 def default_device():

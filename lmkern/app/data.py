@@ -57,7 +57,7 @@ def add_parser(commands):
     train.add_argument("--out", required=True, metavar="DIR")
     add_overwrite(train, "it")
     add_text_options(train)
-    train.set_defaults(run=tokenizer_train)
+    train.set_defaults(run=tokenizer_train, flags={"paths": "--data", "kind": "--kind", "vocab_size": "--vocab-size"})
 
     prep = commands.add_parser("prepare", help="tokenize text into memory-mapped token files")
     prep.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or folders of them")
@@ -68,4 +68,5 @@ def add_parser(commands):
     add_overwrite(prep, "it")
     add_quiet(prep)
     add_text_options(prep)
-    prep.set_defaults(run=prepare)
+    prep.set_defaults(run=prepare,
+                      flags={"paths": "--data", "tokenizer_dir": "--tokenizer", "val_fraction": "--val-fraction"})

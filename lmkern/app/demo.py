@@ -7,8 +7,6 @@ training run: checkpoints, metrics.jsonl, and loss.png with the validation perpl
 over the steps).
 """
 
-import dataclasses
-import functools
 import os
 import time
 
@@ -17,30 +15,32 @@ import torch
 from lmkern.app.common import (add_device, add_kernels, add_overwrite, add_quiet, add_text_options, check_kernels,
                                output_folder, report_skipped, text_format)
 from lmkern.app.generate import print_sample
+from lmkern.app.run_config import RunConfig
+from lmkern.app.train import build, checkpoint_writer, clear_run
 
-# The demo's sizes: the tokenizer's vocabulary, the GPT (overrides of the tiny preset), the
-# training run, and how many validation tokens the perplexities are over (None: all of them).
+# The demo's sizes: the tokenizer's vocabulary, the training run (options of `lmkern train`
+# over the tiny preset), how many validation tokens the perplexities are over (None: all of
+# them) and the sample's length.
 DEMO_SIZES = {
-    "quick": dict(vocab_size=512, model=dict(n_layer=2, n_head=2, n_embd=64, context_length=64), steps=40,
-                  batch_size=8, learning_rate=3e-3, warmup_steps=5, eval_tokens=4096, sample_tokens=24),
-    "cpu": dict(vocab_size=4096, model=dict(context_length=128), steps=800, batch_size=16, learning_rate=4e-3,
-                warmup_steps=50, eval_tokens=None, sample_tokens=100),
-    "cuda": dict(vocab_size=8192, model=dict(n_layer=6, n_head=6, n_embd=384, context_length=256), steps=3000,
-                 batch_size=64, learning_rate=1e-3, warmup_steps=200, eval_tokens=None, sample_tokens=200),
+    "quick": dict(vocab_size=512, eval_tokens=4096, sample_tokens=24,
+                  run=dict(layers=2, heads=2, width=64, context_length=64, steps=40, batch_size=8, micro_batch_size=8,
+                           learning_rate=3e-3, warmup_steps=5)),
+    "cpu": dict(vocab_size=4096, eval_tokens=None, sample_tokens=100,
+                run=dict(context_length=128, steps=800, batch_size=16, micro_batch_size=16, learning_rate=4e-3,
+                         warmup_steps=50)),
+    "cuda": dict(vocab_size=8192, eval_tokens=None, sample_tokens=200,
+                 run=dict(layers=6, heads=6, width=384, context_length=256, steps=3000, batch_size=64,
+                          micro_batch_size=64, learning_rate=1e-3, warmup_steps=200)),
 }
 EVALUATIONS = 8  # during training, besides the one before it
 
 
 def demo(args):
-    from lmkern.app.train import clear_run
-    from lmkern.models import gpt, tasks
-    from lmkern.models.checkpoint import save_checkpoint
     from lmkern.models.corpus import write_default_corpus
     from lmkern.models.data import documents, text_files
     from lmkern.models.data import prepare as prepare_data
     from lmkern.models.files import make_folder
     from lmkern.models.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-    from lmkern.models.train import TrainConfig
     from lmkern.models.train import train as train_loop
 
     began = time.perf_counter()
@@ -70,24 +70,19 @@ def demo(args):
         print(f"tokenizer: byte-level BPE of {meta['vocab_size']} tokens; data: {meta['splits']['train']['tokens']:,} "
               f"training and {meta['splits']['val']['tokens']:,} validation tokens in {data_dir}")
 
-        torch.manual_seed(0)
-        config = gpt.preset("tiny", vocab_size=meta["vocab_size"], kernels=args.kernels, **sizes["model"])
-        model = gpt.GPT(config).to(args.device)
-        print(f"model: GPT of {config.n_layer} layers, {config.n_head} heads, width {config.n_embd}, context "
-              f"{config.context_length}: {model.num_parameters() / 1e6:.2f}M parameters")
-        batch_size = sizes["batch_size"]
-        task = tasks.CausalLMTask(data_dir, config.context_length, batch_size, eval_tokens=sizes["eval_tokens"],
-                                  eval_batch_size=16)
-        train_config = TrainConfig(steps=sizes["steps"], batch_size=batch_size, micro_batch_size=batch_size,
-                                   learning_rate=sizes["learning_rate"], min_learning_rate=sizes["learning_rate"] / 10,
-                                   warmup_steps=sizes["warmup_steps"], eval_every=sizes["steps"] // EVALUATIONS,
-                                   checkpoint_every=sizes["steps"], log_every=sizes["steps"] // EVALUATIONS)
-        print(f"training {train_config.steps} steps of {batch_size} x {config.context_length} tokens, evaluating "
-              f"every {train_config.eval_every}")
+        steps = sizes["run"]["steps"]
+        config = RunConfig("gpt", data=data_dir, preset="tiny", kernels=args.kernels,
+                           eval_tokens=sizes["eval_tokens"] or meta["splits"]["val"]["tokens"],
+                           eval_every=steps // EVALUATIONS, log_every=steps // EVALUATIONS, checkpoint_every=steps,
+                           keep_checkpoints=1, **sizes["run"])
+        model, task = build(config, meta["vocab_size"])
+        print(f"model: GPT of {model.config.n_layer} layers, {model.config.n_head} heads, width {model.config.n_embd}, "
+              f"context {model.config.context_length}: {model.num_parameters() / 1e6:.2f}M parameters")
+        print(f"training {steps} steps of {config.batch_size} x {model.config.context_length} tokens, evaluating "
+              f"every {config.eval_every}")
         clear_run(run_dir)  # a previous demo's
-        save = functools.partial(save_checkpoint, run_dir, kind="gpt", config=dataclasses.asdict(config),
-                                 tokenizer_dir=data_dir, keep=1)
-        rows = train_loop(model, task, train_config, run_dir, save=save, device=args.device, progress=not args.quiet)
+        rows = train_loop(model, task, config.train_config(), run_dir, save=checkpoint_writer(config, run_dir, model),
+                          device=args.device, progress=not args.quiet)
         perplexities = [(row["step"], row["val_perplexity"]) for row in rows if "val_perplexity" in row]
         before, after = perplexities[0][1], perplexities[-1][1]
         print(f"validation perplexity before training: {before:.1f}")
@@ -124,4 +119,4 @@ def add_parser(commands):
     add_quiet(demo_parser)
     add_kernels(demo_parser)
     add_text_options(demo_parser)
-    demo_parser.set_defaults(run=demo)
+    demo_parser.set_defaults(run=demo, flags={"paths": "--data"})

@@ -74,4 +74,5 @@ def add_parser(commands):
     evaluation.add_argument("--json", action="store_true", help="also print the metrics as a JSON object")
     add_quiet(evaluation)
     add_kernels(evaluation)
-    evaluation.set_defaults(run=evaluate)
+    evaluation.set_defaults(run=evaluate, flags={"path": "--checkpoint", "data_dir": "--data", "stride": "--stride",
+                                                 "context_length": "--context-length"})

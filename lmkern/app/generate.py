@@ -126,4 +126,4 @@ def add_parser(commands):
     gen.add_argument("--seed", type=int, help="makes sampling reproducible")
     add_device(gen)
     add_kernels(gen)
-    gen.set_defaults(run=generate)
+    gen.set_defaults(run=generate, flags={"path": "--checkpoint"})

@@ -1,4 +1,7 @@
-"""`lmkern info` and `lmkern bench`: what lmkern sees here, and the benchmark suite."""
+"""`lmkern info`, `lmkern check` and `lmkern bench`: what lmkern sees here, its kernels
+checked against torch here (lmkern/check.py), and the benchmark suite."""
+
+from lmkern import check
 
 
 def info(args):
@@ -30,3 +33,11 @@ def add_parser(commands):
     )
     bench_parser.set_defaults(run=bench)
     commands.add_parser("info", help="versions, devices and which backend runs where").set_defaults(run=info)
+    check_parser = commands.add_parser(
+        "check", help="fused cross-entropy on every backend here, checked against torch and timed",
+        description="A first look at the kernels: lmkern's fused cross-entropy on every backend this machine can run, "
+        "checked against torch.nn.functional.cross_entropy (exit status 1 if one disagrees), with forward+backward "
+        "timings.",
+    )
+    check.add_arguments(check_parser)
+    check_parser.set_defaults(run=check.check)

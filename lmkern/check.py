@@ -1,7 +1,8 @@
-"""A first look at lmkern: fused softmax cross-entropy on every backend this machine can
-run, checked against torch.nn.functional.cross_entropy, with forward+backward timings.
+"""A first look at lmkern's kernels: fused softmax cross-entropy on every backend this
+machine can run, checked against torch.nn.functional.cross_entropy, with forward+backward
+timings. Exit status 1 if a backend disagrees with torch.
 
-    python -m lmkern.demo [--tokens N] [--vocab V] [--device cpu|cuda]
+    lmkern check [--tokens N] [--vocab V] [--device cpu|cuda]   (or python -m lmkern.check)
 """
 
 import argparse
@@ -25,12 +26,15 @@ def loss_and_grad(function, logits, target):
     return loss.detach(), x.grad
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser):
+    """The check's options (`lmkern check` and `python -m lmkern.check` take the same)."""
     parser.add_argument("--tokens", type=int, help="rows of logits (default 1024 on CPU, 16384 on CUDA)")
     parser.add_argument("--vocab", type=int, default=50257, help="classes per row (GPT-2's vocabulary)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+
+
+def check(args):
+    """Runs the check of the parsed arguments; returns the exit status."""
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokens = args.tokens or (16384 if device == "cuda" else 1024)
@@ -64,6 +68,12 @@ def main(argv=None):
         status = "matches torch" if match else "MISMATCH"
         print(f"{label:<22} {timing_text:>24} {loss_diff:>12.2e} {grad_diff:>16.2e}  {status}")
     return 0 if all_match else 1
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m lmkern.check", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return check(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

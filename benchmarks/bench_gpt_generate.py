@@ -26,7 +26,7 @@ METRIC = "GB/s"
 PASSES = ("decode", "generate")
 ITEMS = "tokens"
 # What a decoding step runs: attention_with_kv_cache (the prompt goes through it too),
-# layer_norm (add_layer_norm) and linear_gelu (ffn).
+# layer_norm (ln_1, ln_f, the ffn's) and linear_gelu (ffn).
 KERNELS = ("attention_with_kv_cache", "layer_norm", "linear_gelu")
 NOT_COMPILED = "generate() is a Python loop over a growing cache, which this benchmark does not compile"
 

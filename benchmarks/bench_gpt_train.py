@@ -20,8 +20,8 @@ OP = "gpt_train"
 METRIC = "TFLOP/s"
 PASSES = TRAIN_PASSES
 ITEMS = "tokens"
-# What a training step of GPT runs: attention, layer_norm (add_layer_norm), linear_gelu (ffn)
-# and cross_entropy (linear_cross_entropy).
+# What a training step of GPT runs: attention, layer_norm (ln_1, ln_f, the ffn's), linear_gelu
+# (ffn) and cross_entropy (linear_cross_entropy).
 KERNELS = ("attention", "layer_norm", "linear_gelu", "cross_entropy")
 
 

@@ -1,9 +1,11 @@
 """Drop-in modules: the same constructor arguments and state_dict keys as their torch
-counterparts (they subclass them), with lmkern's kernels in forward; and FusedFFN, the
-transformer feed-forward sub-block as one module."""
+counterparts (they subclass them), with lmkern's kernels in forward; AddLayerNorm, a
+residual add and LayerNorm in one pass; and FusedFFN, the transformer feed-forward
+sub-block as one module."""
 
 import torch
 
+import lmkern  # for lmkern.add_layer_norm at call time (this module is imported while lmkern is)
 from lmkern import functional
 from lmkern.ops.ffn import ffn
 from lmkern.ops.linear_gelu import check_approximate
@@ -85,6 +87,46 @@ class LayerNorm(torch.nn.LayerNorm):
         return super().extra_repr() + backend
 
 
+class AddLayerNorm(LayerNorm):
+    """A residual add, dropout and LayerNorm in one pass (lmkern.add_layer_norm), as a
+    LayerNorm over the last dimension (same constructor arguments and state_dict keys)
+    whose forward takes a sub-layer's output and the residual stream:
+
+        prenorm=True  (pre-LN):        forward(branch, stream) = (LayerNorm(s), s)
+        prenorm=False (post-LN, BERT): forward(branch, stream) = LayerNorm(s)
+
+    with s = stream + dropout(branch), the new residual stream (stream None: s =
+    dropout(branch)). Dropout applies in training mode only.
+
+    Keyword-only extras: dropout (drop probability of the branch), prenorm, and LayerNorm's
+    backend (as in lmkern.add_layer_norm).
+    """
+
+    def __init__(self, normalized_shape, *args, dropout=0.0, prenorm=True, **kwargs):
+        super().__init__(normalized_shape, *args, **kwargs)
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"normalized_shape must be one dimension, the last, got {normalized_shape}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        self.dropout = dropout
+        self.prenorm = prenorm
+
+    def forward(self, branch, stream):
+        return lmkern.add_layer_norm(
+            branch,
+            stream,
+            self.weight,
+            self.bias,
+            self.eps,
+            dropout_p=self.dropout if self.training else 0.0,
+            prenorm=self.prenorm,
+            backend=self.backend,
+        )
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, prenorm={self.prenorm}, dropout={self.dropout}"
+
+
 class FusedFFN(torch.nn.Module):
     """The transformer feed-forward sub-block in one fused op (lmkern.ffn):
 
@@ -97,8 +139,9 @@ class FusedFFN(torch.nn.Module):
     norm (lmkern.nn.LayerNorm(hidden_size), a torch.nn.LayerNorm), fc1
     (torch.nn.Linear(hidden_size, ffn_size)) and fc2 (torch.nn.Linear(ffn_size,
     hidden_size)): "norm.weight", "norm.bias", "fc1.weight", "fc1.bias", "fc2.weight",
-    "fc2.bias" (the biases absent with bias=False). FusedFFN.from_modules wraps existing
-    torch modules.
+    "fc2.bias" (the biases absent with bias=False), registered in the order they apply
+    (post-LN: fc1, fc2, norm), which orders parameters() and state_dict().
+    FusedFFN.from_modules wraps existing torch modules.
 
     Args:
         hidden_size, ffn_size: D and F (GPT-2: 768 and 3072).
@@ -131,9 +174,13 @@ class FusedFFN(torch.nn.Module):
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         factory = dict(device=device, dtype=dtype)
-        self.norm = LayerNorm(hidden_size, eps=eps, bias=bias, **factory, backend=backend)
+        norm = LayerNorm(hidden_size, eps=eps, bias=bias, **factory, backend=backend)
+        if prenorm:
+            self.norm = norm
         self.fc1 = torch.nn.Linear(hidden_size, ffn_size, bias=bias, **factory)
         self.fc2 = torch.nn.Linear(ffn_size, hidden_size, bias=bias, **factory)
+        if not prenorm:
+            self.norm = norm
         self.approximate = approximate
         self.dropout = dropout
         self.prenorm = prenorm

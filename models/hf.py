@@ -1,7 +1,8 @@
 """Hugging Face checkpoints without transformers: a local model directory (config.json with
 model.safetensors or pytorch_model.bin) read and written, and a checkpoint's tensors
 matched to the ones a model needs, naming every key that is missing, unexpected or of the
-wrong shape. Each model maps its own names to Hugging Face's (see models/bert.py)."""
+wrong shape. Each model maps its own names and config to Hugging Face's in a file of its
+own (models/gpt_hf.py, models/bert_hf.py)."""
 
 import dataclasses
 import json
@@ -12,19 +13,19 @@ import torch
 CONFIG, SAFETENSORS, PYTORCH_BIN = "config.json", "model.safetensors", "pytorch_model.bin"
 
 
-def checkpoint_and_config(source, config, overrides, config_from_json, config_from_state, what):
+def checkpoint_and_config(source, config, overrides, config_class, fields_from_json, fields_from_state, what):
     """(state dict, config) for a model's from_hf(source, config, **overrides). source: a
     state dict, or a local model directory (read offline). The config is `config` with the
-    overrides, else config_from_json(the directory's config.json as a dict, **overrides),
-    else config_from_state(the state dict, **overrides). what: as for read_directory."""
+    overrides, else a config_class of the fields that fields_from_json finds in the
+    directory's config.json (as a dict), else of those fields_from_state finds in the state
+    dict, the overrides over either. what: as for read_directory."""
     hf_config = None
     if isinstance(source, (str, os.PathLike)):
         source, hf_config = read_directory(source, what)
     if config is not None:
         return source, dataclasses.replace(config, **overrides)
-    if hf_config is not None:
-        return source, config_from_json(hf_config, **overrides)
-    return source, config_from_state(source, **overrides)
+    fields = fields_from_json(hf_config) if hf_config is not None else fields_from_state(source)
+    return source, config_class(**{**fields, **overrides})
 
 
 def read_directory(directory, what):
@@ -44,16 +45,17 @@ def read_directory(directory, what):
     raise FileNotFoundError(f"{directory}: neither {SAFETENSORS} nor {PYTORCH_BIN}")
 
 
-def write_directory(directory, state, config):
+def write_directory(directory, state, config, tied=()):
     """Writes config (a dict) as config.json and state (name -> tensor; no two may overlap
     in memory, disjoint views of one tensor may) as model.safetensors into directory, made
-    if needed."""
+    if needed, without the names in `tied` (tied copies, which save_pretrained leaves out
+    too)."""
     import safetensors.torch
 
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG), "w") as file:
         json.dump(config, file, indent=2)
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items() if name not in tied}
     safetensors.torch.save_file(tensors, os.path.join(directory, SAFETENSORS), metadata={"format": "pt"})
 
 

@@ -1,8 +1,9 @@
 """Attention through the compiled extension: torch.ops.lmkern.attention_fwd and attention_bwd.
 
-The schemas live in csrc/lmkern.cpp, the CPU kernels in csrc/cpu/attention.cpp; here are
-the fake implementations that let torch.compile trace the ops, and the wrappers with the
-backend contract (the kernels read rows contiguous in the last dimension).
+The schemas live in csrc/lmkern.cpp, the ops in csrc/cpu/attention.cpp (on the kernel of
+csrc/cpu/attention_kernel.h) and csrc/cuda/attention.cpp; here are the fake
+implementations that let torch.compile trace the ops, and the wrappers with the backend
+contract (the kernels read rows contiguous in the last dimension).
 """
 
 import torch

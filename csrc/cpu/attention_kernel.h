@@ -1,0 +1,93 @@
+// The CPU flash attention kernel's interface, shared by the ops that run it:
+// lmkern::attention_fwd / attention_bwd (attention.cpp) and lmkern::attention_with_kv_cache_fwd
+// (attention_with_kv_cache.cpp). Argument checks live in ../attention.h; the kernels in
+// attention_kernel_body.h, compiled once per instruction set (attention_kernel_<isa>.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace lmkern {
+
+// What a call attends over, for the forward and the backward alike.
+struct AttentionProblem {
+  int64_t batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v;
+  float scale;
+  bool causal;
+  // Per batch: the keys of the sequence, and the causal shift (query i sees keys j <= i + shift).
+  std::vector<int64_t> kv_len, shift;
+  // A mask (B, H, Lq, Lk) whose values depend on the key only (a key-padding mask, bool
+  // or additive, broadcast over heads and queries) is read once per call into key_bias
+  // (B, Lk): 0 or -inf for a boolean one, the value for an additive one. Any other mask
+  // is read element by element through `mask` (nullptr: none of that kind).
+  std::vector<float> key_bias;
+  const void* mask;
+  at::ScalarType mask_dtype;
+  int64_t mask_stride[4];
+  float dropout_p, keep_scale;
+  uint64_t seed;
+
+  int64_t group() const {
+    return heads / kv_heads;
+  }
+  // Keys [0, visible_keys(b, i)) are the ones query i of sequence b may see.
+  int64_t visible_keys(int64_t b, int64_t i) const {
+    return causal ? std::clamp<int64_t>(i + shift[b] + 1, 0, kv_len[b]) : kv_len[b];
+  }
+  // Keys [0, seen_keys(b)) are the ones some query of sequence b may see. The kernels read
+  // no key past it (they load zeros in its place): a causal call's later keys may hold
+  // anything, NaN included, and a zero probability times NaN would still be NaN.
+  int64_t seen_keys(int64_t b) const {
+    return visible_keys(b, seqlen_q - 1);
+  }
+  // Sequence b's key bias (Lk values), or nullptr.
+  const float* key_bias_row(int64_t b) const {
+    return key_bias.empty() ? nullptr : key_bias.data() + b * seqlen_k;
+  }
+  // The element (b, h, i, j) of an element-wise mask.
+  const char* mask_element(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    const int64_t offset = b * mask_stride[0] + h * mask_stride[1] + i * mask_stride[2] + j * mask_stride[3];
+    return static_cast<const char*>(mask) + offset * c10::elementSize(mask_dtype);
+  }
+  // The dropout offset of element (b, h, i, j) (see csrc/philox.h).
+  uint64_t dropout_offset(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    return static_cast<uint64_t>(((b * heads + h) * seqlen_q + i) * seqlen_k + j);
+  }
+};
+
+AttentionProblem make_attention_problem(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed);
+
+// The kernels of one instruction set. forward writes out (B, H, Lq, Dv) and lse (B, H, Lq),
+// both contiguous; backward writes dq, dk, dv, contiguous and shaped like q, k, v.
+struct AttentionKernels {
+  void (*forward)(
+      const AttentionProblem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse);
+  void (*backward)(
+      const AttentionProblem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
+      const at::Tensor& dk, const at::Tensor& dv);
+};
+
+// Whether this compiler builds the AVX2 and AVX-512 kernels: they are compiled with GCC's
+// target pragma, on x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LMKERN_ATTENTION_X86_KERNELS
+#endif
+
+// One per instruction set (attention_kernel_<isa>.cpp); nullptr where this build has none.
+const AttentionKernels* attention_kernels_avx512();
+const AttentionKernels* attention_kernels_avx2();
+const AttentionKernels* attention_kernels_default();
+
+// The kernels for the instruction set that torch's own CPU kernels use here
+// (at::get_cpu_capability(), which ATEN_CPU_CAPABILITY may lower).
+const AttentionKernels& attention_kernels();
+
+}  // namespace lmkern

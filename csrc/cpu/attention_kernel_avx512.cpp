@@ -1,0 +1,7 @@
+// The CPU attention kernels (attention_kernel_body.h) compiled for AVX-512, torch's
+// "AVX512" capability, where this compiler can (attention_kernel.cpp says nullptr elsewhere).
+#include "attention_kernel.h"
+#if defined(LMKERN_ATTENTION_X86_KERNELS)
+#define LMKERN_ATTENTION_AVX512
+#include "attention_kernel_body.h"
+#endif

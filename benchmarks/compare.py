@@ -44,12 +44,12 @@ def op_table(before_path, after_path):
     return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", help="folder of <op>.json files")
     parser.add_argument("after", help="folder of <op>.json files")
     parser.add_argument("--out", help="write the tables to this file (default: print them)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sections = []
     for after_path in sorted(glob.glob(os.path.join(args.after, "*.json"))):
         before_path = os.path.join(args.before, os.path.basename(after_path))

@@ -56,7 +56,7 @@ _CUDA = ("triton", "native", "torch")
 AUTO = {
     op: {"cpu": _CPU, "cuda": _CUDA}
     for op in ("cross_entropy", "linear_cross_entropy", "layer_norm", "add_layer_norm", "linear_gelu", "ffn",
-               "attention", "attention_with_kv_cache")
+               "attention", "attention_with_kv_cache", "apply_rotary")
 }
 
 # The kernels take these; float64 runs on the torch reference.

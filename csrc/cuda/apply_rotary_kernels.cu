@@ -1,0 +1,75 @@
+// Rotary position embeddings on CUDA: one thread per (token, pair) turns the pair in fp32,
+//   out_1 = x_1 cos - x_2 sin,  out_2 = x_2 cos + x_1 sin
+// for the pairs (x_i, x_{i + R/2}) (half-split) or (x_{2i}, x_{2i+1}) (interleaved), with
+// cos and sin read at the token's position (-sin when conjugate: backward); one thread per
+// (token, element) of the D - R that pass through copies it when not in place. A thread
+// owns both elements of its pair, so in place no thread reads what another writes. A
+// position outside [0, P) reads no cache row: its pair is NaN.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "apply_rotary_kernels.h"
+#include "common.cuh"
+
+namespace lmkern::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, typename C>
+__global__ void __launch_bounds__(kThreads) apply_rotary_kernel(const ApplyRotaryParams p) {
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  const C* cos = static_cast<const C*>(p.cos);
+  const C* sin = static_cast<const C*>(p.sin);
+  const int64_t rest = p.copy_rest ? p.head_dim - 2 * p.half : 0;
+  const int64_t per_token = p.half + rest;  // work items of one (b, h, l) row
+  const int64_t total = p.batch * p.heads * p.seqlen * per_token;
+  const float sign = p.conjugate ? -1.0f : 1.0f;
+  for (int64_t index = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; index < total;
+       index += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t item = index % per_token;
+    const int64_t row = index / per_token;
+    const int64_t l = row % p.seqlen;
+    const int64_t h = (row / p.seqlen) % p.heads;
+    const int64_t b = row / (p.seqlen * p.heads);
+    const T* x_row = x + b * p.x_stride[0] + h * p.x_stride[1] + l * p.x_stride[2];
+    T* out_row = out + b * p.out_stride[0] + h * p.out_stride[1] + l * p.out_stride[2];
+    if (item >= p.half) {  // an element that passes through
+      const int64_t j = 2 * p.half + (item - p.half);
+      out_row[j * p.out_stride[3]] = x_row[j * p.x_stride[3]];
+      continue;
+    }
+    const int64_t position = p.positions[b * p.positions_stride[0] + l * p.positions_stride[1]];
+    float cos_i = NAN, sin_i = NAN;
+    if (position >= 0 && position < p.max_positions) {
+      cos_i = to_float(cos[position * p.half + item]);
+      sin_i = sign * to_float(sin[position * p.half + item]);
+    }
+    const int64_t first = p.interleaved ? 2 * item : item;
+    const int64_t second = p.interleaved ? first + 1 : first + p.half;
+    const float x1 = to_float(x_row[first * p.x_stride[3]]);
+    const float x2 = to_float(x_row[second * p.x_stride[3]]);
+    out_row[first * p.out_stride[3]] = from_float<T>(x1 * cos_i - x2 * sin_i);
+    out_row[second * p.out_stride[3]] = from_float<T>(x2 * cos_i + x1 * sin_i);
+  }
+}
+
+}  // namespace
+
+cudaError_t apply_rotary(const ApplyRotaryParams& params, cudaStream_t stream) {
+  const int64_t rest = params.copy_rest ? params.head_dim - 2 * params.half : 0;
+  const int64_t total = params.batch * params.heads * params.seqlen * (params.half + rest);
+  // Enough blocks to fill any GPU many times over; the loop covers the rest.
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t{1} << 20);
+  return with_float_type(params.dtype, [&](auto x_type) {
+    return with_float_type(params.cache_dtype, [&](auto cache_type) {
+      apply_rotary_kernel<decltype(x_type), decltype(cache_type)>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(params);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace lmkern::cuda

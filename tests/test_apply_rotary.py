@@ -122,7 +122,7 @@ def test_inplace(backend, dtype):
     qkv = torch.randn(2, 5, 3, 4, 16).to(dtype)
     before = qkv.clone()
     q = qkv[:, :, 0].transpose(1, 2)
-    expected = rotary_op(q, cos, sin, backend="torch")
+    expected = rotary_op(q, cos, sin, backend=backend)
     lmkern.apply_rotary(q, cos, sin, inplace=True, backend=backend)
     assert torch.equal(qkv[:, :, 0].transpose(1, 2), expected)
     assert torch.equal(qkv[:, :, 1:], before[:, :, 1:])
@@ -393,6 +393,8 @@ def _bad_calls():
         (lambda: ar(x, cos, sin, position_ids=[0, 1]), TypeError, "position_ids must be None or .* got list"),
         (lambda: ar(x.requires_grad_(), cos, sin, inplace=True), ValueError,
          "x must not be a leaf that requires grad when inplace=True"),
+        (lambda: ar(x[:1].expand(2, 3, 4, 16), cos, sin, inplace=True), ValueError,
+         r"x must not overlap itself when inplace=True \(an expanded tensor\), got strides \(0, 64, 16, 1\)"),
         (lambda: cache(7, 10), ValueError, "rotary_dim must be an even int >= 2, got 7"),
         (lambda: cache(8, 0), ValueError, "max_positions must be an int >= 1, got 0"),
         (lambda: cache(8, 10, base=0), ValueError, "base must be > 0, got 0"),

@@ -4,6 +4,7 @@
 // for the pairs (x_i, x_{i + R/2}) (half-split) or (x_{2i}, x_{2i+1}) (interleaved), with
 // cos and sin read at the token's position (and -sin when conjugate: backward). Every
 // position is checked before anything is written, so a bad one leaves x intact in place.
+// Rows with a contiguous last dimension run a loop the compiler vectorises.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,6 +12,7 @@
 #include <algorithm>
 
 #include "../apply_rotary.h"
+#include "vectorize.h"
 
 namespace lmkern {
 namespace {
@@ -24,6 +26,30 @@ void check_positions(const at::Tensor& positions, int64_t max_positions) {
           position >= 0 && position < max_positions, "apply_rotary: positions must lie in [0, ", max_positions,
           ") (the rows of cos and sin), got ", position, " for sequence ", b, ", token ", l);
     }
+  }
+}
+
+// Turns the pairs of one token's row: x and out elements x_step and out_step apart (both 1,
+// known at compile time, where kUnit: the loop then vectorises). out may be x: each
+// iteration reads its pair before writing it, and no two iterations share an element.
+template <bool kUnit, typename scalar_t, typename cache_t>
+LMKERN_CPU_CLONES void rotate_row(
+    const scalar_t* x, int64_t x_step, scalar_t* out, int64_t out_step, const cache_t* c, const cache_t* s,
+    int64_t half, bool interleaved, float sign) {
+  if constexpr (kUnit) {
+    x_step = out_step = 1;
+  }
+  const int64_t step = interleaved ? 2 : 1;        // from one pair's first element to the next's
+  const int64_t partner = interleaved ? 1 : half;  // from a pair's first element to its second
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const int64_t first = i * step, second = first + partner;
+    const float x1 = static_cast<float>(x[first * x_step]);
+    const float x2 = static_cast<float>(x[second * x_step]);
+    const float cos_i = static_cast<float>(c[i]);
+    const float sin_i = sign * static_cast<float>(s[i]);
+    out[first * out_step] = static_cast<scalar_t>(x1 * cos_i - x2 * sin_i);
+    out[second * out_step] = static_cast<scalar_t>(x2 * cos_i + x1 * sin_i);
   }
 }
 
@@ -42,6 +68,7 @@ void rotate_rows(
   const cache_t* sin_ptr = sin.const_data_ptr<cache_t>();
   const int64_t* positions_ptr = positions.const_data_ptr<int64_t>();
   const int64_t xs3 = x.stride(3), os3 = out.stride(3);
+  const bool unit = xs3 == 1 && os3 == 1;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / head_dim);
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -53,16 +80,10 @@ void rotate_rows(
       const cache_t* s = sin_ptr + position * half;
       const scalar_t* x_row = x_ptr + b * x.stride(0) + h * x.stride(1) + l * x.stride(2);
       scalar_t* out_row = out_ptr + b * out.stride(0) + h * out.stride(1) + l * out.stride(2);
-      const int64_t step = interleaved ? 2 : 1;        // from one pair's first element to the next's
-      const int64_t partner = interleaved ? 1 : half;  // from a pair's first element to its second
-      for (int64_t i = 0; i < half; ++i) {
-        const int64_t first = i * step, second = first + partner;
-        const float x1 = static_cast<float>(x_row[first * xs3]);
-        const float x2 = static_cast<float>(x_row[second * xs3]);
-        const float cos_i = static_cast<float>(c[i]);
-        const float sin_i = sign * static_cast<float>(s[i]);
-        out_row[first * os3] = static_cast<scalar_t>(x1 * cos_i - x2 * sin_i);
-        out_row[second * os3] = static_cast<scalar_t>(x2 * cos_i + x1 * sin_i);
+      if (unit) {
+        rotate_row<true>(x_row, 1, out_row, 1, c, s, half, interleaved, sign);
+      } else {
+        rotate_row<false>(x_row, xs3, out_row, os3, c, s, half, interleaved, sign);
       }
       if (copy_rest) {
         for (int64_t j = 2 * half; j < head_dim; ++j) {

@@ -155,6 +155,8 @@ def apply_rotary(x, cos, sin, *, position_ids=None, interleaved=False, inplace=F
             "x must not be a leaf that requires grad when inplace=True (autograd cannot rotate it in place); "
             "pass inplace=False, or a non-leaf x"
         )
+    if inplace and any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
+        raise ArgumentError(f"x must not overlap itself when inplace=True (an expanded tensor), got strides {x.stride()}")
     positions = _positions(position_ids, x, cos.shape[0])
     call = Call.of(x, head_dim=x.shape[-1], rotary_dim=2 * cos.shape[1])
     name = APPLY_ROTARY.resolve(call, backend, empty=x.numel() == 0)

@@ -21,6 +21,7 @@ import torch
 
 from . import (
     bench_add_layer_norm,
+    bench_apply_rotary,
     bench_attention,
     bench_attention_with_kv_cache,
     bench_bert_train,
@@ -46,6 +47,7 @@ OPS = {
         bench_ffn,
         bench_attention,
         bench_attention_with_kv_cache,
+        bench_apply_rotary,
         bench_gpt_train,
         bench_gpt_generate,
         bench_bert_train,

@@ -82,6 +82,22 @@ TORCH_LIBRARY(lmkern, m) {
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
       "bool is_causal, SymInt causal_shift, float scale, float dropout_p, SymInt seed) -> (Tensor, Tensor, Tensor)");
+  // Rotary position embeddings of x (B, H, L, D), any strides, float32/float16/bfloat16.
+  // cos and sin (P, R / 2), contiguous, one float dtype, R <= D: row p holds cos(p theta_i)
+  // and sin(p theta_i). positions (B, L) int64, any strides: token l of sequence b sits at
+  // positions[b, l]. Pair i of each head, (x_i, x_{i + R/2}) or, if interleaved,
+  // (x_{2i}, x_{2i+1}), turns by p theta_i (by -p theta_i if conjugate: the backward):
+  // out_1 = x_1 cos - x_2 sin, out_2 = x_2 cos + x_1 sin, in fp32; the last D - R elements
+  // pass through. A position outside [0, P) raises ValueError on CPU; on CUDA, where
+  // checking would stall the stream, that token's rotated part is NaN. Returns a new
+  // contiguous (B, H, L, D) tensor in x's dtype.
+  m.def(
+      "apply_rotary(Tensor x, Tensor cos, Tensor sin, Tensor positions, bool interleaved, bool conjugate) "
+      "-> Tensor");
+  // The same, rotating x in place.
+  m.def(
+      "apply_rotary_(Tensor(a!) x, Tensor cos, Tensor sin, Tensor positions, bool interleaved, bool conjugate) "
+      "-> ()");
   // Decoding: writes k_new, v_new (B, H_kv, L_new, D | Dv) into k_cache, v_cache
   // (B, H_kv, L_max, D | Dv) at positions cache_seqlens[b] (int32 or int64) onwards, then
   // attends q (B, H, Lq, D) over each sequence's keys with bottom-right causal alignment:

@@ -48,15 +48,17 @@ CHOICES = (*BACKENDS, "auto")
 # forward+backward within a few per cent of torch eager, inside this shared 2-thread
 # machine's run-to-run noise); attention.json (native forward+backward within 1.4x of
 # torch's CPU flash SDPA, O(L D) memory; the reference forms the whole score matrix) and
-# attention_with_kv_cache.json. On CUDA the orders are placeholders (triton first; every
-# kernel backend is exact) until a GPU result is cited here: no lmkern kernel has run on a
-# GPU yet.
+# attention_with_kv_cache.json. apply_rotary has no committed result yet: one run of
+# benchmarks/bench_apply_rotary.py on a 2-thread AMD EPYC (2026-12-01) had native 4-5x torch
+# eager and torch.compile at 1x32x1024x128, and level with torch.compile at 2x16x512x64.
+# On CUDA the orders are placeholders (triton first; every kernel backend is exact) until a
+# GPU result is cited here: no lmkern kernel has run on a GPU yet.
 _CPU = ("native", "torch")
 _CUDA = ("triton", "native", "torch")
 AUTO = {
     op: {"cpu": _CPU, "cuda": _CUDA}
     for op in ("cross_entropy", "linear_cross_entropy", "layer_norm", "add_layer_norm", "linear_gelu", "ffn",
-               "attention", "attention_with_kv_cache")
+               "attention", "attention_with_kv_cache", "apply_rotary")
 }
 
 # The kernels take these; float64 runs on the torch reference.

@@ -55,6 +55,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from lmkern.benchmarks.harness import stamp  # noqa: E402
+from lmkern.ops.apply_rotary import triton_kernels as apply_rotary  # noqa: E402
 from lmkern.ops.attention import triton_kernels as attention  # noqa: E402
 from lmkern.ops.attention_with_kv_cache import triton_kernels as attention_with_kv_cache  # noqa: E402
 from lmkern.ops.cross_entropy import triton_kernels as cross_entropy  # noqa: E402
@@ -62,7 +63,7 @@ from lmkern.ops.layer_norm import triton_kernels as layer_norm  # noqa: E402
 from lmkern.ops.linear_gelu import triton_kernels as linear_gelu  # noqa: E402
 from lmkern.ops.triton_tuning import Target  # noqa: E402
 
-MODULES = (attention, attention_with_kv_cache, cross_entropy, layer_norm, linear_gelu)
+MODULES = (apply_rotary, attention, attention_with_kv_cache, cross_entropy, layer_norm, linear_gelu)
 # The shared memory a program may use: cudaDevAttrMaxSharedMemoryPerBlockOptin.
 SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -118,6 +119,20 @@ def layer_norm_case(width, dtype, residual=False, dropout_p=0.0):
     return run
 
 
+def rotary_case(head_dim, rotary_dim, dtype, interleaved, seqlen=4096, cache_dtype=torch.float32):
+    """Queries (B2 H32 L D) rotated forward (a new tensor, and in place) and backward."""
+
+    def run():
+        x = torch.empty(2, 32, seqlen, head_dim, dtype=dtype)
+        cos, sin = (torch.empty(8192, rotary_dim // 2, dtype=cache_dtype) for _ in range(2))
+        positions = torch.zeros(2, seqlen, dtype=torch.long)
+        apply_rotary.apply_rotary_fwd(x, cos, sin, positions, interleaved, False)
+        apply_rotary.apply_rotary_fwd(x, cos, sin, positions, interleaved, True)
+        apply_rotary.apply_rotary_bwd(cos, sin, positions, interleaved, torch.empty_like(x))
+
+    return run
+
+
 def linear_case(width, ffn_width, dtype, activation, prenorm):
     """The FFN's two matmuls at 8192 tokens, and their epilogues' backward: fc1 with bias +
     GELU, fc2 with bias + dropout + residual (pre-LN) or bias alone (post-LN, where the
@@ -144,7 +159,8 @@ def cases():
     tiles are bf16's, at 64), causal or not (and BERT's padding mask with dropout, an
     additive mask, and causal aligned bottom-right), decoding with and without a split cache; cross-entropy at GPT-2's,
     Llama 2's and Llama 3's vocabularies; LayerNorm at widths 768 to 32768 (fp32 to 16384,
-    the kernels' 64 KiB row limit); the FFN matmuls at GPT-2 and BERT-large sizes."""
+    the kernels' 64 KiB row limit); the FFN matmuls at GPT-2 and BERT-large sizes; rotary
+    embeddings of Llama-sized queries in both layouts, partial rotary, and a decoding step."""
     found = []
     for head_dim in (64, 128, 256):
         for name, dtype in DTYPES.items():
@@ -183,6 +199,13 @@ def cases():
     for width in (768, 1024):
         found.append(("add_layer_norm", f"N4096 D{width} residual, dropout 0.1 bf16",
                       layer_norm_case(width, torch.bfloat16, True, 0.1)))
+    for name, dtype in DTYPES.items():
+        for interleaved in (False, True):
+            layout = "interleaved" if interleaved else "half-split"
+            found.append(("apply_rotary", f"B2 H32 L4096 D128 {layout} {name}", rotary_case(128, 128, dtype, interleaved)))
+    found.append(("apply_rotary", "B2 H32 L4096 D64 rotary 16 (partial) bf16, bf16 caches",
+                  rotary_case(64, 16, torch.bfloat16, False, cache_dtype=torch.bfloat16)))
+    found.append(("apply_rotary", "B2 H32 L1 D256 decoding bf16", rotary_case(256, 256, torch.bfloat16, False, seqlen=1)))
     for label, width, ffn_width, activation, prenorm in (
         ("GPT-2 pre-LN", 768, 3072, "gelu_tanh", True),
         ("BERT-large post-LN", 1024, 4096, "gelu", False),

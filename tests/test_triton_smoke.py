@@ -88,9 +88,23 @@ def padded_attention(device, dtype):
     return op, (q, k, v), ["out", "grad_q", "grad_k", "grad_v"]
 
 
+def apply_rotary(device, dtype):
+    """Partial rotary of queries sliced from a packed qkv, at per-sequence offsets."""
+    qkv = randn(2, 40, 3, 4, 64, device=device, dtype=dtype, grad=False)
+    q = qkv[:, :, 0].transpose(1, 2).requires_grad_()  # (B, H, L, D), strided
+    cos, sin = lmkern.rotary_cache(32, 128, device=device)
+    offsets = torch.tensor([0, 70], device=device)
+
+    def op(q, cos, sin, backend):
+        return lmkern.apply_rotary(q, cos, sin, position_ids=offsets, backend=backend)
+
+    return op, (q, cos, sin), ["out", "grad_q", None, None]
+
+
 OPS = {
     fn.__name__: fn
-    for fn in (cross_entropy, linear_cross_entropy, add_layer_norm, wide_layer_norm, ffn, attention, padded_attention)
+    for fn in (cross_entropy, linear_cross_entropy, add_layer_norm, wide_layer_norm, ffn, attention, padded_attention,
+               apply_rotary)
 }
 KERNEL_OP = {"linear_cross_entropy": "cross_entropy", "add_layer_norm": "layer_norm", "wide_layer_norm": "layer_norm",
              "ffn": "linear_gelu", "padded_attention": "attention"}

@@ -1,4 +1,4 @@
-"""lmkern: fused attention, LayerNorm/GELU feed-forward and cross-entropy kernels for
+"""lmkern: fused attention, LayerNorm/RMSNorm/GELU feed-forward and cross-entropy kernels for
 language models, each with a PyTorch reference, Triton kernels and a C++/CUDA extension
 behind one function (choose with `backend=` or `lmkern.use_backend`), and GPT and BERT
 models built on them (lmkern.models).
@@ -14,7 +14,9 @@ from lmkern.ops.cross_entropy import cross_entropy
 from lmkern.ops.linear_cross_entropy import linear_cross_entropy
 from lmkern.ops.ffn import ffn
 from lmkern.ops.add_layer_norm import add_layer_norm
+from lmkern.ops.add_rms_norm import add_rms_norm
 from lmkern.ops.layer_norm import layer_norm
+from lmkern.ops.rms_norm import rms_norm
 from lmkern.ops.linear_gelu import linear_gelu
 
 __version__ = "0.1.0"
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "add_layer_norm",
+    "add_rms_norm",
     "attention_with_kv_cache",
     "cross_entropy",
     "ffn",
@@ -30,6 +33,7 @@ __all__ = [
     "linear_cross_entropy",
     "linear_gelu",
     "nn",
+    "rms_norm",
     "scaled_dot_product_attention",
     "use_backend",
 ]

@@ -23,7 +23,7 @@ struct LayerNormFwdParams {
   const float* bias;          // (width,), or nullptr
   void* out;                  // (n_rows, width) contiguous, out
   void* summed;               // (n_rows, width) contiguous, out: s = residual + dropout(x), or nullptr
-  float* mean;                // (n_rows,) out
+  float* mean;                // (n_rows,) out; not written if rms
   float* rstd;                // (n_rows,) out
   int64_t n_rows;
   int64_t width;              // >= 1, at most kMaxLayerNormRowBytes of dtype
@@ -31,6 +31,7 @@ struct LayerNormFwdParams {
   Dropout dropout;
   bool vectorized;            // every row 16-byte aligned and width a multiple of 16 bytes
   FloatType dtype;            // of x, residual, out and summed
+  bool rms;                   // RMSNorm: the row is not centred (mean 0), no bias
 };
 
 struct LayerNormBwdParams {
@@ -41,7 +42,7 @@ struct LayerNormBwdParams {
   const void* summed;         // (n_rows, width) s, rows summed_row_stride apart
   int64_t summed_row_stride;
   const float* weight;        // (width,), or nullptr
-  const float* mean;          // (n_rows,)
+  const float* mean;          // (n_rows,); not read if rms
   const float* rstd;          // (n_rows,)
   void* grad_summed;          // (n_rows, width) contiguous, out: ds
   void* grad_x;               // (n_rows, width) contiguous, out: dropout(ds), or nullptr
@@ -52,6 +53,7 @@ struct LayerNormBwdParams {
   Dropout dropout;
   bool vectorized;
   FloatType dtype;
+  bool rms;                   // RMSNorm's backward: mean 0, no mean(g) term
 };
 
 cudaError_t layer_norm_fwd(const LayerNormFwdParams& params, cudaStream_t stream);

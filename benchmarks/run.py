@@ -32,6 +32,7 @@ from . import (
     bench_layer_norm,
     bench_linear_cross_entropy,
     bench_linear_gelu,
+    bench_rms_norm,
     report,
 )
 from .harness import HERE, run_op
@@ -43,6 +44,7 @@ OPS = {
         bench_linear_cross_entropy,
         bench_layer_norm,
         bench_add_layer_norm,
+        bench_rms_norm,
         bench_linear_gelu,
         bench_ffn,
         bench_attention,

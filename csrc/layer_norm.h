@@ -50,7 +50,8 @@ inline void check_dropout(double dropout_p, const char* op) {
 }
 
 // A device's forward: s = residual + dropout(x) (stored into `summed` when it is defined,
-// and normalised as rounded there), then out, mean and rstd. Called with n_rows >= 1.
+// and normalised as rounded there), then out, mean and rstd. With rms, RMSNorm: the row is
+// not centred (mean 0) and `mean` is undefined. Called with n_rows >= 1.
 using LayerNormFwdInto = void (*)(
     const at::Tensor& x,
     const std::optional<at::Tensor>& residual,
@@ -61,7 +62,8 @@ using LayerNormFwdInto = void (*)(
     const at::Tensor& out,
     const at::Tensor& mean,
     const at::Tensor& rstd,
-    const at::Tensor& summed);
+    const at::Tensor& summed,
+    bool rms);
 
 // Returns (out, mean, rstd, summed); summed has no elements unless keep_sum.
 template <LayerNormFwdInto into>
@@ -73,8 +75,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     double eps,
     double dropout_p,
     int64_t seed,
-    bool keep_sum) {
+    bool keep_sum,
+    bool rms) {
   constexpr const char* op = "layer_norm_fwd";
+  TORCH_CHECK(!(rms && bias.has_value()), op, ": rms takes no bias, got one");
   check_float_rows(x, op, "x");
   TORCH_CHECK(x.size(1) > 0, op, ": rows must have at least one element, got ", x.sizes());
   if (residual.has_value()) {
@@ -85,19 +89,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   check_dropout(dropout_p, op);
   TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
   at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor mean = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  at::Tensor mean = at::empty({rms ? 0 : x.size(0)}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   at::Tensor summed = keep_sum ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   if (x.size(0) > 0) {
-    into(x, residual, weight, bias, static_cast<float>(eps), make_dropout(dropout_p, seed), out, mean, rstd,
-         keep_sum ? summed : at::Tensor());
+    into(x, residual, weight, bias, static_cast<float>(eps), make_dropout(dropout_p, seed), out,
+         rms ? at::Tensor() : mean, rstd, keep_sum ? summed : at::Tensor(), rms);
   }
   return {out, mean, rstd, summed};
 }
 
 // A device's backward: writes ds into grad_summed, dropout(ds) into grad_x when it is
 // defined, and the column sums of dy xhat and dy into grad_weight and grad_bias when they
-// are defined. May be called with zero rows.
+// are defined. With rms, RMSNorm's backward (mean is undefined). May be called with zero rows.
 using LayerNormBwdInto = void (*)(
     const at::Tensor& grad_out,
     const std::optional<at::Tensor>& grad_sum,
@@ -109,7 +113,8 @@ using LayerNormBwdInto = void (*)(
     const at::Tensor& grad_summed,
     const at::Tensor& grad_x,
     const at::Tensor& grad_weight,
-    const at::Tensor& grad_bias);
+    const at::Tensor& grad_bias,
+    bool rms);
 
 // Returns (grad_summed, grad_x, grad_weight, grad_bias); grad_x has no elements when
 // dropout_p is 0 (it is grad_summed then), grad_weight none without weight, grad_bias
@@ -124,8 +129,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const at::Tensor& rstd,
     double dropout_p,
     int64_t seed,
-    bool has_bias) {
+    bool has_bias,
+    bool rms) {
   constexpr const char* op = "layer_norm_bwd";
+  TORCH_CHECK(!(rms && has_bias), op, ": rms takes no bias, got has_bias");
   check_float_rows(summed, op, "summed");
   check_rows(grad_out, summed, op, "grad_out");
   if (grad_sum.has_value()) {
@@ -133,11 +140,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   }
   check_column_params(weight, summed, summed.size(1), op, "weight");
   for (const at::Tensor* stats : {&mean, &rstd}) {
+    if (rms && stats == &mean) {
+      continue;  // not read
+    }
     TORCH_CHECK(
         stats->dim() == 1 && stats->size(0) == summed.size(0) && stats->scalar_type() == at::kFloat &&
             stats->is_contiguous() && stats->device() == summed.device(),
         op, ": mean and rstd must be contiguous float32 tensors of shape (", summed.size(0), ",) on ",
-        summed.device());
+        summed.device(), " (mean is not read with rms)");
   }
   check_dropout(dropout_p, op);
   const auto stats_options = summed.options().dtype(at::kFloat);
@@ -145,9 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   at::Tensor grad_x = dropout_p > 0.0 ? at::empty(summed.sizes(), summed.options()) : at::empty({0}, summed.options());
   at::Tensor grad_weight = at::empty({weight.has_value() ? summed.size(1) : 0}, stats_options);
   at::Tensor grad_bias = at::empty({has_bias ? summed.size(1) : 0}, stats_options);
-  into(grad_out, grad_sum, summed, weight, mean, rstd, make_dropout(dropout_p, seed), grad_summed,
-       dropout_p > 0.0 ? grad_x : at::Tensor(), weight.has_value() ? grad_weight : at::Tensor(),
-       has_bias ? grad_bias : at::Tensor());
+  into(grad_out, grad_sum, summed, weight, rms ? at::Tensor() : mean, rstd, make_dropout(dropout_p, seed),
+       grad_summed, dropout_p > 0.0 ? grad_x : at::Tensor(), weight.has_value() ? grad_weight : at::Tensor(),
+       has_bias ? grad_bias : at::Tensor(), rms);
   return {grad_summed, grad_x, grad_weight, grad_bias};
 }
 

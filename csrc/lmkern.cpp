@@ -38,17 +38,20 @@ TORCH_LIBRARY(lmkern, m) {
   // residual float32/float16/bfloat16, weight and bias (D,) float32 or absent. The element
   // row * D + col is dropped when philox_uniform(seed, row * D + col) < dropout_p
   // (csrc/dropout.h). Returns out (N, D) in x's dtype, mean and rstd (N,) float32, and s
-  // (N, D) if keep_sum (else an empty tensor); s is normalised as stored.
+  // (N, D) if keep_sum (else an empty tensor); s is normalised as stored. With rms (RMSNorm:
+  // lmkern.rms_norm, add_rms_norm) the row is not centred: rstd = 1 / sqrt(mean(s^2) + eps),
+  // out = s rstd w; bias must be absent and mean is returned empty.
   m.def(
       "layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
-      "float dropout_p, SymInt seed, bool keep_sum) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float dropout_p, SymInt seed, bool keep_sum, bool rms=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // Its backward from the normalised rows s: returns ds (N, D) (plus grad_sum, the gradient
   // that reached s directly), dx = dropout(ds) (N, D) if dropout_p > 0 (else empty), and the
   // float32 weight and bias gradients (D,) (empty without weight, or unless has_bias),
-  // summed deterministically.
+  // summed deterministically. With rms, the backward of the RMSNorm forward (mean is not
+  // read and may be empty; has_bias must be false).
   m.def(
       "layer_norm_bwd(Tensor grad_out, Tensor? grad_sum, Tensor summed, Tensor? weight, Tensor mean, "
-      "Tensor rstd, float dropout_p, SymInt seed, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor rstd, float dropout_p, SymInt seed, bool has_bias, bool rms=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // A linear layer with a fused epilogue: pre = x @ weight.T + bias, out = residual +
   // dropout(act(pre)), act "gelu", "gelu_tanh" or "none". x (N, K) and weight (F, K) in one
   // float dtype, bias (F,) float32. Returns out (N, F) and pre (N, F) if keep_preactivation

@@ -1,7 +1,7 @@
-"""lmkern: fused attention, LayerNorm/GELU feed-forward, cross-entropy and rotary-embedding
-kernels for language models, each with a PyTorch reference, Triton kernels and a C++/CUDA
-extension behind one function (choose with `backend=` or `lmkern.use_backend`), and GPT and
-BERT models built on them (lmkern.models).
+"""lmkern: fused attention, LayerNorm/RMSNorm/GELU feed-forward, cross-entropy and
+rotary-embedding kernels for language models, each with a PyTorch reference, Triton kernels
+and a C++/CUDA extension behind one function (choose with `backend=` or
+`lmkern.use_backend`), and GPT and BERT models built on them (lmkern.models).
 
 Importing lmkern queries no device and does not import triton.
 """
@@ -14,8 +14,10 @@ from lmkern.ops.cross_entropy import cross_entropy
 from lmkern.ops.linear_cross_entropy import linear_cross_entropy
 from lmkern.ops.ffn import ffn
 from lmkern.ops.add_layer_norm import add_layer_norm
+from lmkern.ops.add_rms_norm import add_rms_norm
 from lmkern.ops.apply_rotary import apply_rotary, rotary_cache
 from lmkern.ops.layer_norm import layer_norm
+from lmkern.ops.rms_norm import rms_norm
 from lmkern.ops.linear_gelu import linear_gelu
 
 __version__ = "0.1.0"
@@ -23,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "add_layer_norm",
+    "add_rms_norm",
     "apply_rotary",
     "attention_with_kv_cache",
     "cross_entropy",
@@ -32,6 +35,7 @@ __all__ = [
     "linear_cross_entropy",
     "linear_gelu",
     "nn",
+    "rms_norm",
     "rotary_cache",
     "scaled_dot_product_attention",
     "use_backend",

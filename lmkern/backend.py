@@ -46,7 +46,8 @@ CHOICES = (*BACKENDS, "auto")
 # slowest: cross_entropy.json and linear_cross_entropy.json (native faster than torch
 # eager); layer_norm.json, add_layer_norm.json, linear_gelu.json and ffn.json (native
 # forward+backward within a few per cent of torch eager, inside this shared 2-thread
-# machine's run-to-run noise); attention.json (native forward+backward within 1.4x of
+# machine's run-to-run noise; rms_norm and add_rms_norm run layer_norm's kernels, so
+# follow them until rms_norm.json is cited here); attention.json (native forward+backward within 1.4x of
 # torch's CPU flash SDPA, O(L D) memory; the reference forms the whole score matrix) and
 # attention_with_kv_cache.json. apply_rotary has no committed result yet: one run of
 # benchmarks/bench_apply_rotary.py on a 2-thread AMD EPYC (2026-12-01) had native 4-5x torch
@@ -57,8 +58,8 @@ _CPU = ("native", "torch")
 _CUDA = ("triton", "native", "torch")
 AUTO = {
     op: {"cpu": _CPU, "cuda": _CUDA}
-    for op in ("cross_entropy", "linear_cross_entropy", "layer_norm", "add_layer_norm", "linear_gelu", "ffn",
-               "attention", "attention_with_kv_cache", "apply_rotary")
+    for op in ("cross_entropy", "linear_cross_entropy", "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm",
+               "linear_gelu", "ffn", "attention", "attention_with_kv_cache", "apply_rotary")
 }
 
 # The kernels take these; float64 runs on the torch reference.

@@ -12,6 +12,7 @@ from lmkern.errors import ArgumentError, ArgumentTypeError
 from lmkern.ops.attention import scaled_dot_product_attention  # noqa: F401  (re-exported)
 from lmkern.ops.cross_entropy import cross_entropy as _cross_entropy
 from lmkern.ops.layer_norm import layer_norm  # noqa: F401  (already torch's signature)
+from lmkern.ops.rms_norm import rms_norm  # noqa: F401  (already torch's signature)
 
 
 def cross_entropy(

@@ -1,6 +1,7 @@
 """Drop-in modules: the same constructor arguments and state_dict keys as their torch
 counterparts (they subclass them), with lmkern's kernels in forward; AddLayerNorm, a
-residual add and LayerNorm in one pass; and FusedFFN, the transformer feed-forward
+residual add and LayerNorm in one pass (lmkern.add_rms_norm is its RMSNorm twin, as a
+function); and FusedFFN, the transformer feed-forward
 sub-block as one module."""
 
 import torch
@@ -125,6 +126,41 @@ class AddLayerNorm(LayerNorm):
 
     def extra_repr(self):
         return f"{super().extra_repr()}, prenorm={self.prenorm}, dropout={self.dropout}"
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm on lmkern's kernels (see lmkern.rms_norm).
+
+    Keyword-only extras: weight_offset (1.0 for Gemma's (1 + weight): the weight is then
+    initialised to zeros, so that a new module scales by 1 as torch's does) and backend
+    (as in lmkern.rms_norm).
+    """
+
+    def __init__(
+        self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, *, weight_offset=0.0,
+        backend=None,
+    ):
+        self.weight_offset = weight_offset  # read by reset_parameters, which torch's __init__ calls
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self.backend = backend
+
+    def reset_parameters(self):
+        if self.weight is not None and self.weight_offset:
+            torch.nn.init.constant_(self.weight, 1.0 - self.weight_offset)
+        else:
+            super().reset_parameters()
+
+    def forward(self, input):
+        return functional.rms_norm(
+            input, self.normalized_shape, self.weight, self.eps, weight_offset=self.weight_offset,
+            backend=self.backend,
+        )
+
+    def extra_repr(self):
+        extras = [f"weight_offset={self.weight_offset}"] if self.weight_offset else []
+        if self.backend is not None:
+            extras.append(f"backend={self.backend!r}")
+        return ", ".join([super().extra_repr(), *extras])
 
 
 class FusedFFN(torch.nn.Module):

@@ -106,15 +106,17 @@ def cross_entropy_case(vocab, dtype, smoothing=0.0, weighted=False):
     return run
 
 
-def layer_norm_case(width, dtype, residual=False, dropout_p=0.0):
+def layer_norm_case(width, dtype, residual=False, dropout_p=0.0, rms=False):
+    """LayerNorm's kernels, or with rms RMSNorm's (the same kernels with RMS set, no bias)."""
+
     def run():
         x = torch.empty(4096, width, dtype=dtype)
-        weight, bias = torch.empty(width), torch.empty(width)
+        weight, bias = torch.empty(width), None if rms else torch.empty(width)
         res = torch.empty_like(x) if residual else None
         keep_sum = residual or dropout_p > 0
-        out, mean, rstd, summed = layer_norm.layer_norm_fwd(x, weight, bias, 1e-5, res, dropout_p, 0, keep_sum)
+        out, mean, rstd, summed = layer_norm.layer_norm_fwd(x, weight, bias, 1e-5, res, dropout_p, 0, keep_sum, rms)
         grad_sum = torch.empty_like(x) if residual else None
-        layer_norm.layer_norm_bwd(torch.empty_like(x), grad_sum, x, weight, mean, rstd, dropout_p, 0, True)
+        layer_norm.layer_norm_bwd(torch.empty_like(x), grad_sum, x, weight, mean, rstd, dropout_p, 0, not rms, rms)
 
     return run
 
@@ -159,8 +161,9 @@ def cases():
     tiles are bf16's, at 64), causal or not (and BERT's padding mask with dropout, an
     additive mask, and causal aligned bottom-right), decoding with and without a split cache; cross-entropy at GPT-2's,
     Llama 2's and Llama 3's vocabularies; LayerNorm at widths 768 to 32768 (fp32 to 16384,
-    the kernels' 64 KiB row limit); the FFN matmuls at GPT-2 and BERT-large sizes; rotary
-    embeddings of Llama-sized queries in both layouts, partial rotary, and a decoding step."""
+    the kernels' 64 KiB row limit), RMSNorm at 4096 to 16384; the FFN matmuls at GPT-2 and
+    BERT-large sizes; rotary embeddings of Llama-sized queries in both layouts, partial
+    rotary, and a decoding step."""
     found = []
     for head_dim in (64, 128, 256):
         for name, dtype in DTYPES.items():
@@ -199,6 +202,13 @@ def cases():
     for width in (768, 1024):
         found.append(("add_layer_norm", f"N4096 D{width} residual, dropout 0.1 bf16",
                       layer_norm_case(width, torch.bfloat16, True, 0.1)))
+    # RMSNorm: Llama's widths, the fused backward's widest (8192) and the wide path (16384).
+    for width in (4096, 8192, 16384):
+        for name in ("fp32", "bf16"):
+            if width * DTYPES[name].itemsize <= 65536:
+                found.append(("rms_norm", f"N4096 D{width} {name}", layer_norm_case(width, DTYPES[name], rms=True)))
+    found.append(("add_rms_norm", "N4096 D4096 residual, dropout 0.1 bf16",
+                  layer_norm_case(4096, torch.bfloat16, True, 0.1, rms=True)))
     for name, dtype in DTYPES.items():
         for interleaved in (False, True):
             layout = "interleaved" if interleaved else "half-split"

@@ -81,6 +81,14 @@ def add_layer_norm(x, residual, weight, bias, backend):
     return lmkern.add_layer_norm(x, residual, weight, bias, dropout_p=0.1, backend=backend)
 
 
+def rms_norm(x, weight, backend):
+    return lmkern.rms_norm(x, x.shape[-1:], weight, backend=backend)
+
+
+def add_rms_norm(x, residual, weight, backend):
+    return lmkern.add_rms_norm(x, residual, weight, dropout_p=0.1, weight_offset=1.0, backend=backend)
+
+
 def linear_gelu(x, weight, bias, backend):
     return lmkern.linear_gelu(x, weight, bias, "tanh", backend=backend)
 
@@ -125,6 +133,12 @@ CASES = {
                                      [(6, 24), (6, 24), (24,), (24,)], [F32, F32]),
     "add_layer_norm_half_residual": (add_layer_norm, "layer_norm", [HALF, HALF, F32, F32],
                                      [(6, 24), (6, 24), (24,), (24,)], [HALF, HALF]),
+    "rms_norm_half_input": (rms_norm, "rms_norm", [HALF, F32], [(6, 24), (24,)], [HALF]),
+    "rms_norm_fp32_input": (rms_norm, "rms_norm", [F32, F32], [(6, 24), (24,)], [F32]),
+    "add_rms_norm_fp32_residual": (add_rms_norm, "add_rms_norm", [HALF, F32, F32], [(6, 24), (6, 24), (24,)],
+                                   [F32, F32]),
+    "add_rms_norm_half_residual": (add_rms_norm, "add_rms_norm", [HALF, HALF, F32], [(6, 24), (6, 24), (24,)],
+                                   [HALF, HALF]),
     "linear_gelu": (linear_gelu, "linear_gelu", [F32, F32, F32], [(6, 24), (40, 24), (40,)], [HALF]),
     "ffn_prenorm_fp32_stream": (ffn(True, True), "linear_gelu", [F32] * 7,
                                 [(6, 24), (24,), (24,), (40, 24), (40,), (24, 40), (24,)], [F32]),
@@ -159,6 +173,9 @@ MIXED_CASES = {
     "layer_norm_fp32_parameters": (layer_norm, "layer_norm", [HALF, F32, F32], [(6, 24), (24,), (24,)], [HALF]),
     "add_layer_norm_fp32_stream": (add_layer_norm, "layer_norm", [HALF, F32, F32, F32],
                                    [(6, 24), (6, 24), (24,), (24,)], [F32, F32]),
+    "rms_norm_fp32_parameters": (rms_norm, "rms_norm", [HALF, F32], [(6, 24), (24,)], [HALF]),
+    "add_rms_norm_fp32_stream": (add_rms_norm, "add_rms_norm", [HALF, F32, F32], [(6, 24), (6, 24), (24,)],
+                                 [F32, F32]),
 }
 
 

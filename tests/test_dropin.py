@@ -279,6 +279,12 @@ def test_layer_norm_module_matches_torch(backend, affine, bias):
     require(backend, "cpu", torch.float32, "layer_norm")
     theirs = torch.nn.LayerNorm((4, 5), eps=1e-4, elementwise_affine=affine, bias=bias)
     ours = lmkern.nn.LayerNorm((4, 5), eps=1e-4, elementwise_affine=affine, bias=bias, backend=backend)
+    assert_norm_module_matches_torch(ours, theirs)
+
+
+def assert_norm_module_matches_torch(ours, theirs):
+    """A norm module over (4, 5) against torch's, with theirs' parameters perturbed and
+    loaded into ours: the same forward and input gradient, and repr."""
     with torch.no_grad():
         for parameter in theirs.parameters():
             parameter.add_(0.1 * make_randn(4)(*parameter.shape))
@@ -289,6 +295,41 @@ def test_layer_norm_module_matches_torch(backend, affine, bias):
         torch.float32, ["d input"],
     )
     assert repr(ours).startswith(repr(theirs)[:-1])
+
+
+# -- rms_norm ----------------------------------------------------------------------------------
+
+# LayerNorm's cases without a bias ("no_affine": no weight); eps None (torch's default)
+# unless the case gives one.
+RMS_NORM_CASES = [case for case in LAYER_NORM_CASES if case != "weight_only"]
+
+
+def rms_norm_inputs(case, dtype):
+    """([input, weight] (None where absent), normalized_shape, eps) of a case in dtype."""
+    (x, weight, _), normalized_shape, _ = layer_norm_inputs(case, dtype)
+    return [x, weight], normalized_shape, LAYER_NORM_CASES[case][2].get("eps")
+
+
+@pytest.mark.parametrize("case", RMS_NORM_CASES)
+@pytest.mark.parametrize("dtype", (torch.float32, HALF), ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_matches_torch(backend, dtype, case):
+    require(backend, "cpu", dtype, "rms_norm")
+    _, normalized_shape, eps = rms_norm_inputs(case, dtype)
+    assert_matches_torch(
+        lambda x, w: LF.rms_norm(x, normalized_shape, w, eps, backend=backend),
+        lambda x, w: F.rms_norm(x, normalized_shape, w, eps),
+        lambda dtype: rms_norm_inputs(case, dtype)[0], dtype, ["d input", "d weight"],
+    )
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_module_matches_torch(backend, affine):
+    require(backend, "cpu", torch.float32, "rms_norm")
+    theirs = torch.nn.RMSNorm((4, 5), elementwise_affine=affine)
+    ours = lmkern.nn.RMSNorm((4, 5), elementwise_affine=affine, backend=backend)
+    assert_norm_module_matches_torch(ours, theirs)
 
 
 # -- errors: where torch raises, lmkern raises an exception of torch's class ---------------------
@@ -330,13 +371,16 @@ def _bad_calls():
         "layer_norm_shape": lambda f: f.layer_norm(rows, (9,)),
         "layer_norm_weight_shape": lambda f: f.layer_norm(rows, (10,), torch.ones(9)),
         "layer_norm_integer_input": lambda f: f.layer_norm(rows.long(), (10,)),
+        "rms_norm_shape": lambda f: f.rms_norm(rows, (9,)),
+        "rms_norm_weight_shape": lambda f: f.rms_norm(rows, (10,), torch.ones(9)),
+        "rms_norm_integer_input": lambda f: f.rms_norm(rows.long(), (10,)),
     }
 
 
 @pytest.mark.parametrize("case", _bad_calls())
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lmkern_raises_what_torch_raises(backend, case):
-    op = next(op for op in ("attention", "cross_entropy", "layer_norm") if case.startswith(op))
+    op = next(op for op in ("attention", "cross_entropy", "layer_norm", "rms_norm") if case.startswith(op))
     require(backend, "cpu", torch.float32, op)
     call = _bad_calls()[case]
     with pytest.raises(Exception) as raised_by_torch:
@@ -362,6 +406,11 @@ def _zero_size_cases():
             lambda x, r, w, b, backend: lmkern.add_layer_norm(x, r, w, b, eps, backend=backend),
             lambda x, r, w, b: (F.layer_norm(x + r, x.shape[-1:], w, b, eps), x + r),
             "layer_norm", [(2, 0, 8), (2, 0, 8), (8,), (8,)],
+        ),
+        "add_rms_norm_rows": (
+            lambda x, r, w, backend: lmkern.add_rms_norm(x, r, w, eps, backend=backend),
+            lambda x, r, w: (F.rms_norm(x + r, x.shape[-1:], w, eps), x + r),
+            "add_rms_norm", [(2, 0, 8), (2, 0, 8), (8,)],
         ),
         "linear_gelu_rows": (
             lambda x, w, b, backend: lmkern.linear_gelu(x, w, b, backend=backend),
@@ -447,6 +496,10 @@ def _penalty_cases():
             lambda x, w, b, backend: lmkern.add_layer_norm(x, None, w, b, backend=backend),
             lambda x, w, b: (F.layer_norm(x, (10,), w, b), x), "layer_norm", [(4, 10), (10,), (10,)],
         ),
+        "rms_norm": (
+            lambda x, w, backend: LF.rms_norm(x, (10,), w, backend=backend),
+            lambda x, w: F.rms_norm(x, (10,), w), "rms_norm", [(4, 10), (10,)],
+        ),
         "linear_gelu": (
             lambda x, w, b, backend: lmkern.linear_gelu(x, w, b, "tanh", backend=backend),
             lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"), "linear_gelu", [(4, 6), (5, 6), (5,)],
@@ -483,7 +536,8 @@ def test_second_derivatives_match_torch(backend, case):
     )
 
 
-@pytest.mark.parametrize("case", ["scaled_dot_product_attention_causal", "layer_norm", "linear_gelu", "ffn_postnorm"])
+@pytest.mark.parametrize("case", ["scaled_dot_product_attention_causal", "layer_norm", "rms_norm", "linear_gelu",
+                                  "ffn_postnorm"])
 def test_gradgradcheck_on_the_reference(case):
     ours, _, _, shapes = _penalty_cases()[case]
     randn = make_randn(9)
@@ -501,6 +555,9 @@ def _first_order_only_cases():
         "add_layer_norm": ("add_layer_norm",
                            lambda x, w, backend: lmkern.add_layer_norm(x @ w, x @ w, None, None, backend=backend)[0]
                            .square().sum()),
+        "add_rms_norm": ("add_rms_norm",
+                         lambda x, w, backend: lmkern.add_rms_norm(x @ w, x @ w, None, backend=backend)[0]
+                         .square().sum()),
     }
 
 
@@ -510,7 +567,7 @@ def test_create_graph_through_a_first_order_op_raises_naming_it(backend, case):
     """A gradient penalty through these ops would silently lose their second-order terms
     (a penalty through linear_cross_entropy gave d(w) off by a quarter): it raises instead."""
     name, loss = _first_order_only_cases()[case]
-    require(backend, "cpu", torch.float32, "layer_norm" if name == "add_layer_norm" else "cross_entropy")
+    require(backend, "cpu", torch.float32, name if name.startswith("add_") else "cross_entropy")
     randn = make_randn(10)
     x, w = grad_leaf(randn(4, 6)), grad_leaf(randn(6, 6))
     with pytest.raises(RuntimeError, match=f"lmkern.{name} has no double backward"):

@@ -81,35 +81,56 @@ def test_reference_matches_torch(shape):
         torch.testing.assert_close(a, e)
 
 
+def assert_deterministic(op, inputs, backend):
+    """op(*inputs, backend=backend) twice: bit-identical outputs and gradients."""
+    first = outputs_and_grads(lambda *a: op(*a, backend=backend), inputs, torch.float32)
+    second = outputs_and_grads(lambda *a: op(*a, backend=backend), inputs, torch.float32)
+    for a, e in zip(first, second):
+        assert torch.equal(a, e)
+
+
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_weight_gradients_are_deterministic(backend):
     require(backend, "cpu", torch.float32, "layer_norm")
     x, _, w, b = make((300, 96), torch.float32, "cpu", residual=False)
-    first = outputs_and_grads(lambda *a: layer_norm_op(*a, backend=backend), (x, w, b), torch.float32)
-    second = outputs_and_grads(lambda *a: layer_norm_op(*a, backend=backend), (x, w, b), torch.float32)
-    for a, e in zip(first, second):
-        assert torch.equal(a, e)
+    assert_deterministic(layer_norm_op, (x, w, b), backend)
+
+
+def assert_runs_empty_rows(normalize):
+    """normalize(x, weight) of (0, 3, 10) rows: an empty output and a zero weight gradient."""
+    x = torch.randn(0, 3, 10, requires_grad=True)
+    w = torch.ones(10, requires_grad=True)
+    out = normalize(x, w)
+    out.sum().backward()
+    assert out.shape == x.shape and torch.equal(w.grad, torch.zeros(10))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_rows(backend):
     require(backend, "cpu", torch.float32, "layer_norm")
-    x = torch.randn(0, 3, 10, requires_grad=True)
-    w = torch.ones(10, requires_grad=True)
-    out = lmkern.layer_norm(x, (10,), w, None, backend=backend)
-    out.sum().backward()
-    assert out.shape == x.shape and torch.equal(w.grad, torch.zeros(10))
+    assert_runs_empty_rows(lambda x, w: lmkern.layer_norm(x, (10,), w, None, backend=backend))
+
+
+def assert_gpu_kernels_refuse_wide_rows(op, normalize, torch_normalize, monkeypatch):
+    """op (an Op on LayerNorm's kernels) and normalize(x, width, backend=None): the Triton
+    backend refuses rows over 64 KiB, and auto falls back to the reference for them
+    (compared with torch_normalize(x, (width,)))."""
+    x = torch.randn(2, 16385)
+    with pytest.raises(lmkern.BackendUnavailableError,
+                       match=rf"{op.name}: .*rows of up to 65536 bytes, got 16385 torch.float32"):
+        normalize(x, 16385, backend="triton")
+    monkeypatch.setitem(backend_module.AUTO, op.name, {"cpu": ("triton", "torch")})
+    assert op.resolve(Call.of(x, width=16385)) == "torch"
+    assert op.resolve(Call.of(x, width=16384)) == "triton"
+    torch.testing.assert_close(normalize(x, 16385), torch_normalize(x, (16385,)))
 
 
 def test_gpu_kernels_refuse_wide_rows_and_auto_falls_back(monkeypatch):
     require("triton", "cpu", torch.float32, "layer_norm")
-    x = torch.randn(2, 16385)
-    with pytest.raises(lmkern.BackendUnavailableError, match=r"rows of up to 65536 bytes, got 16385 torch.float32"):
-        lmkern.layer_norm(x, (16385,), backend="triton")
-    monkeypatch.setitem(backend_module.AUTO, "layer_norm", {"cpu": ("triton", "torch")})
-    assert LAYER_NORM.resolve(Call.of(x, width=16385)) == "torch"
-    assert LAYER_NORM.resolve(Call.of(x, width=16384)) == "triton"
-    torch.testing.assert_close(lmkern.layer_norm(x, (16385,)), F.layer_norm(x, (16385,)))
+    assert_gpu_kernels_refuse_wide_rows(
+        LAYER_NORM, lambda x, width, backend=None: lmkern.layer_norm(x, (width,), backend=backend), F.layer_norm,
+        monkeypatch,
+    )
 
 
 def test_float64_runs_on_torch_under_auto_and_is_refused_by_kernels():
@@ -160,14 +181,21 @@ def test_compiles_with_fullgraph_on_cpu():
     assert_compiles_like_eager(step, torch.randn(4, 7, 50))
 
 
+def bad_input_and_shape_calls(norm, x):
+    """The bad calls that lmkern.layer_norm and lmkern.rms_norm (norm) share, on x (4, 10)."""
+    return [
+        (lambda: norm(x.long(), (10,)), TypeError, "input must be a floating-point tensor"),
+        (lambda: norm(x, (9,)), ValueError, r"normalized_shape must be the last dimensions of input \(4, 10\)"),
+        (lambda: norm(x, ()), ValueError, "normalized_shape must be the last dimensions"),
+        (lambda: norm(x, (10,), torch.ones(9)), ValueError, r"weight must have shape \(10,\)"),
+    ]
+
+
 def _bad_calls():
     x, w = torch.randn(4, 10), torch.ones(10)
     ln = lmkern.layer_norm
     return [
-        (lambda: ln(x.long(), (10,)), TypeError, "input must be a floating-point tensor"),
-        (lambda: ln(x, (9,)), ValueError, r"normalized_shape must be the last dimensions of input \(4, 10\)"),
-        (lambda: ln(x, ()), ValueError, "normalized_shape must be the last dimensions"),
-        (lambda: ln(x, (10,), torch.ones(9)), ValueError, r"weight must have shape \(10,\)"),
+        *bad_input_and_shape_calls(ln, x),
         (lambda: ln(x, (10,), w, torch.ones(10, 1)), ValueError, r"bias must have shape \(10,\)"),
         (lambda: ln(x, (10,), eps=-1.0), ValueError, "eps must be >= 0"),
     ]

@@ -52,6 +52,27 @@ def wide_layer_norm(device, dtype):
     return op, (x, w), ["out", "grad_x", "grad_w"]
 
 
+def add_rms_norm(device, dtype):
+    """LayerNorm's kernels with the RMS switch, Gemma's (1 + weight)."""
+    x, r, w = randn(64, 768, device=device, dtype=dtype), randn(64, 768, device=device, dtype=dtype), randn(
+        768, device=device, dtype=dtype)
+
+    def op(x, r, w, backend):
+        return lmkern.add_rms_norm(x, r, w, dropout_p=0.1, weight_offset=1.0, backend=backend)
+
+    return op, (x, r, w), ["out", "summed", "grad_x", "grad_r", "grad_w"]
+
+
+def wide_rms_norm(device, dtype):
+    """RMSNorm on the two-kernel backward path."""
+    x, w = randn(4, 12000, device=device, dtype=dtype), randn(12000, device=device, dtype=dtype)
+
+    def op(x, w, backend):
+        return lmkern.rms_norm(x, (12000,), w, backend=backend)
+
+    return op, (x, w), ["out", "grad_x", "grad_w"]
+
+
 def ffn(device, dtype):
     """Pre-LN with dropout: LayerNorm, both matmul epilogues (GELU; dropout + residual) and
     their backward."""
@@ -103,10 +124,11 @@ def apply_rotary(device, dtype):
 
 OPS = {
     fn.__name__: fn
-    for fn in (cross_entropy, linear_cross_entropy, add_layer_norm, wide_layer_norm, ffn, attention, padded_attention,
-               apply_rotary)
+    for fn in (cross_entropy, linear_cross_entropy, add_layer_norm, wide_layer_norm, add_rms_norm, wide_rms_norm, ffn,
+               attention, padded_attention, apply_rotary)
 }
 KERNEL_OP = {"linear_cross_entropy": "cross_entropy", "add_layer_norm": "layer_norm", "wide_layer_norm": "layer_norm",
+             "wide_rms_norm": "rms_norm",
              "ffn": "linear_gelu", "padded_attention": "attention"}
 
 

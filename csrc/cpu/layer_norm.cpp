@@ -9,6 +9,8 @@
 //   ds = rstd (g - mean(g) - xhat mean(g xhat)) [+ grad_sum],  dx = dropout(ds)
 //   dw = sum_rows(dy xhat),  db = sum_rows(dy), over fixed chunks of rows in double
 // (deterministic whatever the number of threads).
+// RMSNorm (kRms, for lmkern.rms_norm and add_rms_norm) is the same skeleton with mean = 0
+// and no bias: rstd = 1 / sqrt(sum(s^2) / D + eps), and backward drops the mean(g) term.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,10 +31,12 @@ namespace {
 // most kChunk / 4 terms), and the chunks add up in double: accurate for any row length.
 constexpr int64_t kChunk = 256;
 
-// The mean and rstd of a row: its sum, then the squared deviations from the mean.
+// The mean and rstd of a row: its sum, then the squared deviations from the mean (for
+// kRms, the mean is 0 and the first sweep is skipped).
+template <bool kRms>
 LMKERN_CPU_CLONES void row_moments(const float* s, int64_t n, float eps, float* mean_out, float* rstd_out) {
   double total = 0.0;
-  for (int64_t begin = 0; begin < n; begin += kChunk) {
+  for (int64_t begin = 0; begin < n && !kRms; begin += kChunk) {
     const int64_t end = std::min(begin + kChunk, n);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -70,6 +74,8 @@ LMKERN_CPU_CLONES void normalize_row(
 // sum_dy_xhat += dy xhat (when given), sum_dy += dy. g goes through memory (into ds, then
 // overwritten) so that g - mean(g) sees g rounded as in its mean: a constant row (xhat = 0,
 // e.g. of width 1) must get exactly mean(g) - mean(g) = 0, whatever FMA contraction does.
+// For kRms (mean 0): ds = rstd (g - xhat mean(g xhat)).
+template <bool kRms>
 LMKERN_CPU_CLONES void backward_row(
     const float* s,
     const float* dy,
@@ -98,7 +104,7 @@ LMKERN_CPU_CLONES void backward_row(
     total_g += sum_g;
     total_gx += sum_gx;
   }
-  const float mean_g = static_cast<float>(total_g / n);
+  const float mean_g = kRms ? 0.0f : static_cast<float>(total_g / n);
   const float mean_gx = static_cast<float>(total_gx / n);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -108,6 +114,16 @@ LMKERN_CPU_CLONES void backward_row(
       sum_dy_xhat[i] += dy[i] * xhat;
     }
     sum_dy[i] += dy[i];
+  }
+}
+
+// Calls body(std::bool_constant<rms>{}): one instantiation of the kernels per norm.
+template <typename Body>
+void with_rms(bool rms, Body&& body) {
+  if (rms) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
   }
 }
 
@@ -121,52 +137,60 @@ void layer_norm_fwd_cpu(
     const at::Tensor& out,
     const at::Tensor& mean,
     const at::Tensor& rstd,
-    const at::Tensor& summed) {
+    const at::Tensor& summed,
+    bool rms) {
   const int64_t n_rows = x.size(0);
   const int64_t width = x.size(1);
   const float* w = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
   const float* b = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
-  float* mean_ptr = mean.data_ptr<float>();
+  float* mean_ptr = rms ? nullptr : mean.data_ptr<float>();
   float* rstd_ptr = rstd.data_ptr<float>();
   const bool adds = residual.has_value() || dropout.p > 0.0f || summed.defined();
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / width);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cpu", [&] {
-    constexpr bool is_float = std::is_same_v<scalar_t, float>;
-    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-    const scalar_t* residual_ptr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
-    const int64_t residual_stride = residual.has_value() ? residual->stride(0) : 0;
-    scalar_t* summed_ptr = summed.defined() ? summed.data_ptr<scalar_t>() : nullptr;
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer(width);
-      for (int64_t row = begin; row < end; ++row) {
-        const scalar_t* x_row = x_ptr + row * x.stride(0);
-        const float* s = buffer.data();
-        if (adds) {  // s = residual + dropout(x), in the buffer (and in summed)
-          load_row(x_row, width, buffer.data());
-          if (dropout.p > 0.0f) {
-            dropout_row(buffer.data(), width, dropout, row * width);
-          }
-          if (residual_ptr) {
-            add_row(residual_ptr + row * residual_stride, width, buffer.data());
-          }
-          if (summed_ptr) {  // normalise s as stored, so that backward sees the same rows
-            store_row(buffer.data(), width, summed_ptr + row * width);
-            if (!is_float) {
-              load_row(summed_ptr + row * width, width, buffer.data());
+    with_rms(rms, [&](auto rms_flag) {
+      constexpr bool kRms = decltype(rms_flag)::value;
+      constexpr bool is_float = std::is_same_v<scalar_t, float>;
+      const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+      const scalar_t* residual_ptr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
+      const int64_t residual_stride = residual.has_value() ? residual->stride(0) : 0;
+      scalar_t* summed_ptr = summed.defined() ? summed.data_ptr<scalar_t>() : nullptr;
+      scalar_t* out_ptr = out.data_ptr<scalar_t>();
+      at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> buffer(width);
+        for (int64_t row = begin; row < end; ++row) {
+          const scalar_t* x_row = x_ptr + row * x.stride(0);
+          const float* s = buffer.data();
+          if (adds) {  // s = residual + dropout(x), in the buffer (and in summed)
+            load_row(x_row, width, buffer.data());
+            if (dropout.p > 0.0f) {
+              dropout_row(buffer.data(), width, dropout, row * width);
             }
+            if (residual_ptr) {
+              add_row(residual_ptr + row * residual_stride, width, buffer.data());
+            }
+            if (summed_ptr) {  // normalise s as stored, so that backward sees the same rows
+              store_row(buffer.data(), width, summed_ptr + row * width);
+              if (!is_float) {
+                load_row(summed_ptr + row * width, width, buffer.data());
+              }
+            }
+          } else {
+            s = row_as_float(x_row, width, buffer.data());
           }
-        } else {
-          s = row_as_float(x_row, width, buffer.data());
+          float row_mean = 0.0f;
+          row_moments<kRms>(s, width, eps, &row_mean, rstd_ptr + row);
+          if (!kRms) {
+            mean_ptr[row] = row_mean;
+          }
+          scalar_t* out_row = out_ptr + row * width;
+          float* normalized = float_row_or(out_row, buffer.data());
+          normalize_row(s, width, row_mean, rstd_ptr[row], w, b, normalized);
+          if (!is_float) {
+            store_row(normalized, width, out_row);
+          }
         }
-        row_moments(s, width, eps, mean_ptr + row, rstd_ptr + row);
-        scalar_t* out_row = out_ptr + row * width;
-        float* normalized = float_row_or(out_row, buffer.data());
-        normalize_row(s, width, mean_ptr[row], rstd_ptr[row], w, b, normalized);
-        if (!is_float) {
-          store_row(normalized, width, out_row);
-        }
-      }
+      });
     });
   });
 }
@@ -182,44 +206,49 @@ void layer_norm_bwd_cpu(
     const at::Tensor& grad_summed,
     const at::Tensor& grad_x,
     const at::Tensor& grad_weight,
-    const at::Tensor& grad_bias) {
+    const at::Tensor& grad_bias,
+    bool rms) {
   const int64_t n_rows = summed.size(0);
   const int64_t width = summed.size(1);
   const float* w = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
-  const float* mean_ptr = mean.const_data_ptr<float>();
+  const float* mean_ptr = rms ? nullptr : mean.const_data_ptr<float>();
   const float* rstd_ptr = rstd.const_data_ptr<float>();
   std::vector<float> totals(2 * width);  // sum_rows(dy xhat), then sum_rows(dy)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, summed.scalar_type(), "layer_norm_bwd_cpu", [&] {
-    constexpr bool is_float = std::is_same_v<scalar_t, float>;
-    const scalar_t* s_ptr = summed.const_data_ptr<scalar_t>();
-    const scalar_t* dy_ptr = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* grad_sum_ptr = grad_sum.has_value() ? grad_sum->const_data_ptr<scalar_t>() : nullptr;
-    const int64_t grad_sum_stride = grad_sum.has_value() ? grad_sum->stride(0) : 0;
-    scalar_t* ds_ptr = grad_summed.data_ptr<scalar_t>();
-    scalar_t* dx_ptr = grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr;
-    column_sums_over_rows(n_rows, width, 2, totals.data(), [&](int64_t begin, int64_t end, float* sums) {
-      std::vector<float> buffers(3 * width);
-      float* s_buffer = buffers.data();
-      float* dy_buffer = s_buffer + width;
-      float* ds_buffer = dy_buffer + width;
-      for (int64_t row = begin; row < end; ++row) {
-        const float* s = row_as_float(s_ptr + row * summed.stride(0), width, s_buffer);
-        const float* dy = row_as_float(dy_ptr + row * grad_out.stride(0), width, dy_buffer);
-        scalar_t* ds_row = ds_ptr + row * width;
-        float* ds = float_row_or(ds_row, ds_buffer);
-        backward_row(s, dy, width, mean_ptr[row], rstd_ptr[row], w, ds, w ? sums : nullptr, sums + width);
-        if (grad_sum_ptr) {
-          add_row(grad_sum_ptr + row * grad_sum_stride, width, ds);
+    with_rms(rms, [&](auto rms_flag) {
+      constexpr bool kRms = decltype(rms_flag)::value;
+      constexpr bool is_float = std::is_same_v<scalar_t, float>;
+      const scalar_t* s_ptr = summed.const_data_ptr<scalar_t>();
+      const scalar_t* dy_ptr = grad_out.const_data_ptr<scalar_t>();
+      const scalar_t* grad_sum_ptr = grad_sum.has_value() ? grad_sum->const_data_ptr<scalar_t>() : nullptr;
+      const int64_t grad_sum_stride = grad_sum.has_value() ? grad_sum->stride(0) : 0;
+      scalar_t* ds_ptr = grad_summed.data_ptr<scalar_t>();
+      scalar_t* dx_ptr = grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr;
+      column_sums_over_rows(n_rows, width, 2, totals.data(), [&](int64_t begin, int64_t end, float* sums) {
+        std::vector<float> buffers(3 * width);
+        float* s_buffer = buffers.data();
+        float* dy_buffer = s_buffer + width;
+        float* ds_buffer = dy_buffer + width;
+        for (int64_t row = begin; row < end; ++row) {
+          const float* s = row_as_float(s_ptr + row * summed.stride(0), width, s_buffer);
+          const float* dy = row_as_float(dy_ptr + row * grad_out.stride(0), width, dy_buffer);
+          scalar_t* ds_row = ds_ptr + row * width;
+          float* ds = float_row_or(ds_row, ds_buffer);
+          backward_row<kRms>(
+              s, dy, width, kRms ? 0.0f : mean_ptr[row], rstd_ptr[row], w, ds, w ? sums : nullptr, sums + width);
+          if (grad_sum_ptr) {
+            add_row(grad_sum_ptr + row * grad_sum_stride, width, ds);
+          }
+          if (!is_float) {
+            store_row(ds, width, ds_row);
+          }
+          if (dx_ptr) {
+            std::copy(ds, ds + width, ds_buffer);
+            dropout_row(ds_buffer, width, dropout, row * width);
+            store_row(ds_buffer, width, dx_ptr + row * width);
+          }
         }
-        if (!is_float) {
-          store_row(ds, width, ds_row);
-        }
-        if (dx_ptr) {
-          std::copy(ds, ds + width, ds_buffer);
-          dropout_row(ds_buffer, width, dropout, row * width);
-          store_row(ds_buffer, width, dx_ptr + row * width);
-        }
-      }
+      });
     });
   });
   if (grad_weight.defined()) {

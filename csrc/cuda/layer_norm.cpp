@@ -34,7 +34,8 @@ void layer_norm_fwd_cuda(
     const at::Tensor& out,
     const at::Tensor& mean,
     const at::Tensor& rstd,
-    const at::Tensor& summed) {
+    const at::Tensor& summed,
+    bool rms) {
   check_row_width(x, "layer_norm_fwd");
   const c10::cuda::CUDAGuard device_guard(x.device());
   cuda::LayerNormFwdParams params{};
@@ -46,7 +47,7 @@ void layer_norm_fwd_cuda(
   params.bias = optional_floats(bias);
   params.out = out.data_ptr();
   params.summed = summed.defined() ? summed.data_ptr() : nullptr;
-  params.mean = mean.data_ptr<float>();
+  params.mean = rms ? nullptr : mean.data_ptr<float>();
   params.rstd = rstd.data_ptr<float>();
   params.n_rows = x.size(0);
   params.width = x.size(1);
@@ -54,7 +55,7 @@ void layer_norm_fwd_cuda(
   params.dropout = dropout;
   params.vectorized = cuda::rows_vectorizable({x, residual.value_or(at::Tensor()), out, summed});
   params.dtype = cuda::to_float_type(x.scalar_type());
-  C10_CUDA_CHECK(cuda::layer_norm_fwd(params, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::layer_norm_fwd(params, rms, c10::cuda::getCurrentCUDAStream()));
 }
 
 void layer_norm_bwd_cuda(
@@ -68,7 +69,8 @@ void layer_norm_bwd_cuda(
     const at::Tensor& grad_summed,
     const at::Tensor& grad_x,
     const at::Tensor& grad_weight,
-    const at::Tensor& grad_bias) {
+    const at::Tensor& grad_bias,
+    bool rms) {
   check_row_width(summed, "layer_norm_bwd");
   const c10::cuda::CUDAGuard device_guard(summed.device());
   cuda::LayerNormBwdParams params{};
@@ -84,7 +86,7 @@ void layer_norm_bwd_cuda(
   params.summed = summed.const_data_ptr();
   params.summed_row_stride = summed.stride(0);
   params.weight = optional_floats(weight);
-  params.mean = mean.const_data_ptr<float>();
+  params.mean = rms ? nullptr : mean.const_data_ptr<float>();
   params.rstd = rstd.const_data_ptr<float>();
   params.grad_summed = grad_summed.data_ptr();
   params.grad_x = grad_x.defined() ? grad_x.data_ptr() : nullptr;
@@ -92,7 +94,7 @@ void layer_norm_bwd_cuda(
   params.dropout = dropout;
   params.vectorized =
       cuda::rows_vectorizable({grad_out, grad_sum.value_or(at::Tensor()), summed, grad_summed, grad_x});
-  C10_CUDA_CHECK(cuda::layer_norm_bwd(params, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::layer_norm_bwd(params, rms, c10::cuda::getCurrentCUDAStream()));
   // A fixed-order sum over the blocks' partial sums (zero rows give zeros).
   for (int64_t which : {0, 1}) {
     at::Tensor total = which == 0 ? grad_weight : grad_bias;  // a handle on the op's output

@@ -16,6 +16,8 @@
 // for its second pass, and a column-tiled kernel sums dy xhat and dy over groups of rows
 // (s and dy read twice, and no spills). Either way the binding adds up the rows of partial
 // sums: the weight and bias gradients are deterministic, without atomics.
+// RMSNorm (kRms, for lmkern.rms_norm and add_rms_norm) runs the same kernels with mean = 0
+// and no bias: the first block sum of forward and the mean(g) term of backward drop out.
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -83,7 +85,7 @@ __device__ __forceinline__ void row_terms(
   }
 }
 
-template <typename T, int kThreads, int kPacks>
+template <typename T, int kThreads, int kPacks, bool kRms>
 __global__ void __launch_bounds__(kThreads) layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   constexpr int kN = Pack<T>::kN;
   __shared__ float shared[1][kThreads / 32];
@@ -127,8 +129,10 @@ __global__ void __launch_bounds__(kThreads) layer_norm_fwd_kernel(const LayerNor
         sum[0] += first + k < width ? s[i][k] : 0.0f;
       }
     }
-    block_sum<kThreads>(sum, shared);
-    const float mean = sum[0] / width;
+    if constexpr (!kRms) {
+      block_sum<kThreads>(sum, shared);
+    }
+    const float mean = kRms ? 0.0f : sum[0] / width;
     float squares[1] = {0.0f};
 #pragma unroll
     for (int i = 0; i < kPacks; ++i) {
@@ -142,7 +146,9 @@ __global__ void __launch_bounds__(kThreads) layer_norm_fwd_kernel(const LayerNor
     block_sum<kThreads>(squares, shared);
     const float rstd = 1.0f / sqrtf(squares[0] / width + p.eps);
     if (threadIdx.x == 0) {
-      p.mean[row] = mean;
+      if constexpr (!kRms) {
+        p.mean[row] = mean;
+      }
       p.rstd[row] = rstd;
     }
     T* out = static_cast<T*>(p.out) + row * width;
@@ -167,7 +173,7 @@ constexpr int64_t kMaxFusedWidth = 8192;
 template <typename T, int kThreads, int kPacks>
 constexpr bool kFusedBackward = static_cast<int64_t>(kThreads) * kPacks * Pack<T>::kN <= kMaxFusedWidth;
 
-template <typename T, int kThreads, int kPacks>
+template <typename T, int kThreads, int kPacks, bool kRms>
 __global__ void __launch_bounds__(kThreads) layer_norm_bwd_kernel(const LayerNormBwdParams p) {
   constexpr int kN = Pack<T>::kN;
   constexpr bool kFused = kFusedBackward<T, kThreads, kPacks>;
@@ -179,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_bwd_kernel(const LayerNor
   for (int64_t row = blockIdx.x; row < p.n_rows; row += gridDim.x) {
     const T* summed = static_cast<const T*>(p.summed) + row * p.summed_row_stride;
     const T* grad_out = static_cast<const T*>(p.grad_out) + row * p.grad_out_row_stride;
-    const float mean = p.mean[row];
+    const float mean = kRms ? 0.0f : p.mean[row];
     const float rstd = p.rstd[row];
     float xhat[kHeld][kN];
     float g[kHeld][kN];
@@ -204,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_bwd_kernel(const LayerNor
       }
     }
     block_sum<kThreads>(sums, shared);
-    const float mean_g = sums[0] / width;
+    const float mean_g = kRms ? 0.0f : sums[0] / width;
     const float mean_gx = sums[1] / width;
     const T* grad_sum = p.grad_sum ? static_cast<const T*>(p.grad_sum) + row * p.grad_sum_row_stride : nullptr;
     T* grad_summed = static_cast<T*>(p.grad_summed) + row * width;
@@ -264,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_bwd_kernel(const LayerNor
 // r, r + R, ... (R = gridDim.y row groups), and writes them as row r of the partial sums.
 constexpr int kWeightGradThreads = 256;
 
-template <typename T>
+template <typename T, bool kRms>
 __global__ void __launch_bounds__(kWeightGradThreads) layer_norm_weight_grad_kernel(const LayerNormBwdParams p) {
   constexpr int kN = Pack<T>::kN;
   const int64_t width = p.width;
@@ -279,7 +285,7 @@ __global__ void __launch_bounds__(kWeightGradThreads) layer_norm_weight_grad_ker
     float dy[kN];
     load_pack(static_cast<const T*>(p.summed) + row * p.summed_row_stride, first, width, p.vectorized, xhat);
     load_pack(static_cast<const T*>(p.grad_out) + row * p.grad_out_row_stride, first, width, p.vectorized, dy);
-    const float mean = p.mean[row];
+    const float mean = kRms ? 0.0f : p.mean[row];
     const float rstd = p.rstd[row];
 #pragma unroll
     for (int k = 0; k < kN; ++k) {
@@ -313,6 +319,12 @@ cudaError_t with_block_shape(int64_t width, Launch&& launch) {
   return cudaErrorInvalidValue;  // wider than kMaxLayerNormRowBytes: refused by the binding
 }
 
+// launch(std::bool_constant<rms>{}): one instantiation of the kernels per norm.
+template <typename Launch>
+cudaError_t with_rms(bool rms, Launch&& launch) {
+  return rms ? launch(std::true_type{}) : launch(std::false_type{});
+}
+
 // launch(T{}, threads, packs) for this dtype and row width.
 template <typename Launch>
 cudaError_t with_kernel_shape(FloatType dtype, int64_t width, Launch&& launch) {
@@ -324,15 +336,18 @@ cudaError_t with_kernel_shape(FloatType dtype, int64_t width, Launch&& launch) {
 
 }  // namespace
 
-cudaError_t layer_norm_fwd(const LayerNormFwdParams& params, cudaStream_t stream) {
+cudaError_t layer_norm_fwd(const LayerNormFwdParams& params, bool rms, cudaStream_t stream) {
   if (params.n_rows == 0) {
     return cudaSuccess;
   }
   return with_kernel_shape(params.dtype, params.width, [&](auto type, auto threads, auto packs) {
-    constexpr int kThreads = decltype(threads)::value;
-    const auto grid = static_cast<unsigned>(std::min<int64_t>(params.n_rows, INT32_MAX));
-    layer_norm_fwd_kernel<decltype(type), kThreads, decltype(packs)::value><<<grid, kThreads, 0, stream>>>(params);
-    return cudaGetLastError();
+    return with_rms(rms, [&](auto norm) {
+      constexpr int kThreads = decltype(threads)::value;
+      const auto grid = static_cast<unsigned>(std::min<int64_t>(params.n_rows, INT32_MAX));
+      layer_norm_fwd_kernel<decltype(type), kThreads, decltype(packs)::value, decltype(norm)::value>
+          <<<grid, kThreads, 0, stream>>>(params);
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -366,29 +381,33 @@ cudaError_t layer_norm_bwd_blocks(int64_t n_rows, int64_t width, FloatType dtype
   });
 }
 
-cudaError_t layer_norm_bwd(const LayerNormBwdParams& params, cudaStream_t stream) {
+cudaError_t layer_norm_bwd(const LayerNormBwdParams& params, bool rms, cudaStream_t stream) {
   if (params.blocks == 0) {
     return cudaSuccess;
   }
   return with_kernel_shape(params.dtype, params.width, [&](auto type, auto threads, auto packs) {
-    using T = decltype(type);
-    constexpr int kThreads = decltype(threads)::value;
-    constexpr int kPacks = decltype(packs)::value;
-    if constexpr (kFusedBackward<T, kThreads, kPacks>) {
-      layer_norm_bwd_kernel<T, kThreads, kPacks><<<static_cast<unsigned>(params.blocks), kThreads, 0, stream>>>(params);
-      return cudaGetLastError();
-    } else {
-      const auto rows = static_cast<unsigned>(std::min<int64_t>(params.n_rows, INT32_MAX));
-      layer_norm_bwd_kernel<T, kThreads, kPacks><<<rows, kThreads, 0, stream>>>(params);
-      const cudaError_t error = cudaGetLastError();
-      if (error != cudaSuccess) {
-        return error;
+    return with_rms(rms, [&](auto norm) {
+      using T = decltype(type);
+      constexpr int kThreads = decltype(threads)::value;
+      constexpr int kPacks = decltype(packs)::value;
+      constexpr bool kRms = decltype(norm)::value;
+      if constexpr (kFusedBackward<T, kThreads, kPacks>) {
+        layer_norm_bwd_kernel<T, kThreads, kPacks, kRms>
+            <<<static_cast<unsigned>(params.blocks), kThreads, 0, stream>>>(params);
+        return cudaGetLastError();
+      } else {
+        const auto rows = static_cast<unsigned>(std::min<int64_t>(params.n_rows, INT32_MAX));
+        layer_norm_bwd_kernel<T, kThreads, kPacks, kRms><<<rows, kThreads, 0, stream>>>(params);
+        const cudaError_t error = cudaGetLastError();
+        if (error != cudaSuccess) {
+          return error;
+        }
+        const dim3 grid(static_cast<unsigned>(weight_grad_column_tiles<T>(params.width)),
+                        static_cast<unsigned>(params.blocks));
+        layer_norm_weight_grad_kernel<T, kRms><<<grid, kWeightGradThreads, 0, stream>>>(params);
+        return cudaGetLastError();
       }
-      const dim3 grid(static_cast<unsigned>(weight_grad_column_tiles<T>(params.width)),
-                      static_cast<unsigned>(params.blocks));
-      layer_norm_weight_grad_kernel<T><<<grid, kWeightGradThreads, 0, stream>>>(params);
-      return cudaGetLastError();
-    }
+    });
   });
 }
 

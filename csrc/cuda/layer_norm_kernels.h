@@ -23,7 +23,7 @@ struct LayerNormFwdParams {
   const float* bias;          // (width,), or nullptr
   void* out;                  // (n_rows, width) contiguous, out
   void* summed;               // (n_rows, width) contiguous, out: s = residual + dropout(x), or nullptr
-  float* mean;                // (n_rows,) out
+  float* mean;                // (n_rows,) out; not written if rms
   float* rstd;                // (n_rows,) out
   int64_t n_rows;
   int64_t width;              // >= 1, at most kMaxLayerNormRowBytes of dtype
@@ -41,7 +41,7 @@ struct LayerNormBwdParams {
   const void* summed;         // (n_rows, width) s, rows summed_row_stride apart
   int64_t summed_row_stride;
   const float* weight;        // (width,), or nullptr
-  const float* mean;          // (n_rows,)
+  const float* mean;          // (n_rows,); not read if rms
   const float* rstd;          // (n_rows,)
   void* grad_summed;          // (n_rows, width) contiguous, out: ds
   void* grad_x;               // (n_rows, width) contiguous, out: dropout(ds), or nullptr
@@ -54,7 +54,10 @@ struct LayerNormBwdParams {
   FloatType dtype;
 };
 
-cudaError_t layer_norm_fwd(const LayerNormFwdParams& params, cudaStream_t stream);
+// rms: RMSNorm (the row is not centred: mean 0, no bias). It is an argument rather than a
+// field of the params: the larger params struct made ptxas spill up to 304 bytes in the
+// widest LayerNorm forward (sm_90; make cuda-check).
+cudaError_t layer_norm_fwd(const LayerNormFwdParams& params, bool rms, cudaStream_t stream);
 
 // How many rows of partial sums layer_norm_bwd writes on the current device, at most
 // n_rows: one per thread block of the fused backward (enough to fill the GPU once), or
@@ -63,6 +66,6 @@ cudaError_t layer_norm_bwd_blocks(int64_t n_rows, int64_t width, FloatType dtype
 
 // Writes ds (and dx), and the partial sums; the weight and bias gradients are the sums of
 // partial over its rows.
-cudaError_t layer_norm_bwd(const LayerNormBwdParams& params, cudaStream_t stream);
+cudaError_t layer_norm_bwd(const LayerNormBwdParams& params, bool rms, cudaStream_t stream);  // rms: as in forward
 
 }  // namespace lmkern::cuda

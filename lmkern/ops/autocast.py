@@ -6,7 +6,7 @@ of its kind (README, "Mixed precision"):
     matmul ops (attention, linear_gelu, ffn, linear_cross_entropy)  compute in the autocast
         dtype, floating inputs cast to it as F.linear casts them (a no-op where they
         already are);
-    normalisations (layer_norm, add_layer_norm)  cast nothing: fp32 statistics for any
+    normalisations (layer_norm, add_layer_norm, rms_norm, add_rms_norm)  cast nothing: fp32 statistics for any
         input, the output in the normalised rows' dtype;
     losses (cross_entropy, linear_cross_entropy)  return fp32 whatever the logits' dtype.
 

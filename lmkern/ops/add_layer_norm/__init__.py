@@ -1,6 +1,7 @@
 """Residual add + dropout + LayerNorm in one pass: lmkern.add_layer_norm, on the LayerNorm
 Function and kernels of lmkern.ops.layer_norm (their Function takes the residual and the
-dropout; the sum is saved for backward instead of the input)."""
+dropout; the sum is saved for backward instead of the input). lmkern.add_rms_norm shares
+add_and_normalize."""
 
 from lmkern import philox
 from lmkern.errors import ArgumentError
@@ -12,6 +13,7 @@ from lmkern.ops.layer_norm import (
     check_float_tensor,
     check_param,
     resolve_rows,
+    rms_eps,
 )
 from lmkern.ops.layer_norm.backends import ADD_LAYER_NORM
 
@@ -37,6 +39,12 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5, *, dropout_p=0.0, prenor
     Saves for backward s and the fp32 mean and rstd per row. torch.autocast changes
     nothing: the statistics are fp32 whatever the dtypes.
     """
+    return add_and_normalize(ADD_LAYER_NORM, x, residual, weight, bias, eps, dropout_p, prenorm, backend)
+
+
+def add_and_normalize(op, x, residual, weight, bias, eps, dropout_p, prenorm, backend, rms=False, weight_offset=0.0):
+    """add_layer_norm (op ADD_LAYER_NORM), or add_rms_norm (op ADD_RMS_NORM, rms True, bias
+    None, weight_offset as in lmkern.rms_norm): the checks, then LayerNormFunction."""
     check_float_tensor(x, "x")
     if x.dim() == 0:
         raise ArgumentError("x must have at least one dimension (..., D), got a scalar")
@@ -51,17 +59,20 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5, *, dropout_p=0.0, prenor
     width = x.shape[-1]
     check_param(weight, "weight", (width,), x)
     check_param(bias, "bias", (width,), x)
+    if rms:
+        eps = rms_eps(eps, x.dtype)
     check_eps_dropout(eps, dropout_p)
-    name = resolve_rows(ADD_LAYER_NORM, x, width, backend)
+    name = resolve_rows(op, x, width, backend)
     outputs = LayerNormFunction.apply(
         as_rows(x, width),
         None if residual is None else as_rows(residual, width),
-        as_stats_param(weight, width, x.dtype),
+        as_stats_param(weight, width, x.dtype, weight_offset),
         as_stats_param(bias, width, x.dtype),
         float(eps),
         float(dropout_p),
         philox.draw_seed() if dropout_p > 0 else 0,
         prenorm,
+        rms,
         name,
     )
     if prenorm:

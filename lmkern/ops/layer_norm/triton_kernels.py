@@ -20,6 +20,10 @@ the whole register file of an SM), so there one program per row computes ds chun
 ds), and a second kernel, tiled over columns, adds dy xhat and dy over G groups of rows:
 two more reads of s and dy, and no spills. Either way the weight and bias gradients are
 the sums of the G rows of partial sums, in a fixed order: deterministic, without atomics.
+
+RMSNorm (lmkern.rms_norm, add_rms_norm) runs the same kernels with RMS set: mean = 0 and no
+bias, so forward skips the first sum (rstd = 1 / sqrt(sum(s^2) / D + eps)), stores no mean,
+and backward drops the mean(g) term.
 """
 
 import torch
@@ -41,7 +45,7 @@ def layer_norm_fwd_kernel(
     bias_ptr,  # (D,) fp32, read if HAS_BIAS
     out_ptr,  # (N, D) contiguous, out
     summed_ptr,  # (N, D) contiguous, out: s, written if KEEP_SUM
-    mean_ptr,  # (N,) fp32 out
+    mean_ptr,  # (N,) fp32 out, unless RMS
     rstd_ptr,  # (N,) fp32 out
     width,  # D
     eps,
@@ -53,6 +57,7 @@ def layer_norm_fwd_kernel(
     KEEP_SUM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    RMS: tl.constexpr,  # RMSNorm: not centred (masked-off columns of s are 0 already)
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -67,12 +72,15 @@ def layer_norm_fwd_kernel(
         rounded = s.to(summed_ptr.dtype.element_ty)
         tl.store(summed_ptr + row * width + cols, rounded, mask=mask)
         s = rounded.to(tl.float32)
-    mean = tl.sum(s, axis=0) / width
-    centered = tl.where(mask, s - mean, 0.0)
+    if RMS:
+        centered = s
+    else:
+        mean = tl.sum(s, axis=0) / width
+        centered = tl.where(mask, s - mean, 0.0)
+        tl.store(mean_ptr + row, mean)
     var = tl.sum(centered * centered, axis=0) / width
     # Correctly rounded: one rstd scales the whole row.
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-    tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
     out = centered * rstd
     if HAS_WEIGHT:
@@ -92,6 +100,16 @@ def _row_terms(summed_ptr, grad_out_ptr, weight_ptr, mean, rstd, cols, mask, HAS
     if HAS_WEIGHT:
         g = dy * tl.load(weight_ptr + cols, mask=mask, other=0.0)
     return tl.where(mask, (s - mean) * rstd, 0.0), dy, g
+
+
+@triton.jit
+def _row_mean(mean_ptr, row, RMS: tl.constexpr):
+    """The mean saved by forward for `row`: 0 for RMSNorm, which saves none. (One return:
+    the compiler refuses a return inside an if.)"""
+    mean = 0.0
+    if not RMS:
+        mean = tl.load(mean_ptr + row)
+    return mean
 
 
 @triton.jit
@@ -129,7 +147,7 @@ def layer_norm_bwd_kernel(
     summed_ptr,  # (N, D) s, rows summed_row_stride apart
     summed_row_stride,
     weight_ptr,  # (D,) fp32, read if HAS_WEIGHT
-    mean_ptr,  # (N,) fp32
+    mean_ptr,  # (N,) fp32, read unless RMS
     rstd_ptr,  # (N,) fp32
     grad_summed_ptr,  # (N, D) contiguous out: ds
     grad_x_ptr,  # (N, D) contiguous out: dropout(ds), written if HAS_DROPOUT
@@ -142,6 +160,7 @@ def layer_norm_bwd_kernel(
     HAS_GRAD_SUM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
+    RMS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Rows of up to MAX_FUSED_WIDTH, each held in registers: ds, dx and the partial sums."""
@@ -155,9 +174,10 @@ def layer_norm_bwd_kernel(
         rstd = tl.load(rstd_ptr + row)
         xhat, dy, g = _row_terms(
             summed_ptr + row * summed_row_stride, grad_out_ptr + row * grad_out_row_stride, weight_ptr,
-            tl.load(mean_ptr + row), rstd, cols, mask, HAS_WEIGHT,
+            _row_mean(mean_ptr, row, RMS), rstd, cols, mask, HAS_WEIGHT,
         )
-        ds = (g - tl.sum(g, axis=0) / width - xhat * (tl.sum(g * xhat, axis=0) / width)) * rstd
+        centered_g = g if RMS else g - tl.sum(g, axis=0) / width
+        ds = (centered_g - xhat * (tl.sum(g * xhat, axis=0) / width)) * rstd
         _store_row_grads(
             ds, grad_sum_ptr, grad_sum_row_stride, grad_summed_ptr, grad_x_ptr, row, width, cols, mask,
             dropout_p, dropout_scale, seed, HAS_GRAD_SUM, HAS_DROPOUT,
@@ -190,6 +210,7 @@ def layer_norm_bwd_wide_kernel(
     HAS_GRAD_SUM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
+    RMS: tl.constexpr,
     BLOCK_D: tl.constexpr,  # the chunk
 ):
     """Rows wider than MAX_FUSED_WIDTH, one program per row, BLOCK_D columns at a time:
@@ -197,7 +218,7 @@ def layer_norm_bwd_wide_kernel(
     row = tl.program_id(0).to(tl.int64)
     summed_ptr += row * summed_row_stride
     grad_out_ptr += row * grad_out_row_stride
-    mean = tl.load(mean_ptr + row)
+    mean = _row_mean(mean_ptr, row, RMS)
     rstd = tl.load(rstd_ptr + row)
     chunk = tl.arange(0, BLOCK_D)
     sum_g = tl.zeros([BLOCK_D], tl.float32)
@@ -208,7 +229,7 @@ def layer_norm_bwd_wide_kernel(
         xhat, _, g = _row_terms(summed_ptr, grad_out_ptr, weight_ptr, mean, rstd, cols, mask, HAS_WEIGHT)
         sum_g += g
         sum_g_xhat += g * xhat
-    mean_g = tl.sum(sum_g, axis=0) / width
+    mean_g = 0.0 if RMS else tl.sum(sum_g, axis=0) / width
     mean_g_xhat = tl.sum(sum_g_xhat, axis=0) / width
     for start in range(0, width, BLOCK_D):
         cols = start + chunk
@@ -226,11 +247,12 @@ def layer_norm_weight_grad_kernel(
     grad_out_row_stride,
     summed_ptr,  # (N, D) s, rows summed_row_stride apart
     summed_row_stride,
-    mean_ptr,  # (N,) fp32
+    mean_ptr,  # (N,) fp32, read unless RMS
     rstd_ptr,  # (N,) fp32
     partial_ptr,  # (G, 2, D) fp32 out: per row group, sum of dy xhat and of dy
     n_rows,
     width,
+    RMS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -248,10 +270,12 @@ def layer_norm_weight_grad_kernel(
         ok = rows_ok[:, None] & cols_ok[None, :]
         s = tl.load(summed_ptr + rows[:, None] * summed_row_stride + cols[None, :], mask=ok, other=0.0)
         dy = tl.load(grad_out_ptr + rows[:, None] * grad_out_row_stride + cols[None, :], mask=ok, other=0.0)
-        mean = tl.load(mean_ptr + rows, mask=rows_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=rows_ok, other=0.0)
         dy = dy.to(tl.float32)
-        sum_dy_xhat += dy * ((s.to(tl.float32) - mean[:, None]) * rstd[:, None])
+        xhat = s.to(tl.float32)
+        if not RMS:
+            xhat -= tl.load(mean_ptr + rows, mask=rows_ok, other=0.0)[:, None]
+        sum_dy_xhat += dy * (xhat * rstd[:, None])
         sum_dy += dy
     partial_ptr += group * 2 * width
     tl.store(partial_ptr + cols, tl.sum(sum_dy_xhat, axis=0), mask=cols_ok)
@@ -274,14 +298,14 @@ def num_warps_for(block, element_size):
     return 32 if block * element_size >= 65536 else min(max(block // 256, 1), 16)
 
 
-def layer_norm_fwd(x, weight, bias, eps, residual=None, dropout_p=0.0, seed=0, keep_sum=False):
+def layer_norm_fwd(x, weight, bias, eps, residual=None, dropout_p=0.0, seed=0, keep_sum=False, rms=False):
     """Same contract as reference.layer_norm_fwd."""
     n_rows, width = x.shape
     block = block_width(width, x.dtype)
     out = torch.empty((n_rows, width), dtype=x.dtype, device=x.device)
     summed = torch.empty_like(out) if keep_sum else None
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    mean = None if rms else torch.empty_like(rstd)
     if n_rows == 0:
         return out, mean, rstd, summed
     layer_norm_fwd_kernel[(n_rows,)](
@@ -304,6 +328,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, dropout_p=0.0, seed=0, k
         KEEP_SUM=keep_sum,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
+        RMS=rms,
         BLOCK_D=block,
         num_warps=num_warps_for(block, x.element_size()),
     )
@@ -325,7 +350,7 @@ WIDE_CHUNK = 4096
 WEIGHT_GRAD_TILE = (16, 256)
 
 
-def layer_norm_bwd(grad_out, grad_sum, summed, weight, mean, rstd, dropout_p, seed, has_bias):
+def layer_norm_bwd(grad_out, grad_sum, summed, weight, mean, rstd, dropout_p, seed, has_bias, rms=False):
     """Same contract as reference.layer_norm_bwd."""
     n_rows, width = summed.shape
     block = block_width(width, summed.dtype)
@@ -342,7 +367,8 @@ def layer_norm_bwd(grad_out, grad_sum, summed, weight, mean, rstd, dropout_p, se
     if n_rows > 0:
         tensors = (grad_out, grad_out.stride(0), grad_sum, 0 if grad_sum is None else grad_sum.stride(0), summed,
                    summed.stride(0), weight, mean, rstd, grad_summed, grad_x)
-        flags = dict(HAS_GRAD_SUM=grad_sum is not None, HAS_DROPOUT=dropout_p > 0, HAS_WEIGHT=weight is not None)
+        flags = dict(HAS_GRAD_SUM=grad_sum is not None, HAS_DROPOUT=dropout_p > 0, HAS_WEIGHT=weight is not None,
+                     RMS=rms)
         # g = dy w is used rounded, not fused into g - mean(g): a constant row (xhat = 0,
         # e.g. of width 1) must get exactly 0.
         if wide:
@@ -351,7 +377,7 @@ def layer_norm_bwd(grad_out, grad_sum, summed, weight, mean, rstd, dropout_p, se
                 BLOCK_D=WIDE_CHUNK, num_warps=num_warps_for(WIDE_CHUNK, summed.element_size()), enable_fp_fusion=False,
             )
             layer_norm_weight_grad_kernel[(column_tiles, programs)](
-                grad_out, grad_out.stride(0), summed, summed.stride(0), mean, rstd, partial, n_rows, width,
+                grad_out, grad_out.stride(0), summed, summed.stride(0), mean, rstd, partial, n_rows, width, RMS=rms,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
             )
         else:

@@ -41,19 +41,18 @@ BACKENDS = ("torch", "triton", "native")
 CHOICES = (*BACKENDS, "auto")
 
 # What "auto" tries, in order, per op and device type, each order citing the benchmark
-# result behind it (files in benchmarks/results/intel-xeon-processor-2-threads/, CPU).
-# On CPU native is the fastest lmkern backend wherever it runs, and the torch reference the
-# slowest: cross_entropy.json and linear_cross_entropy.json (native faster than torch
-# eager); layer_norm.json, add_layer_norm.json, linear_gelu.json and ffn.json (native
-# forward+backward within a few per cent of torch eager, inside this shared 2-thread
-# machine's run-to-run noise; rms_norm and add_rms_norm run layer_norm's kernels, so
-# follow them until rms_norm.json is cited here); attention.json (native forward+backward within 1.4x of
-# torch's CPU flash SDPA, O(L D) memory; the reference forms the whole score matrix) and
-# attention_with_kv_cache.json. apply_rotary has no committed result yet: one run of
-# benchmarks/bench_apply_rotary.py on a 2-thread AMD EPYC (2026-12-01) had native 4-5x torch
-# eager and torch.compile at 1x32x1024x128, and level with torch.compile at 2x16x512x64.
-# On CUDA the orders are placeholders (triton first; every kernel backend is exact) until a
-# GPU result is cited here: no lmkern kernel has run on a GPU yet.
+# result behind it (files in benchmarks/results/intel-xeon-processor-2-threads/, CPU, unless
+# named otherwise). On CPU native is the fastest lmkern backend wherever it runs, and the
+# torch reference the slowest: cross_entropy.json and linear_cross_entropy.json (native
+# faster than torch eager); layer_norm.json, add_layer_norm.json, linear_gelu.json and
+# ffn.json (native forward+backward within a few per cent of torch eager, inside this
+# shared 2-thread machine's run-to-run noise); attention.json (native forward+backward
+# within 1.4x of torch's CPU flash SDPA, O(L D) memory; the reference forms the whole score
+# matrix) and attention_with_kv_cache.json; amd-epyc-2-threads/rms_norm.json and
+# apply_rotary.json (native faster than torch eager and torch.compile in every case;
+# add_rms_norm runs rms_norm's kernels). On CUDA the orders are placeholders (triton first;
+# every kernel backend is exact) until a GPU result is cited here: no lmkern kernel has run
+# on a GPU yet.
 _CPU = ("native", "torch")
 _CUDA = ("triton", "native", "torch")
 AUTO = {

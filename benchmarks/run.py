@@ -33,6 +33,7 @@ from . import (
     bench_linear_cross_entropy,
     bench_linear_gelu,
     bench_rms_norm,
+    bench_swiglu,
     report,
 )
 from .harness import HERE, run_op
@@ -47,6 +48,7 @@ OPS = {
         bench_rms_norm,
         bench_linear_gelu,
         bench_ffn,
+        bench_swiglu,
         bench_attention,
         bench_attention_with_kv_cache,
         bench_apply_rotary,

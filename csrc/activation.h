@@ -1,10 +1,12 @@
-// The activations of lmkern's linear-layer epilogue, named without torch headers so that
-// the CPU kernels, the pure-CUDA kernels and the torch bindings share them.
+// The activations of lmkern's epilogues (the linear layer's GELU, the gated feed-forward's
+// SiLU or GELU), named without torch headers so that the CPU kernels, the pure-CUDA kernels
+// and the torch bindings share them. Their math: csrc/cpu/activations.h and
+// csrc/cuda/activations.cuh, one per device.
 #pragma once
 
 namespace lmkern {
 
-enum class Activation { kNone, kGelu, kGeluTanh };
+enum class Activation { kNone, kGelu, kGeluTanh, kSilu };
 
 // GELU's constants: 1/sqrt(2), 1/sqrt(2 pi), sqrt(2/pi) and the tanh form's cubic term.
 constexpr float kSqrtHalf = 0.70710678118654752f;

@@ -69,6 +69,17 @@ TORCH_LIBRARY(lmkern, m) {
   m.def(
       "linear_gelu_bwd_(Tensor(a!) grad_out, Tensor? preactivation, str activation, float dropout_p, "
       "SymInt seed, bool want_activation) -> (Tensor, Tensor)");
+  // The gated feed-forward's first half: gate = x @ w_gate.T and up = x @ w_up.T, ATen's
+  // matmuls writing one (2, N, F) buffer, and h = act(gate) * up, act "silu", "gelu" or
+  // "gelu_tanh", in fp32. x (N, D) and w_gate, w_up (F, D) in one float dtype. Returns h
+  // (N, F) and the buffer gate_up (2, N, F) (gate_up[0] = gate, gate_up[1] = up).
+  m.def("swiglu_fwd(Tensor x, Tensor w_gate, Tensor w_up, str activation) -> (Tensor, Tensor)");
+  // Its epilogue's backward, in place, on (R, F) rows with contiguous last dims: grad_gate
+  // holds d(h) and receives d(gate) = d(h) up act'(gate); grad_up receives d(up) =
+  // d(h) act(gate). Returns h = act(gate) * up (R, F) if want_activation (else empty).
+  m.def(
+      "swiglu_bwd_(Tensor(a!) grad_gate, Tensor(b!) grad_up, Tensor gate, Tensor up, str activation, "
+      "bool want_activation) -> Tensor");
   // Flash attention forward. q (B, H, Lq, D), k (B, H_kv, Lk, D), v (B, H_kv, Lk, Dv), H a
   // multiple of H_kv (query head h reads key/value head h // (H / H_kv)), each contiguous
   // in its last dimension; mask None or (B, H, Lq, Lk) bool (True takes part) or float

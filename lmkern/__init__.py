@@ -1,6 +1,6 @@
-"""lmkern: fused attention, LayerNorm/RMSNorm/GELU feed-forward, cross-entropy and
-rotary-embedding kernels for language models, each with a PyTorch reference, Triton kernels
-and a C++/CUDA extension behind one function (choose with `backend=` or
+"""lmkern: fused attention, LayerNorm/RMSNorm/GELU and gated (SwiGLU) feed-forward,
+cross-entropy and rotary-embedding kernels for language models, each with a PyTorch
+reference, Triton kernels and a C++/CUDA extension behind one function (choose with `backend=` or
 `lmkern.use_backend`), and GPT and BERT models built on them (lmkern.models).
 
 Importing lmkern queries no device and does not import triton.
@@ -19,6 +19,7 @@ from lmkern.ops.apply_rotary import apply_rotary, rotary_cache
 from lmkern.ops.layer_norm import layer_norm
 from lmkern.ops.rms_norm import rms_norm
 from lmkern.ops.linear_gelu import linear_gelu
+from lmkern.ops.swiglu import swiglu
 
 __version__ = "0.1.0"
 
@@ -38,5 +39,6 @@ __all__ = [
     "rms_norm",
     "rotary_cache",
     "scaled_dot_product_attention",
+    "swiglu",
     "use_backend",
 ]

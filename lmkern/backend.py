@@ -50,7 +50,8 @@ CHOICES = (*BACKENDS, "auto")
 # within 1.4x of torch's CPU flash SDPA, O(L D) memory; the reference forms the whole score
 # matrix) and attention_with_kv_cache.json; amd-epyc-2-threads/rms_norm.json and
 # apply_rotary.json (native faster than torch eager and torch.compile in every case;
-# add_rms_norm runs rms_norm's kernels). On CUDA the orders are placeholders (triton first;
+# add_rms_norm runs rms_norm's kernels); swiglu, an epilogue kernel after ATen's matmuls
+# as linear_gelu, takes linear_gelu's order until a result of its own is cited. On CUDA the orders are placeholders (triton first;
 # every kernel backend is exact) until a GPU result is cited here: no lmkern kernel has run
 # on a GPU yet.
 _CPU = ("native", "torch")
@@ -58,7 +59,7 @@ _CUDA = ("triton", "native", "torch")
 AUTO = {
     op: {"cpu": _CPU, "cuda": _CUDA}
     for op in ("cross_entropy", "linear_cross_entropy", "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm",
-               "linear_gelu", "ffn", "attention", "attention_with_kv_cache", "apply_rotary")
+               "linear_gelu", "ffn", "swiglu", "attention", "attention_with_kv_cache", "apply_rotary")
 }
 
 # The kernels take these; float64 runs on the torch reference.

@@ -1,8 +1,8 @@
 """Drop-in modules: the same constructor arguments and state_dict keys as their torch
 counterparts (they subclass them), with lmkern's kernels in forward; AddLayerNorm, a
 residual add and LayerNorm in one pass (lmkern.add_rms_norm is its RMSNorm twin, as a
-function); and FusedFFN, the transformer feed-forward
-sub-block as one module."""
+function); FusedFFN, the transformer feed-forward sub-block as one module; and
+FusedGatedFFN, the gated feed-forward of Llama-family models (lmkern.swiglu)."""
 
 import torch
 
@@ -10,6 +10,7 @@ import lmkern  # for lmkern.add_layer_norm at call time (this module is imported
 from lmkern import functional
 from lmkern.ops.ffn import ffn
 from lmkern.ops.linear_gelu import check_approximate
+from lmkern.ops.swiglu import check_activation, swiglu
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -285,6 +286,58 @@ class FusedFFN(torch.nn.Module):
         extras = [f"prenorm={self.prenorm}", f"approximate={self.approximate!r}", f"dropout={self.dropout}"]
         if not self.residual:
             extras.append("residual=False")
+        if self.recompute:
+            extras.append("recompute=True")
+        if self.backend is not None:
+            extras.append(f"backend={self.backend!r}")
+        return ", ".join(extras)
+
+
+class FusedGatedFFN(torch.nn.Module):
+    """The gated feed-forward of Llama, Mistral, Qwen and Gemma in one fused op (lmkern.swiglu):
+
+        down_proj(act(gate_proj(x)) * up_proj(x))
+
+    Submodules and state_dict keys are those of transformers' LlamaMLP (bias-free
+    torch.nn.Linear layers): gate_proj (hidden_size -> intermediate_size), up_proj (the
+    same) and down_proj (intermediate_size -> hidden_size): "gate_proj.weight",
+    "up_proj.weight", "down_proj.weight", so a LlamaMLP's state_dict loads as it is.
+
+    Args:
+        hidden_size, intermediate_size: D and F (Llama 2 7B: 4096 and 11008).
+        activation: "silu" (SwiGLU, Llama's), "gelu" or "gelu_tanh" (GeGLU; Gemma uses
+            "gelu_tanh"), as in lmkern.swiglu.
+        recompute, backend: as in lmkern.swiglu.
+        device, dtype: of the parameters.
+    """
+
+    def __init__(
+        self, hidden_size, intermediate_size, activation="silu", *, recompute=False, device=None, dtype=None,
+        backend=None,
+    ):
+        super().__init__()
+        check_activation(activation)
+        factory = dict(bias=False, device=device, dtype=dtype)
+        self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, **factory)
+        self.up_proj = torch.nn.Linear(hidden_size, intermediate_size, **factory)
+        self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, **factory)
+        self.activation = activation
+        self.recompute = recompute
+        self.backend = backend
+
+    def forward(self, x):
+        return swiglu(
+            x,
+            self.gate_proj.weight,
+            self.up_proj.weight,
+            self.down_proj.weight,
+            activation=self.activation,
+            recompute=self.recompute,
+            backend=self.backend,
+        )
+
+    def extra_repr(self):
+        extras = [f"activation={self.activation!r}"]
         if self.recompute:
             extras.append("recompute=True")
         if self.backend is not None:

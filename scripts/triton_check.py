@@ -61,9 +61,10 @@ from lmkern.ops.attention_with_kv_cache import triton_kernels as attention_with_
 from lmkern.ops.cross_entropy import triton_kernels as cross_entropy  # noqa: E402
 from lmkern.ops.layer_norm import triton_kernels as layer_norm  # noqa: E402
 from lmkern.ops.linear_gelu import triton_kernels as linear_gelu  # noqa: E402
+from lmkern.ops.swiglu import triton_kernels as swiglu  # noqa: E402
 from lmkern.ops.triton_tuning import Target  # noqa: E402
 
-MODULES = (apply_rotary, attention, attention_with_kv_cache, cross_entropy, layer_norm, linear_gelu)
+MODULES = (apply_rotary, attention, attention_with_kv_cache, cross_entropy, layer_norm, linear_gelu, swiglu)
 # The shared memory a program may use: cudaDevAttrMaxSharedMemoryPerBlockOptin.
 SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -156,6 +157,23 @@ def linear_case(width, ffn_width, dtype, activation, prenorm):
     return run
 
 
+def swiglu_case(width, ffn_width, dtype, activation):
+    """The gated feed-forward at 8192 tokens: the gate and up matmul with its epilogue,
+    keeping gate and up (recompute=False) and not (recompute=True), and the epilogue's
+    backward on a row chunk of them, as the autograd Function calls it."""
+
+    def run():
+        x = torch.empty(8192, width, dtype=dtype)
+        w_gate, w_up = (torch.empty(ffn_width, width, dtype=dtype) for _ in range(2))
+        _, gate_up = swiglu.swiglu_fwd(x, w_gate, w_up, activation, True)
+        swiglu.swiglu_fwd(x, w_gate, w_up, activation, False)
+        grad = torch.empty_like(gate_up)
+        rows = slice(0, 2048)
+        swiglu.swiglu_bwd(grad[0, rows], grad[1, rows], gate_up[0, rows], gate_up[1, rows], activation, True)
+
+    return run
+
+
 def cases():
     """Every case: attention at head dims 64/128/256 in bf16 and fp32 (fp16, whose code and
     tiles are bf16's, at 64), causal or not (and BERT's padding mask with dropout, an
@@ -163,7 +181,7 @@ def cases():
     Llama 2's and Llama 3's vocabularies; LayerNorm at widths 768 to 32768 (fp32 to 16384,
     the kernels' 64 KiB row limit), RMSNorm at 4096 to 16384; the FFN matmuls at GPT-2 and
     BERT-large sizes; rotary embeddings of Llama-sized queries in both layouts, partial
-    rotary, and a decoding step."""
+    rotary, and a decoding step; the gated feed-forward at Llama 2 7B's and Gemma 2B's sizes."""
     found = []
     for head_dim in (64, 128, 256):
         for name, dtype in DTYPES.items():
@@ -223,6 +241,11 @@ def cases():
         for name, dtype in DTYPES.items():
             found.append(("ffn", f"{label} M8192 {width}/{ffn_width} {name}",
                           linear_case(width, ffn_width, dtype, activation, prenorm)))
+    for name, dtype in DTYPES.items():
+        found.append(("swiglu", f"Llama 2 7B M8192 4096/11008 silu {name}", swiglu_case(4096, 11008, dtype, "silu")))
+    found.append(("swiglu", "Gemma 2B M8192 2048/16384 gelu_tanh bf16",
+                  swiglu_case(2048, 16384, torch.bfloat16, "gelu_tanh")))
+    found.append(("swiglu", "M8192 1024/2816 gelu fp32", swiglu_case(1024, 2816, torch.float32, "gelu")))
     return found
 
 

@@ -93,6 +93,10 @@ def linear_gelu(x, weight, bias, backend):
     return lmkern.linear_gelu(x, weight, bias, "tanh", backend=backend)
 
 
+def swiglu(x, w_gate, w_up, w_down, backend):
+    return lmkern.swiglu(x, w_gate, w_up, w_down, activation="gelu_tanh", backend=backend)
+
+
 def ffn(prenorm, residual):
     def run(x, norm_weight, norm_bias, w1, b1, w2, b2, backend):
         return lmkern.ffn(x, norm_weight, norm_bias, w1, b1, w2, b2, prenorm=prenorm, residual=residual,
@@ -148,6 +152,8 @@ CASES = {
                                  [(6, 24), (24,), (24,), (40, 24), (40,), (24, 40), (24,)], [F32]),
     "ffn_postnorm_half_stream": (ffn(False, True), "linear_gelu", [HALF] + [F32] * 6,
                                  [(6, 24), (24,), (24,), (40, 24), (40,), (24, 40), (24,)], [HALF]),
+    "swiglu": (swiglu, "swiglu", [F32] * 4, [(6, 24), (40, 24), (40, 24), (24, 40)], [HALF]),
+    "swiglu_half_input": (swiglu, "swiglu", [HALF, F32, F32, F32], [(2, 3, 24), (40, 24), (40, 24), (20, 40)], [HALF]),
     "cross_entropy_half_logits": (cross_entropy("mean"), "cross_entropy", [HALF], [(6, 10)], [F32],
                                   cross_entropy("none")),
     "cross_entropy_fp32_logits": (cross_entropy("sum"), "cross_entropy", [F32], [(6, 10)], [F32]),

@@ -511,6 +511,11 @@ def _penalty_cases():
                                                            nw, nb),
             "linear_gelu", [(4, 6), (6,), (6,), (12, 6), (12,), (6, 12), (6,)],
         ),
+        "swiglu": (
+            lambda x, wg, wu, wd, backend: lmkern.swiglu(x, wg, wu, wd, backend=backend),
+            lambda x, wg, wu, wd: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd),
+            "swiglu", [(4, 6), (10, 6), (10, 6), (5, 10)],
+        ),
     }
 
 
@@ -537,7 +542,7 @@ def test_second_derivatives_match_torch(backend, case):
 
 
 @pytest.mark.parametrize("case", ["scaled_dot_product_attention_causal", "layer_norm", "rms_norm", "linear_gelu",
-                                  "ffn_postnorm"])
+                                  "ffn_postnorm", "swiglu"])
 def test_gradgradcheck_on_the_reference(case):
     ours, _, _, shapes = _penalty_cases()[case]
     randn = make_randn(9)

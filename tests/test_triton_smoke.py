@@ -122,10 +122,22 @@ def apply_rotary(device, dtype):
     return op, (q, cos, sin), ["out", "grad_q", None, None]
 
 
+def swiglu(device, dtype):
+    """Llama's gated feed-forward, F not a multiple of any tile."""
+    x = randn(2, 24, 256, device=device, dtype=dtype)
+    w_gate, w_up = (randn(700, 256, device=device, dtype=dtype, grad=False).div(16).requires_grad_() for _ in range(2))
+    w_down = randn(256, 700, device=device, dtype=dtype, grad=False).div(26).requires_grad_()
+
+    def op(x, w_gate, w_up, w_down, backend):
+        return lmkern.swiglu(x, w_gate, w_up, w_down, backend=backend)
+
+    return op, (x, w_gate, w_up, w_down), ["out", "grad_x", "grad_w_gate", "grad_w_up", "grad_w_down"]
+
+
 OPS = {
     fn.__name__: fn
     for fn in (cross_entropy, linear_cross_entropy, add_layer_norm, wide_layer_norm, add_rms_norm, wide_rms_norm, ffn,
-               attention, padded_attention, apply_rotary)
+               swiglu, attention, padded_attention, apply_rotary)
 }
 KERNEL_OP = {"linear_cross_entropy": "cross_entropy", "add_layer_norm": "layer_norm", "wide_layer_norm": "layer_norm",
              "wide_rms_norm": "rms_norm",

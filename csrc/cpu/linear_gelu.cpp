@@ -1,99 +1,51 @@
 // The epilogue of lmkern's linear layer on CPU, after ATen's matmul acc = x @ weight.T:
 //   pre = acc + bias,  out = residual + dropout(act(pre))
 // and its backward: d(pre) = act'(pre) dropout(d(out)), d(bias) = sum_rows d(pre). Rows run
-// in parallel through an fp32 buffer; GELU is written in branch-free arithmetic (no libm
-// call per element) so that its loops vectorise:
-//   exact: gelu(x) = x Phi(x), gelu'(x) = Phi(x) + x phi(x), with Phi(x) = erfc(-x / sqrt 2) / 2
-//   tanh:  gelu(x) = x (1 + t) / 2, t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3),
-//          gelu'(x) = (1 + t) / 2 + x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2) / 2
+// in parallel through an fp32 buffer; GELU (exact or tanh) is activations.h's, whose
+// branch-free arithmetic lets the loops vectorise.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "../linear_gelu.h"
+#include "activations.h"
 #include "rows.h"
 #include "vectorize.h"
 
 namespace lmkern {
 namespace {
 
-// Phi(x), the standard normal CDF, as erfc(z) / 2 for z = -x / sqrt 2, with erfc from
-// Numerical Recipes' erfcc (fractional error below 1.2e-7 everywhere, so that the tail
-// x << 0 keeps its relative accuracy): erfc(a) = t exp(-a^2 + P(t)), t = 1 / (1 + a / 2)
-// for a = |z|, and erfc(z) = 2 - erfc(-z) for z < 0.
-// Always inlined: a call in a loop would keep the loop from vectorising.
-[[gnu::always_inline]] inline float normal_cdf(float x) {
-  const float z = -x * kSqrtHalf;
-  const float a = std::fabs(z);
-  const float t = 1.0f / (1.0f + 0.5f * a);
-  float p = 0.17087277f;  // P(t) by Horner's rule
-  p = p * t - 0.82215223f;
-  p = p * t + 1.48851587f;
-  p = p * t - 1.13520398f;
-  p = p * t + 0.27886807f;
-  p = p * t - 0.18628806f;
-  p = p * t + 0.09678418f;
-  p = p * t + 0.37409196f;
-  p = p * t + 1.00002368f;
-  p = p * t - 1.26551223f;
-  // The exponent is <= 0 up to rounding (0 at a = 0); exp_nonpositive is exact there too.
-  const float erfc_a = t * exp_nonpositive(p - a * a);
-  return 0.5f * (z >= 0.0f ? erfc_a : 2.0f - erfc_a);
+template <Activation kAct>
+LMKERN_CPU_CLONES void activate_row(float* v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    v[i] = act_and_slope<kAct>(v[i], nullptr);
+  }
 }
 
-// tanh(u) for the tanh form as (1 + t) and (1 - t^2), each computed without cancellation
-// from e = exp(-2|u|): 1 + t = 2 / (1 + e) for u >= 0 (2e / (1 + e) below), 1 - t^2 = 4e / (1 + e)^2.
-[[gnu::always_inline]] inline void tanh_terms(float u, float* one_plus_t, float* one_minus_t_sq) {
-  const float e = exp_nonpositive(-2.0f * std::fabs(u));
-  const float inv = 1.0f / (1.0f + e);
-  *one_plus_t = (u >= 0.0f ? 2.0f : 2.0f * e) * inv;
-  *one_minus_t_sq = 4.0f * e * inv * inv;
+template <Activation kAct>
+LMKERN_CPU_CLONES void activation_backward_row(float* v, float* grad, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float slope;
+    v[i] = act_and_slope<kAct>(v[i], &slope);
+    grad[i] *= slope;
+  }
 }
 
 // v <- act(v).
-LMKERN_CPU_CLONES void activate(float* v, int64_t n, Activation activation) {
-  if (activation == Activation::kGelu) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      v[i] *= normal_cdf(v[i]);
-    }
-  } else if (activation == Activation::kGeluTanh) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = v[i];
-      float one_plus_t, one_minus_t_sq;
-      tanh_terms(kSqrt2OverPi * (x + kTanhCubic * x * x * x), &one_plus_t, &one_minus_t_sq);
-      v[i] = 0.5f * x * one_plus_t;
-    }
+void activate(float* v, int64_t n, Activation activation) {
+  if (activation != Activation::kNone) {
+    with_activation(activation, [&](auto act) { activate_row<decltype(act)::value>(v, n); });
   }
 }
 
-// grad <- act'(v) grad and v <- act(v), for activation GELU (exact or tanh).
-LMKERN_CPU_CLONES void activation_backward(float* v, float* grad, int64_t n, Activation activation) {
-  if (activation == Activation::kGelu) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = v[i];
-      const float cdf = normal_cdf(x);
-      const float pdf = exp_nonpositive(-0.5f * x * x) * kInvSqrt2Pi;
-      grad[i] *= cdf + x * pdf;
-      v[i] = x * cdf;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = v[i];
-      const float x_sq = x * x;
-      float one_plus_t, one_minus_t_sq;
-      tanh_terms(kSqrt2OverPi * (x + kTanhCubic * x_sq * x), &one_plus_t, &one_minus_t_sq);
-      grad[i] *= 0.5f * one_plus_t + 0.5f * x * one_minus_t_sq * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * x_sq);
-      v[i] = 0.5f * x * one_plus_t;
-    }
-  }
+// grad <- act'(v) grad and v <- act(v), for an activation other than "none".
+void activation_backward(float* v, float* grad, int64_t n, Activation activation) {
+  with_activation(activation, [&](auto act) { activation_backward_row<decltype(act)::value>(v, grad, n); });
 }
 
 void epilogue_fwd_cpu(

@@ -4,13 +4,11 @@
 //   d(pre) = act'(pre) dropout(d(out)),  d(bias) = sum_rows d(pre)
 // where a thread owns one pack of columns over a block of rows, adds up its d(pre) in
 // registers and writes that block's column sums as one row of partial sums (the binding
-// adds the rows: deterministic, no atomics).
-//   exact GELU: gelu(x) = x Phi(x), gelu'(x) = Phi(x) + x phi(x)  (Phi by normcdff)
-//   tanh GELU:  gelu(x) = x (1 + t) / 2, t = tanh(sqrt(2/pi) (x + 0.044715 x^3)),
-//               gelu'(x) = (1 + t) / 2 + x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2) / 2
+// adds the rows: deterministic, no atomics). GELU's math: activations.cuh.
 #include <algorithm>
 #include <cstdint>
 
+#include "activations.cuh"
 #include "common.cuh"
 #include "linear_gelu_kernels.h"
 #include "vector_io.cuh"
@@ -20,34 +18,10 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// act(x); the slope act'(x) into *slope when it is not nullptr.
-__device__ __forceinline__ float activate(float x, Activation activation, float* slope) {
-  if (activation == Activation::kGelu) {
-    const float cdf = normcdff(x);
-    if (slope) *slope = cdf + x * expf(-0.5f * x * x) * kInvSqrt2Pi;
-    return x * cdf;
-  }
-  if (activation == Activation::kGeluTanh) {
-    const float x_sq = x * x;
-    const float t = tanhf(kSqrt2OverPi * (x + kTanhCubic * x_sq * x));
-    if (slope) {
-      *slope = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * x_sq);
-    }
-    return 0.5f * x * (1.0f + t);
-  }
-  if (slope) *slope = 1.0f;
-  return x;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) epilogue_fwd_kernel(const EpilogueFwdParams p) {
   constexpr int kN = Pack<T>::kN;
-  const int64_t packs_per_row = (p.n_cols + kN - 1) / kN;
-  const int64_t n_packs = p.n_rows * packs_per_row;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n_packs;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t row = i / packs_per_row;
-    const int64_t first = i % packs_per_row * kN;
+  for_each_pack<kThreads, kN>(p.n_rows, p.n_cols, [&](int64_t row, int64_t first) {
     float v[kN];
     load_pack(static_cast<const T*>(p.acc) + row * p.n_cols, first, p.n_cols, p.vectorized, v);
     if (p.bias) {
@@ -72,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) epilogue_fwd_kernel(const EpilogueFw
       }
     }
     store_pack(static_cast<T*>(p.out) + row * p.n_cols, first, p.n_cols, p.vectorized, v);
-  }
+  });
 }
 
 template <typename T>
@@ -115,10 +89,7 @@ __global__ void __launch_bounds__(kThreads) epilogue_bwd_kernel(const EpilogueBw
 
 template <typename T>
 cudaError_t launch_fwd(const EpilogueFwdParams& p, cudaStream_t stream) {
-  const int64_t packs = p.n_rows * ((p.n_cols + Pack<T>::kN - 1) / Pack<T>::kN);
-  // Enough blocks to fill any current GPU several times over; the rest loop.
-  const auto grid = static_cast<unsigned>(std::min<int64_t>((packs + kThreads - 1) / kThreads, 65536));
-  epilogue_fwd_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  epilogue_fwd_kernel<T><<<pack_grid<kThreads, Pack<T>::kN>(p.n_rows, p.n_cols), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

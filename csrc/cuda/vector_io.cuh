@@ -3,6 +3,7 @@
 // whose length is not a multiple of kN.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common.cuh"
@@ -49,6 +50,26 @@ __device__ __forceinline__ void store_pack(
       }
     }
   }
+}
+
+// Calls f(row, first) for each pack of columns [first, first + kN) of an (n_rows, n_cols)
+// array: one pack per thread of kThreads-thread blocks, grid-stride.
+template <int kThreads, int kN, typename F>
+__device__ __forceinline__ void for_each_pack(int64_t n_rows, int64_t n_cols, const F& f) {
+  const int64_t packs_per_row = (n_cols + kN - 1) / kN;
+  const int64_t n_packs = n_rows * packs_per_row;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n_packs;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    f(i / packs_per_row, i % packs_per_row * kN);
+  }
+}
+
+// The grid of for_each_pack's kernels: enough blocks to fill any current GPU several
+// times over; the rest loop.
+template <int kThreads, int kN>
+inline unsigned pack_grid(int64_t n_rows, int64_t n_cols) {
+  const int64_t packs = n_rows * ((n_cols + kN - 1) / kN);
+  return static_cast<unsigned>(std::min<int64_t>((packs + kThreads - 1) / kThreads, 65536));
 }
 
 }  // namespace lmkern::cuda

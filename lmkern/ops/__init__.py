@@ -8,7 +8,7 @@ import importlib
 # The public ops, by their stem: lmkern/ops/<stem>/, tests/test_<stem>.py,
 # benchmarks/bench_<stem>.py.
 OPS = ("cross_entropy", "linear_cross_entropy", "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm",
-       "linear_gelu", "ffn", "attention", "attention_with_kv_cache", "apply_rotary")
+       "linear_gelu", "ffn", "swiglu", "attention", "attention_with_kv_cache", "apply_rotary")
 IMPLEMENTATIONS = ("reference", "triton_kernels", "native")
 
 

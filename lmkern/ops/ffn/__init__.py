@@ -149,24 +149,42 @@ def gelu_and_fc2_grads(linear, grad_y, pre, w2, activation, needs_w2):
     """Backward through g = gelu(pre) and y = g @ w2.T + b2, given d(y) = grad_y (N, D).
 
     Returns d(pre) = gelu'(pre) (grad_y @ w2) (N, F), d(b1) (F,) in fp32 and d(w2) =
-    grad_y.T @ g (None unless needs_w2). Row chunk by row chunk: the matmul writes d(g)
-    into d(pre)'s rows, one kernel turns them into d(pre) in place and recomputes the
-    chunk's g for d(w2), accumulated in fp32. Peak extra memory: d(pre) and one chunk of g,
-    where eager autograd holds the saved g, d(g) and d(pre) at once.
+    grad_y.T @ g (None unless needs_w2), by down_projection_grads: one kernel turns each
+    chunk's d(g) into d(pre) in place and recomputes the chunk's g for d(w2). Peak extra
+    memory: d(pre) and one chunk of g, where eager autograd holds the saved g, d(g) and
+    d(pre) at once.
+    """
+    grad_pre = grad_y.new_empty(grad_y.shape[0], w2.shape[1])
+    grad_b1 = torch.zeros(w2.shape[1], dtype=torch.promote_types(grad_y.dtype, torch.float32), device=grad_y.device)
+
+    def epilogue(rows):
+        _, chunk_b1, g = linear.linear_gelu_bwd(grad_pre[rows], pre[rows], activation, 0.0, 0, needs_w2, inplace=True)
+        grad_b1.add_(chunk_b1)
+        return g
+
+    grad_w2 = down_projection_grads(grad_y, w2, grad_pre, epilogue, needs_w2)
+    return grad_pre, grad_b1, grad_w2
+
+
+def down_projection_grads(grad_y, w2, grad_g, epilogue_bwd, needs_w2):
+    """The backward of y = g @ w2.T (+ b2) where g is an epilogue's output that backward
+    recomputes rather than saved: row chunk by row chunk, the matmul writes d(g) = grad_y @
+    w2 into the chunk's rows of grad_g (N, F), then epilogue_bwd(rows) (a slice) turns them
+    in place into the gradient of the epilogue's input and returns the chunk's g (needed
+    only if needs_w2), accumulated into d(w2) = grad_y.T @ g in fp32. So g exists one
+    chunk at a time. Returns d(w2) in w2's dtype, or None unless needs_w2.
     """
     n_rows = grad_y.shape[0]
-    grad_pre = grad_y.new_empty(n_rows, w2.shape[1])
-    grad_b1 = torch.zeros(w2.shape[1], dtype=torch.promote_types(grad_y.dtype, torch.float32), device=grad_y.device)
-    grad_w2 = torch.zeros_like(w2, dtype=grad_b1.dtype) if needs_w2 else None
+    wide = torch.promote_types(grad_y.dtype, torch.float32)
+    grad_w2 = torch.zeros_like(w2, dtype=wide) if needs_w2 else None
     step = max(1, math.ceil(n_rows / BACKWARD_CHUNKS), w2.shape[0])
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
-        torch.mm(grad_y[rows], w2, out=grad_pre[rows])
-        _, chunk_b1, g = linear.linear_gelu_bwd(grad_pre[rows], pre[rows], activation, 0.0, 0, needs_w2, inplace=True)
-        grad_b1 += chunk_b1
+        torch.mm(grad_y[rows], w2, out=grad_g[rows])
+        g = epilogue_bwd(rows)
         if needs_w2:
             add_matmul_wide(grad_w2, grad_y[rows].T, g)
-    return grad_pre, grad_b1, None if grad_w2 is None else grad_w2.to(w2.dtype)
+    return None if grad_w2 is None else grad_w2.to(w2.dtype)
 
 
 def ffn(

@@ -85,10 +85,16 @@ def tanh(u):
 
 @triton.jit
 def activation_and_grad(x, ACTIVATION: tl.constexpr):
-    """(act(x), act'(x)) in fp32 for ACTIVATION "gelu" or "gelu_tanh"."""
+    """(act(x), act'(x)) in fp32 for ACTIVATION "gelu", "gelu_tanh" or "silu" (x sigmoid(x),
+    with sigmoid from exp(-|x|), which neither overflows nor loses the tail)."""
     # Each constant multiplies a tensor from the right: the interpreter's tl.constexpr
     # times a tensor stays a constexpr.
-    if ACTIVATION == "gelu_tanh":
+    if ACTIVATION == "silu":
+        e = tl.exp(-tl.abs(x))
+        sigmoid = tl.where(x >= 0, 1.0, e) / (1.0 + e)
+        value = x * sigmoid
+        grad = sigmoid * (1.0 + x * (1.0 - sigmoid))
+    elif ACTIVATION == "gelu_tanh":
         x_sq = x * x
         t = tanh((x + x_sq * x * TANH_CUBIC) * SQRT_2_OVER_PI)
         value = 0.5 * x * (1.0 + t)
@@ -98,6 +104,27 @@ def activation_and_grad(x, ACTIVATION: tl.constexpr):
         value = x * cdf
         grad = cdf + x * tl.exp(-0.5 * x * x) * INV_SQRT_2PI
     return value, grad
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_N) tile of an (M, N) matmul output, tiles visited
+    GROUP_M rows of tiles at a time for L2 reuse: (offs_m, offs_n), its row and column
+    numbers, and (rows, cols), the same as int64 with those past the edge replaced by 0,
+    so that loads through them need no mask (those rows and columns are never stored)."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_in_group = GROUP_M * tiles_n
+    first_m = pid // tiles_in_group * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_in_group) % group_m
+    pid_n = (pid % tiles_in_group) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    return offs_m, offs_n, rows, cols
 
 
 # Tuned per power-of-two bucket of M (tokens), which is only a bound: varying batch
@@ -133,23 +160,8 @@ def linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Tile (pid_m, pid_n), GROUP_M rows of tiles at a time for L2 reuse.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles_in_group = GROUP_M * tiles_n
-    first_m = pid // tiles_in_group * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_in_group) % group_m
-    pid_n = (pid % tiles_in_group) // group_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, rows, cols = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    # Rows and columns past the edge read row / column 0 and are never stored: the loads
-    # need no mask but K's.
-    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -67,14 +67,19 @@ class Provider:
     run: object = None
     absent: str = None  # why it cannot run here; run is None then
     slow: str = None  # why --quick leaves it out (too slow for a smoke test)
+    # For a provider that only some cases concern (e.g. an unfused composition beside a
+    # fused option): (predicate on the case, why the other cases leave it out).
+    only_for: tuple = None
 
 
-def absent_reason(provider, quick):
-    """Why a provider is not measured in this run, or None."""
+def absent_reason(provider, quick, case=None):
+    """Why a provider is not measured in this run (on this case), or None."""
     if provider.run is None:
         return provider.absent
     if quick and provider.slow:
         return f"left out of --quick runs: {provider.slow}"
+    if provider.only_for is not None and case is not None and not provider.only_for[0](case):
+        return provider.only_for[1]
     return None
 
 
@@ -227,7 +232,7 @@ def run_op(module, device, quick, log=print, cases=None):
     for case in module.cases(device, quick) if cases is None else cases:
         for provider in providers:
             base = dict(case=case, label=module.label(case), provider=provider.name)
-            absent = absent_reason(provider, quick)
+            absent = absent_reason(provider, quick, case)
             if absent:
                 rows.append(dict(base, absent=absent))
                 continue

@@ -11,6 +11,23 @@ inline bool is_kernel_float(at::ScalarType type) {
   return type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
 }
 
+// cos and sin as every rotary kernel reads them: contiguous (P, R / 2) of one float dtype on
+// x's device, 2 <= R <= x's head dim. names: what the op calls them ("cos and sin").
+inline void check_rotary_caches(
+    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const char* op,
+    const char* names = "cos and sin") {
+  TORCH_CHECK(
+      cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type() &&
+          is_kernel_float(cos.scalar_type()) && cos.is_contiguous() && sin.is_contiguous() &&
+          cos.device() == x.device() && sin.device() == x.device(),
+      op, ": ", names, " must be contiguous (P, R / 2) tensors of one float dtype on ", x.device(), ", got ",
+      cos.scalar_type(), " ", cos.sizes(), " on ", cos.device(), " and ", sin.scalar_type(), " ", sin.sizes(), " on ",
+      sin.device());
+  TORCH_CHECK(
+      cos.size(1) >= 1 && 2 * cos.size(1) <= x.size(3), op, ": the rotary dim 2 * ", cos.size(1),
+      " must lie in [2, head dim ", x.size(3), "]");
+}
+
 // Everything a kernel relies on for memory safety but the positions' values (which the
 // CPU kernels check; the CUDA kernels give NaN for a position out of range); the Python
 // layer has already given friendlier errors for the public API.
@@ -18,16 +35,7 @@ inline void check_apply_rotary(
     const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions, const char* op) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, H, L, D), got ", x.sizes());
   TORCH_CHECK(is_kernel_float(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(
-      cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type() &&
-          is_kernel_float(cos.scalar_type()) && cos.is_contiguous() && sin.is_contiguous() &&
-          cos.device() == x.device() && sin.device() == x.device(),
-      op, ": cos and sin must be contiguous (P, R / 2) tensors of one float dtype on ", x.device(), ", got ",
-      cos.scalar_type(), " ", cos.sizes(), " on ", cos.device(), " and ", sin.scalar_type(), " ", sin.sizes(), " on ",
-      sin.device());
-  TORCH_CHECK(
-      cos.size(1) >= 1 && 2 * cos.size(1) <= x.size(3), op, ": the rotary dim 2 * ", cos.size(1),
-      " must lie in [2, head dim ", x.size(3), "]");
+  check_rotary_caches(x, cos, sin, op);
   TORCH_CHECK(
       positions.dim() == 2 && positions.size(0) == x.size(0) && positions.size(1) == x.size(2) &&
           positions.scalar_type() == at::kLong && positions.device() == x.device(),
@@ -71,5 +79,12 @@ void apply_rotary_(
     into(x, cos, sin, positions, interleaved, conjugate, x);
   }
 }
+
+// The CPU rotation (cpu/apply_rotary.cpp) of x into out, both (B, H, L, D) with any
+// strides (out may be x), at positions (B, L) int64 checked to lie in [0, P) first; for
+// other ops' CPU kernels (the KV-cache append), after check_apply_rotary's checks.
+void apply_rotary_cpu(
+    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions, bool interleaved,
+    bool conjugate, const at::Tensor& out);
 
 }  // namespace lmkern

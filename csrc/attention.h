@@ -9,6 +9,8 @@
 #include <array>
 #include <optional>
 
+#include "apply_rotary.h"
+
 namespace lmkern {
 
 inline bool is_kernel_dtype(at::ScalarType dtype) {
@@ -81,7 +83,8 @@ inline void check_attention_bwd_args(
 // k_new, v_new (B, H_kv, L_new, D | Dv) or both absent.
 inline void check_kv_cache_args(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new) {
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
+    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin) {
   const char* op = "attention_with_kv_cache_fwd";
   check_attention_args(op, q, k_cache, v_cache, std::nullopt);
   TORCH_CHECK(
@@ -99,6 +102,12 @@ inline void check_kv_cache_args(
             v_new->sizes() == at::IntArrayRef({v_cache.size(0), v_cache.size(1), new_len, v_cache.size(3)}),
         op, ": k_new and v_new must have shapes (B, H_kv, L_new, D) and (B, H_kv, L_new, Dv) like the caches, got ",
         k_new->sizes(), " and ", v_new->sizes());
+  }
+  TORCH_CHECK(
+      rotary_cos.has_value() == rotary_sin.has_value(), op,
+      ": rotary_cos and rotary_sin must be given together, or neither");
+  if (rotary_cos.has_value()) {
+    check_rotary_caches(q, *rotary_cos, *rotary_sin, op, "rotary_cos and rotary_sin");
   }
 }
 

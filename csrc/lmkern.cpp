@@ -116,8 +116,14 @@ TORCH_LIBRARY(lmkern, m) {
   // (B, H_kv, L_max, D | Dv) at positions cache_seqlens[b] (int32 or int64) onwards, then
   // attends q (B, H, Lq, D) over each sequence's keys with bottom-right causal alignment:
   // query i sees the positions up to cache_seqlens[b] + L_new - Lq + i. Returns
-  // (B, H, Lq, Dv). A sequence whose new keys do not fit raises ValueError on CPU.
+  // (B, H, Lq, Dv). A sequence whose new keys do not fit raises ValueError on CPU. With
+  // rotary_cos and rotary_sin ((P, R / 2), contiguous, one float dtype, as apply_rotary's),
+  // k_new is rotated at positions cache_seqlens[b] + j before it is written, and q (not
+  // modified) at its positions cache_seqlens[b] + L_new - Lq + i (0 where negative) as it is
+  // read; pairs as apply_rotary's, interleaved if rotary_interleaved. A position past P
+  // raises ValueError on CPU; on CUDA the rotated values there are NaN.
   m.def(
       "attention_with_kv_cache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
-      "Tensor? k_new, Tensor? v_new, float scale) -> Tensor");
+      "Tensor? k_new, Tensor? v_new, float scale, Tensor? rotary_cos=None, Tensor? rotary_sin=None, "
+      "bool rotary_interleaved=False) -> Tensor");
 }

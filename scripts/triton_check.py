@@ -86,13 +86,18 @@ def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0, causal_shi
     return run
 
 
-def decode_case(head_dim, dtype, batch, heads, kv_heads):
+def decode_case(head_dim, dtype, batch, heads, kv_heads, rotary_dim=None, interleaved=False):
+    """One token per sequence; with rotary_dim, rotary embeddings fused (fp32 caches)."""
+
     def run():
         q = torch.empty(batch, heads, 1, head_dim, dtype=dtype)
         k_cache, v_cache = (torch.empty(batch, kv_heads, 4096, head_dim, dtype=dtype) for _ in range(2))
         k_new, v_new = (torch.empty(batch, kv_heads, 1, head_dim, dtype=dtype) for _ in range(2))
         lengths = torch.zeros(batch, dtype=torch.int32)
-        attention_with_kv_cache.attention_with_kv_cache_fwd(q, k_cache, v_cache, lengths, k_new, v_new, head_dim**-0.5)
+        rotary = () if rotary_dim is None else (*(torch.empty(8192, rotary_dim // 2) for _ in range(2)), interleaved)
+        attention_with_kv_cache.attention_with_kv_cache_fwd(
+            q, k_cache, v_cache, lengths, k_new, v_new, head_dim**-0.5, *rotary
+        )
 
     return run
 
@@ -208,6 +213,13 @@ def cases():
                           decode_case(head_dim, dtype, 64, 32, 8)))
             found.append(("attention_with_kv_cache", f"B1 H8/1 cache 4096 D{head_dim}, split {name}",
                           decode_case(head_dim, dtype, 1, 8, 1)))
+    for head_dim, rotary_dim, interleaved in ((128, 128, False), (64, 64, True), (128, 64, False)):
+        layout = f"rotary {rotary_dim} {'interleaved' if interleaved else 'half-split'}"
+        for name in ("fp32", "bf16"):
+            found.append(("attention_with_kv_cache", f"B64 H32/8 cache 4096 D{head_dim} {layout}, one split {name}",
+                          decode_case(head_dim, DTYPES[name], 64, 32, 8, rotary_dim, interleaved)))
+        found.append(("attention_with_kv_cache", f"B1 H8/1 cache 4096 D{head_dim} {layout}, split bf16",
+                      decode_case(head_dim, torch.bfloat16, 1, 8, 1, rotary_dim, interleaved)))
     for vocab in (32000, 50257, 128256):
         for name, dtype in DTYPES.items():
             found.append(("cross_entropy", f"N4096 V{vocab} {name}", cross_entropy_case(vocab, dtype)))

@@ -149,11 +149,129 @@ def test_decoding_past_the_cache_gives_nan_on_gpu(backend):
     assert (k_cache[1] == 0).all() and torch.equal(k_cache[0, :, 3], k_new[0, :, 0])
 
 
+# ------------------------------------------------------------------------------------------
+# Rotary embeddings fused into the step (rotary_cos, rotary_sin, rotary_interleaved).
+# id -> (H, H_kv, Lq, L_new): a decode step, speculative/prefill tokens, and queries over a
+# cache that already holds their (rotated) keys. Cached lengths are ragged.
+ROTARY_CASES = {
+    "decode": (4, 2, 1, 1),
+    "tokens": (4, 2, 3, 3),
+    "no_new_keys": (4, 4, 2, 0),
+}
+ROTARY_LENGTHS = [0, 5, 17]
+
+
+def unfused_rotary_step(q, k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved, dtype):
+    """The step as its parts, through the reference in `dtype` (cos and sin as given):
+    lmkern.apply_rotary of q and k_new at their positions, then attention_with_kv_cache
+    without rotary, on copies of the caches. Returns the output and the caches after it."""
+    q, k_cache, v_cache = (t.to(dtype, copy=True) for t in (q, k_cache, v_cache))
+    lengths, new_len = seqlens.long(), 0 if k_new is None else k_new.shape[2]
+    query_positions = (lengths + new_len)[:, None] - q.shape[2] + torch.arange(q.shape[2], device=q.device)
+    q = lmkern.apply_rotary(q, cos, sin, position_ids=query_positions.clamp(min=0), interleaved=interleaved,
+                            backend="torch")
+    if k_new is not None:
+        k_new = lmkern.apply_rotary(k_new.to(dtype), cos, sin, position_ids=seqlens, interleaved=interleaved,
+                                    backend="torch")
+        v_new = v_new.to(dtype)
+    out = lmkern.attention_with_kv_cache(q, k_cache, v_cache, seqlens, k_new, v_new, backend="torch")
+    return out, k_cache, v_cache
+
+
+@pytest.mark.parametrize("case", ROTARY_CASES.values(), ids=ROTARY_CASES.keys())
+@pytest.mark.parametrize("rotary_dim", ["full", "partial"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half_split", "interleaved"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_matches_apply_rotary_then_attention(device, backend, dtype, interleaved, rotary_dim, case):
+    """The fused step against lmkern.apply_rotary of q and k_new at their positions, then
+    attention without rotary (the reference), under the tolerance rule: its output and the
+    caches it leaves (rotated keys, values as given; q unchanged)."""
+    require(backend, device, dtype, "attention_with_kv_cache")
+    heads, kv_heads, seqlen_q, new_len = case
+    dim = 64 if device == "cuda" else 16  # the native CUDA kernels take head dims 64 and 128
+    capacity, batch = 24, len(ROTARY_LENGTHS)
+    require_call(backend, torch.empty(batch, heads, 1, dim, dtype=dtype, device=device), torch.empty(1, 1, 1, dim))
+    generator = torch.Generator().manual_seed(7)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    q = randn(batch, heads, seqlen_q, dim)
+    k_cache, v_cache = randn(batch, kv_heads, capacity, dim), randn(batch, kv_heads, capacity, dim)
+    k_new, v_new = (randn(batch, kv_heads, new_len, dim), randn(batch, kv_heads, new_len, dim)) if new_len else (None,) * 2
+    cos, sin = lmkern.rotary_cache(dim if rotary_dim == "full" else dim // 2, 32, dtype=torch.float64, device=device)
+    seqlens = torch.tensor(ROTARY_LENGTHS, dtype=torch.int32, device=device)
+    step = (q, k_cache, v_cache, seqlens, k_new, v_new)
+    truth, truth_k, _ = unfused_rotary_step(*step, cos, sin, interleaved, truth_dtype(dtype))
+    cos, sin = cos.float(), sin.float()
+    baseline, baseline_k, baseline_v = unfused_rotary_step(*step, cos, sin, interleaved, dtype)
+    q_before = q.clone()
+    with torch.no_grad():
+        out = lmkern.attention_with_kv_cache(
+            *step, backend=backend, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved
+        )
+    assert torch.equal(q, q_before)
+    assert_close_to_truth(out, truth, baseline, name="output")
+    assert_close_to_truth(k_cache, truth_k, baseline_k, name="k_cache")
+    assert torch.equal(v_cache, baseline_v)
+    for b, length in enumerate(ROTARY_LENGTHS):  # outside the new keys' positions nothing changed
+        untouched = torch.ones(capacity, dtype=torch.bool, device=device)
+        untouched[length : length + new_len] = False
+        assert torch.equal(k_cache[b, :, untouched], baseline_k[b, :, untouched])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotary_decode_step_matches_hugging_face(backend):
+    """One decode step of a Llama layout (GQA, half-split rotary) against Hugging Face's
+    apply_rotary_pos_emb of q and k at each sequence's position, then attention without rotary."""
+    require(backend, "cpu", torch.float32, "attention_with_kv_cache")
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    generator = torch.Generator().manual_seed(8)
+    batch, heads, kv_heads, dim, capacity = 3, 4, 2, 32, 40
+    q = torch.randn(batch, heads, 1, dim, generator=generator)
+    k_new, v_new = torch.randn(2, batch, kv_heads, 1, dim, generator=generator)
+    k_cache, v_cache = torch.randn(2, batch, kv_heads, capacity, dim, generator=generator)
+    seqlens = torch.tensor([3, 0, 38])
+    cos, sin = lmkern.rotary_cache(dim, 64)
+    # Hugging Face's caches are (B, L, D): each sequence's one row at its position.
+    cos_hf, sin_hf = torch.cat((cos, cos), -1)[seqlens][:, None], torch.cat((sin, sin), -1)[seqlens][:, None]
+    q_hf, _ = apply_rotary_pos_emb(q, q, cos_hf, sin_hf)
+    k_hf, _ = apply_rotary_pos_emb(k_new, k_new, cos_hf, sin_hf)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected = lmkern.attention_with_kv_cache(q_hf, expected_k, expected_v, seqlens, k_hf, v_new, backend="torch")
+    with torch.no_grad():
+        out = lmkern.attention_with_kv_cache(
+            q, k_cache, v_cache, seqlens, k_new, v_new, backend=backend, rotary_cos=cos, rotary_sin=sin
+        )
+    torch.testing.assert_close(k_cache, expected_k)
+    torch.testing.assert_close(v_cache, expected_v)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotary_position_past_the_caches_raises_on_cpu_and_writes_nothing(backend):
+    require(backend, "cpu", torch.float32, "attention_with_kv_cache")
+    q, k_new = torch.randn(2, 2, 2, 2, 16)
+    k_cache = torch.zeros(2, 2, 16, 16)
+    cos, sin = lmkern.rotary_cache(16, 10)
+    message = r"cache_seqlens\[1\] = 9: with 2 new keys the sequence reaches position 10, past the 10 positions"
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        lmkern.attention_with_kv_cache(q, k_cache, k_cache.clone(), torch.tensor([8, 9]), k_new, k_new,
+                                       backend=backend, rotary_cos=cos, rotary_sin=sin)
+    assert (k_cache == 0).all()
+
+
 def _bad_cache_calls():
     q = torch.randn(2, 4, 1, 16)
     cache = torch.zeros(2, 2, 8, 16)
     lens = torch.tensor([0, 1])
     new = torch.randn(2, 2, 1, 16)
+    cos, sin = lmkern.rotary_cache(16, 32)
+    wide = torch.zeros(32, 9)  # rotary_dim 18 > D
     kv = lmkern.attention_with_kv_cache
     return [
         (lambda: kv(q, cache[:, :, :, :8], cache, lens), ValueError, r"k_cache must have shape \(B, H_kv, L_max, D\)"),
@@ -168,6 +286,19 @@ def _bad_cache_calls():
         (lambda: kv(q, cache, cache, lens, new[:, :1], new), ValueError,
          r"k_new must have shape \(B, H_kv, L_new, D\)"),
         (lambda: kv(q, cache, cache, lens, new.half(), new), ValueError, "k_new must have k_cache's dtype"),
+        (lambda: kv(q, cache, cache, lens, rotary_cos=cos), ValueError,
+         "rotary_cos and rotary_sin must be given together"),
+        (lambda: kv(q, cache, cache, lens, rotary_cos=cos, rotary_sin=sin[:, :4]), ValueError,
+         r"rotary_cos and rotary_sin must have one shape and dtype, got \(32, 8\)"),
+        (lambda: kv(q, cache, cache, lens, rotary_cos=wide, rotary_sin=wide), ValueError,
+         r"rotary_cos and rotary_sin must be \(max_positions, rotary_dim / 2\) with 2 <= rotary_dim <= head_dim 16"),
+        (lambda: kv(q, cache, cache, lens, rotary_cos=cos[0], rotary_sin=sin[0]), ValueError, "rotary_cos must be 2-D"),
+        (lambda: kv(q, cache, cache, lens, rotary_cos=cos.long(), rotary_sin=sin.long()), TypeError,
+         "rotary_cos must be a floating-point tensor"),
+        (lambda: kv(q, cache, cache, lens, rotary_cos=cos.requires_grad_(), rotary_sin=sin), ValueError,
+         "rotary_cos must not require grad"),
+        (lambda: kv(q, cache, cache, lens, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=1), TypeError,
+         "rotary_interleaved must be a bool"),
         (lambda: kv(q.requires_grad_(), cache, cache, lens), RuntimeError, "call it under torch.no_grad"),
     ]
 
@@ -257,9 +388,10 @@ def test_native_kv_cache_op_passes_opcheck(device):
     k_cache, v_cache = torch.randn(2, 2, 2, 12, 64, device=device, dtype=dtype)
     k_new, v_new = torch.randn(2, 2, 2, 3, 64, device=device, dtype=dtype)
     lens = torch.tensor([0, 5], device=device)
-    torch.library.opcheck(
-        torch.ops.lmkern.attention_with_kv_cache_fwd.default, (q, k_cache, v_cache, lens, k_new, v_new, 0.25)
-    )
+    op = torch.ops.lmkern.attention_with_kv_cache_fwd.default
+    torch.library.opcheck(op, (q, k_cache, v_cache, lens, k_new, v_new, 0.25))
+    cos, sin = lmkern.rotary_cache(32, 16, device=device)  # partial rotary, interleaved
+    torch.library.opcheck(op, (q, k_cache, v_cache, lens, k_new, v_new, 0.25, cos, sin, True))
 
 
 def test_kv_cache_compiles_with_fullgraph_on_cpu():
@@ -269,8 +401,11 @@ def test_kv_cache_compiles_with_fullgraph_on_cpu():
     k_new, v_new = torch.randn(2, 2, 2, 1, 16)
     lens = torch.tensor([0, 5])
 
+    cos, sin = lmkern.rotary_cache(16, 16)
+
     def step(k_cache, v_cache):
-        return lmkern.attention_with_kv_cache(q, k_cache, v_cache, lens, k_new, v_new, backend="native")
+        return lmkern.attention_with_kv_cache(q, k_cache, v_cache, lens, k_new, v_new, backend="native",
+                                              rotary_cos=cos, rotary_sin=sin)
 
     eager_caches = (k_cache.clone(), v_cache.clone())
     with torch.no_grad():

@@ -158,22 +158,31 @@ def test_triton_matches_reference(device, backend, dtype, name):
     assert_matches_reference(op, inputs, backend, names, factor=3.0 if "attention" in name else 2.0)
 
 
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @BACKEND
 @pytest.mark.parametrize("device", DEVICES)
-def test_triton_decoding_matches_reference(device, backend, dtype):
-    """One decoding step over caches long enough to be split, against the reference."""
+def test_triton_decoding_matches_reference(device, backend, dtype, rotary):
+    """One decoding step over caches long enough to be split, against the reference; with
+    rotary, partial GPT-J rotary embeddings fused into the step."""
     require(backend, device, dtype, "attention_with_kv_cache")
     q, k_new, v_new = (torch.randn(1, 8, 1, 64).to(device, dtype) for _ in range(3))
     k_new, v_new = k_new[:, :2], v_new[:, :2]
     caches = [torch.randn(1, 2, 1024, 64).to(device, dtype) for _ in range(2)]
     lengths = torch.tensor([700], device=device)
-    outs = []
+    cos, sin = lmkern.rotary_cache(32, 1024, device=device)
+    rotary_args = {"rotary_cos": cos, "rotary_sin": sin, "rotary_interleaved": True} if rotary else {}
+    outs, k_caches = [], []
     for name in (backend, "torch"):
         k_cache, v_cache = (cache.clone() for cache in caches)
-        outs.append(lmkern.attention_with_kv_cache(q, k_cache, v_cache, lengths, k_new, v_new, backend=name))
+        outs.append(lmkern.attention_with_kv_cache(q, k_cache, v_cache, lengths, k_new, v_new, backend=name,
+                                                   **rotary_args))
+        k_caches.append(k_cache)
     wide = truth_dtype(dtype)
+    truth_k = caches[0].to(wide)
     truth = lmkern.attention_with_kv_cache(
-        q.to(wide), caches[0].to(wide), caches[1].to(wide), lengths, k_new.to(wide), v_new.to(wide), backend="torch"
+        q.to(wide), truth_k, caches[1].to(wide), lengths, k_new.to(wide), v_new.to(wide), backend="torch",
+        **rotary_args,
     )
     assert_close_to_truth(outs[0], truth, outs[1], factor=3.0, name="out")
+    assert_close_to_truth(k_caches[0], truth_k, k_caches[1], name="k_cache")

@@ -94,6 +94,8 @@ void rotate_rows(
   });
 }
 
+}  // namespace
+
 void apply_rotary_cpu(
     const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions, bool interleaved,
     bool conjugate, const at::Tensor& out) {
@@ -105,8 +107,6 @@ void apply_rotary_cpu(
     });
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(lmkern, CPU, m) {
   m.impl("apply_rotary", &apply_rotary<apply_rotary_cpu>);

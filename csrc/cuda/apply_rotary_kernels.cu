@@ -11,6 +11,7 @@
 
 #include "apply_rotary_kernels.h"
 #include "common.cuh"
+#include "rotary.cuh"
 
 namespace lmkern::cuda {
 namespace {
@@ -38,23 +39,19 @@ __global__ void __launch_bounds__(kThreads) apply_rotary_kernel(const ApplyRotar
     const T* x_row = x + b * p.x_stride[0] + h * p.x_stride[1] + l * p.x_stride[2];
     T* out_row = out + b * p.out_stride[0] + h * p.out_stride[1] + l * p.out_stride[2];
     const int64_t position = p.positions[b * p.positions_stride[0] + l * p.positions_stride[1]];
-    const bool in_range = position >= 0 && position < p.max_positions;
-    const C* cos_row = cos + (in_range ? position : 0) * p.half;
-    const C* sin_row = sin + (in_range ? position : 0) * p.half;
     for (int64_t item = threadIdx.x; item < per_token; item += blockDim.x) {
       if (item >= p.half) {  // an element that passes through
         const int64_t j = 2 * p.half + (item - p.half);
         out_row[j * p.out_stride[3]] = x_row[j * p.x_stride[3]];
         continue;
       }
-      const float cos_i = in_range ? to_float(cos_row[item]) : NAN;
-      const float sin_i = in_range ? sign * to_float(sin_row[item]) : NAN;
-      const int64_t first = p.interleaved ? 2 * item : item;
-      const int64_t second = p.interleaved ? first + 1 : first + p.half;
-      const float x1 = to_float(x_row[first * p.x_stride[3]]);
-      const float x2 = to_float(x_row[second * p.x_stride[3]]);
-      out_row[first * p.out_stride[3]] = from_float<T>(x1 * cos_i - x2 * sin_i);
-      out_row[second * p.out_stride[3]] = from_float<T>(x2 * cos_i + x1 * sin_i);
+      float2 angle = rotary_angle(cos, sin, p.half, p.max_positions, position, item);
+      angle.y *= sign;
+      const PairColumns pair = rotary_pair_columns(item, p.half, p.interleaved);
+      const float2 turned =
+          rotate_pair(to_float(x_row[pair.first * p.x_stride[3]]), to_float(x_row[pair.second * p.x_stride[3]]), angle);
+      out_row[pair.first * p.out_stride[3]] = from_float<T>(turned.x);
+      out_row[pair.second * p.out_stride[3]] = from_float<T>(turned.y);
     }
   }
 }

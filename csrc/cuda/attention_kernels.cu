@@ -49,6 +49,7 @@
 
 #include "attention_kernels.h"
 #include "common.cuh"
+#include "rotary.cuh"
 
 namespace lmkern::cuda {
 namespace {
@@ -409,6 +410,27 @@ __device__ __forceinline__ int key_blocks_end(const AttentionParams& p, int last
 // ---------------------------------------------------------------------------------------------
 // Forward and decoding
 
+// Decoding with rotary caches: a warp turns the pairs of its 16 rows of a shared query tile in
+// place, row r at position position_of(r) (-1: a row past the queries, left as it is). Each lane
+// owns both elements of its pairs, so no lane reads what another writes.
+template <typename T, int D, typename PositionOf>
+__device__ __forceinline__ void rotate_query_rows(const AttentionParams& p, T* rows, const PositionOf& position_of) {
+  const int half = static_cast<int>(p.rotary_half);
+  for (int item = threadIdx.x % 32; item < 16 * half; item += 32) {
+    const int r = item / half;
+    const int i = item % half;
+    const int position = position_of(r);
+    if (position < 0) continue;
+    T* row = rows + r * kRowStride<D>;
+    const PairColumns pair = rotary_pair_columns(i, half, p.rotary_interleaved);
+    const float2 turned = rotate_pair(
+        to_float(row[pair.first]), to_float(row[pair.second]),
+        rotary_angle(p.rotary_cos, p.rotary_sin, half, p.rotary_max_positions, position, i));
+    row[pair.first] = from_float<T>(turned.x);
+    row[pair.second] = from_float<T>(turned.y);
+  }
+}
+
 template <typename T, int D, int kWarps>
 constexpr size_t fwd_shared_bytes() {
   return (16 * kWarps + 4 * kBlockKeys) * kRowStride<D> * sizeof(T);  // q, then 2 stages of k and v
@@ -467,7 +489,16 @@ __global__ void __launch_bounds__(kWarps * 32)
   float row_sum[2] = {0.0f, 0.0f};            // this lane's columns only, until the end
   const float scale_log2 = p.scale * kLog2e;
   const auto compute = [&](int stage, int i) {
-    if (i == 0) q_fragments.load(SharedRows<T, D>{q_tile + warp * 16 * kStride});
+    if (i == 0) {
+      if (p.rotary_cos != nullptr) {  // each warp turns its own 16 query rows where they landed
+        rotate_query_rows<T, D>(p, q_tile + warp * 16 * kStride, [&](int r) {
+          const int row = warp * 16 + r;
+          return m0 + row < rows ? max(query_of(row) + shift, 0) : -1;
+        });
+        __syncwarp();
+      }
+      q_fragments.load(SharedRows<T, D>{q_tile + warp * 16 * kStride});
+    }
     const int n0 = (n_begin + i) * kBlockKeys;
     float s[kBlockKeys / 8][4] = {};
     mma_abt<T, kBlockKeys, D>(s, q_fragments, kv.k_tile(stage));
@@ -554,7 +585,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 // Decoding, before the attention: copies the new keys and values into the caches at each
-// sequence's position, one 16-byte chunk per thread; nothing for a sequence that does not fit.
+// sequence's position, one 16-byte chunk per thread, the keys rotated on the way with rotary
+// caches; nothing for a sequence that does not fit.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) attention_append_kernel(const AttentionParams p, const NewKeys n) {
   const int64_t index = blockIdx.x * int64_t{256} + threadIdx.x;
@@ -567,13 +599,23 @@ __global__ void __launch_bounds__(256) attention_append_kernel(const AttentionPa
   const int64_t total = decode_keys(p, b);
   if (total < 0) return;
   const int64_t position = total - p.seqlen_new + j;
-  const auto copy = [&](const StridedTensor& cache, const StridedTensor& update) {
-    const T* src = static_cast<const T*>(update.data) + b * update.batch + h * update.head + j * update.row + column;
+  const auto copy = [&](const StridedTensor& cache, const StridedTensor& update, bool rotate) {
+    const T* src = static_cast<const T*>(update.data) + b * update.batch + h * update.head + j * update.row;
     T* dst = static_cast<T*>(cache.data) + b * cache.batch + h * cache.head + position * cache.row + column;
-    *reinterpret_cast<Pack<T>*>(dst) = *reinterpret_cast<const Pack<T>*>(src);
+    Pack<T> pack = *reinterpret_cast<const Pack<T>*>(src + column);
+    if (rotate && column < 2 * p.rotary_half) {  // the cache holds rotated keys
+#pragma unroll
+      for (int e = 0; e < Pack<T>::kN; ++e) {
+        if (column + e < 2 * p.rotary_half) {
+          pack.v[e] = from_float<T>(rotated_column(src, column + e, p.rotary_half, p.rotary_interleaved,
+                                                   p.rotary_cos, p.rotary_sin, p.rotary_max_positions, position));
+        }
+      }
+    }
+    *reinterpret_cast<Pack<T>*>(dst) = pack;
   };
-  copy(p.k, n.k);
-  copy(p.v, n.v);
+  copy(p.k, n.k, p.rotary_cos != nullptr);
+  copy(p.v, n.v, false);
 }
 
 // Decoding: merges the splits of each (b, h, i) row, one warp per row, each lane holding D / 32

@@ -40,6 +40,16 @@ struct AttentionParams {
   const void* cache_seqlens;
   bool cache_seqlens_int64;
   int64_t seqlen_new;
+  // Decoding only (nullptr otherwise): rotary caches (rotary_max_positions, rotary_half) fp32,
+  // contiguous. The new keys are rotated at positions cache_seqlens[b] + j as they are appended,
+  // and query i at position max(total_b - seqlen_q + i, 0) as it is loaded; pairs
+  // (x_{2i}, x_{2i+1}) if rotary_interleaved, else (x_i, x_{i + rotary_half}). A position past
+  // the caches gives NaN (no read out of bounds).
+  const float* rotary_cos;
+  const float* rotary_sin;
+  int64_t rotary_half;            // 1 <= rotary_half <= head_dim / 2
+  int64_t rotary_max_positions;
+  bool rotary_interleaved;
   int64_t batch;
   int64_t heads_q;
   int64_t heads_kv;               // divides heads_q

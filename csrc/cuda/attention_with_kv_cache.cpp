@@ -2,7 +2,9 @@
 // csrc/lmkern.cpp): the decode launcher of attention_kernels.cu, under the limits of
 // check_native_cuda (attention_binding.h) plus caches whose rows are 16-byte aligned.
 // Decoding appends k_new and v_new in the kernels (not in torch), so that a sequence whose new
-// keys do not fit gets NaN outputs and no write, without a host-side check stalling the stream.
+// keys do not fit gets NaN outputs and no write, without a host-side check stalling the stream;
+// with rotary caches the append kernel rotates the new keys and the attention kernel the
+// queries where they land in shared memory.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,9 +21,11 @@ namespace {
 
 at::Tensor attention_with_kv_cache_fwd_cuda(
     const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens_in,
-    const std::optional<at::Tensor>& k_new_in, const std::optional<at::Tensor>& v_new_in, double scale) {
+    const std::optional<at::Tensor>& k_new_in, const std::optional<at::Tensor>& v_new_in, double scale,
+    const std::optional<at::Tensor>& rotary_cos_in, const std::optional<at::Tensor>& rotary_sin_in,
+    bool rotary_interleaved) {
   const char* op = "attention_with_kv_cache_fwd";
-  check_kv_cache_args(q_in, k_cache, v_cache, cache_seqlens_in, k_new_in, v_new_in);
+  check_kv_cache_args(q_in, k_cache, v_cache, cache_seqlens_in, k_new_in, v_new_in, rotary_cos_in, rotary_sin_in);
   check_native_cuda(op, q_in, k_cache, v_cache, 0.0);
   // Written in place, the caches cannot be copied into alignment.
   TORCH_CHECK(
@@ -44,6 +48,17 @@ at::Tensor attention_with_kv_cache_fwd_cuda(
     v_new = with_aligned_rows(*v_new_in);
     params.seqlen_new = k_new.size(2);
     new_keys = {strided(k_new), strided(v_new)};
+  }
+  at::Tensor rotary_cos;
+  at::Tensor rotary_sin;
+  if (rotary_cos_in.has_value()) {  // the kernels read fp32 caches: others are converted (allocates)
+    rotary_cos = rotary_cos_in->to(at::kFloat).contiguous();
+    rotary_sin = rotary_sin_in->to(at::kFloat).contiguous();
+    params.rotary_cos = rotary_cos.const_data_ptr<float>();
+    params.rotary_sin = rotary_sin.const_data_ptr<float>();
+    params.rotary_half = rotary_cos.size(1);
+    params.rotary_max_positions = rotary_cos.size(0);
+    params.rotary_interleaved = rotary_interleaved;
   }
   int num_splits = 1;
   C10_CUDA_CHECK(cuda::attention_decode_num_splits(params, &num_splits));

@@ -51,28 +51,39 @@ def _check_tensor(tensor, name, dim, floating=True):
         raise ArgumentError(f"{name} must be {dim}-D, got shape {tuple(tensor.shape)}")
 
 
-def _check_cache(x, cos, sin):
-    """cos and sin: (P, R / 2) float tensors of one dtype on x's device, R <= D, no gradient."""
-    for name, cache in (("cos", cos), ("sin", sin)):
+def check_cache(x, cos, sin, names=("x", "cos", "sin")):
+    """cos and sin: (P, R / 2) float tensors of one dtype on x's device, R <= D, no gradient.
+    names: what the caller calls x, cos and sin, for the errors (lmkern.attention_with_kv_cache
+    checks its rotary_cos and rotary_sin here too)."""
+    x_name, cos_name, sin_name = names
+    for name, cache in ((cos_name, cos), (sin_name, sin)):
         _check_tensor(cache, name, 2)
         if cache.device != x.device:
-            raise ArgumentError(f"{name} must be on x's device {x.device}, got {cache.device}")
+            raise ArgumentError(f"{name} must be on {x_name}'s device {x.device}, got {cache.device}")
         if cache.requires_grad:
             raise ArgumentError(
-                f"{name} must not require grad: lmkern.apply_rotary returns no gradient for cos and sin "
-                f"(detach them, or use the reference formula for learned frequencies)"
+                f"{name} must not require grad: lmkern's rotary kernels return no gradient for {cos_name} and "
+                f"{sin_name} (detach them, or use the reference formula for learned frequencies)"
             )
     if cos.shape != sin.shape or cos.dtype != sin.dtype:
         raise ArgumentError(
-            f"cos and sin must have one shape and dtype, got {tuple(cos.shape)} {cos.dtype} and "
+            f"{cos_name} and {sin_name} must have one shape and dtype, got {tuple(cos.shape)} {cos.dtype} and "
             f"{tuple(sin.shape)} {sin.dtype}"
         )
     half, head_dim = cos.shape[1], x.shape[-1]
     if half < 1 or 2 * half > head_dim:
         raise ArgumentError(
-            f"cos and sin must be (max_positions, rotary_dim / 2) with 2 <= rotary_dim <= head_dim {head_dim}, "
-            f"got shape {tuple(cos.shape)} (rotary_dim {2 * half})"
+            f"{cos_name} and {sin_name} must be (max_positions, rotary_dim / 2) with 2 <= rotary_dim <= head_dim "
+            f"{head_dim}, got shape {tuple(cos.shape)} (rotary_dim {2 * half})"
         )
+
+
+def kernel_cache(cos, sin, backend):
+    """cos and sin as the kernels of `backend` read them: contiguous, in a dtype they load
+    (fp32 unless already fp32/fp16/bf16); the reference takes any."""
+    if backend != "torch" and cos.dtype not in KERNEL_DTYPES:
+        cos, sin = cos.float(), sin.float()
+    return cos.contiguous(), sin.contiguous()
 
 
 def _positions(position_ids, x, max_positions):
@@ -149,7 +160,7 @@ def apply_rotary(x, cos, sin, *, position_ids=None, interleaved=False, inplace=F
     minus the angles (x's gradient only).
     """
     _check_tensor(x, "x", 4)
-    _check_cache(x, cos, sin)
+    check_cache(x, cos, sin)
     if inplace and x.requires_grad and x.is_leaf and torch.is_grad_enabled():
         raise ArgumentError(
             "x must not be a leaf that requires grad when inplace=True (autograd cannot rotate it in place); "
@@ -160,7 +171,5 @@ def apply_rotary(x, cos, sin, *, position_ids=None, interleaved=False, inplace=F
     positions = _positions(position_ids, x, cos.shape[0])
     call = Call.of(x, head_dim=x.shape[-1], rotary_dim=2 * cos.shape[1])
     name = APPLY_ROTARY.resolve(call, backend, empty=x.numel() == 0)
-    if name != "torch" and cos.dtype not in KERNEL_DTYPES:
-        cos, sin = cos.float(), sin.float()
-    return ApplyRotaryFunction.apply(x, cos.contiguous(), sin.contiguous(), positions, bool(interleaved),
-                                     bool(inplace), name)
+    cos, sin = kernel_cache(cos, sin, name)
+    return ApplyRotaryFunction.apply(x, cos, sin, positions, bool(interleaved), bool(inplace), name)

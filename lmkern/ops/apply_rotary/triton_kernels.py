@@ -7,6 +7,10 @@ the R / 2 pairs of each token, and writes
 (pairs (x_i, x_{i + R/2}) half-split, (x_{2i}, x_{2i+1}) interleaved), then copies the
 D - R elements that pass through (unless writing in place). Backward is the same kernel
 with -sin. A position outside [0, P) reads no cache row: its rotated part is NaN.
+
+The helpers rotary_angles and rotate_pairs hold that math for every kernel that rotates;
+rotate_loaded_rows rotates a tile another kernel has already loaded whole (the queries and
+new keys of lmkern.attention_with_kv_cache's kernels).
 """
 
 import torch
@@ -14,6 +18,59 @@ import triton
 import triton.language as tl
 
 from lmkern.ops.apply_rotary.backends import MAX_TRITON_HEAD_DIM
+
+
+@triton.jit
+def rotary_angles(cos_ptr, sin_ptr, positions, pairs, half, max_positions, mask):
+    """cos(p theta_i) and sin(p theta_i) in fp32 for positions p and pair indices i that
+    broadcast together (e.g. (M, 1) int64 and (1, N)), where mask; NaN where p lies outside
+    [0, max_positions), whose cache row is never read. cos and sin: (P, R / 2) contiguous."""
+    in_range = (positions >= 0) & (positions < max_positions)
+    offsets = positions * half + pairs
+    c = tl.load(cos_ptr + offsets, mask=mask & in_range, other=float("nan")).to(tl.float32)
+    s = tl.load(sin_ptr + offsets, mask=mask & in_range, other=float("nan")).to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def rotate_pairs(x1, x2, c, s):
+    """The pairs (x1, x2) turned by the angles of (c, s), in fp32."""
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def rotate_loaded_rows(
+    x,  # (M, BLOCK_D) rows already loaded, columns 0 .. BLOCK_D - 1
+    rows_ptr,  # (M,) pointers to the rows' first elements
+    stride_d,
+    positions,  # (M,) int64: each row's position
+    row_mask,  # (M,) rows that exist
+    cos_ptr,
+    sin_ptr,
+    half,  # R / 2
+    max_positions,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """x (fp32) with the first R columns of each row rotated at its position, the rest as
+    loaded; rows outside row_mask as loaded. Each column reloads its pair's other element
+    (a cached read), so that a kernel holding whole rows rotates them in place."""
+    d = tl.arange(0, BLOCK_D)
+    if INTERLEAVED:
+        first = d % 2 == 0
+        partner = tl.where(first, d + 1, d - 1)
+        pair = d // 2
+    else:
+        first = d < half
+        partner = tl.where(first, d + half, d - half)
+        pair = tl.where(first, d, d - half)
+    mask = row_mask[:, None] & (d < 2 * half)[None, :]
+    other = tl.load(rows_ptr[:, None] + partner[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+    c, s = rotary_angles(cos_ptr, sin_ptr, positions[:, None], pair[None, :], half, max_positions, mask)
+    x = x.to(tl.float32)
+    first = first[None, :]
+    out1, out2 = rotate_pairs(tl.where(first, x, other), tl.where(first, other, x), c, s)
+    return tl.where(mask, tl.where(first, out1, out2), x)
 
 
 @triton.jit
@@ -55,13 +112,10 @@ def apply_rotary_kernel(
     out_rows = out_ptr + b * out_stride_b + h * out_stride_h + tokens64[:, None] * out_stride_l
 
     positions = tl.load(positions_ptr + b * positions_stride_b + tokens64 * positions_stride_l, mask=token_mask, other=0)
-    in_range = (positions >= 0) & (positions < max_positions)
     pairs = tl.arange(0, BLOCK_HALF)
     pair_mask = token_mask[:, None] & (pairs[None, :] < half)
-    cache_mask = pair_mask & in_range[:, None]
-    cache_offsets = positions[:, None] * half + pairs[None, :]
-    c = tl.load(cos_ptr + cache_offsets, mask=cache_mask, other=float("nan")).to(tl.float32)
-    s = tl.load(sin_ptr + cache_offsets, mask=cache_mask, other=float("nan")).to(tl.float32) * SIGN
+    c, s = rotary_angles(cos_ptr, sin_ptr, positions[:, None], pairs[None, :], half, max_positions, pair_mask)
+    s = s * SIGN
     if INTERLEAVED:
         first = pairs[None, :] * 2
         second = first + 1
@@ -70,8 +124,7 @@ def apply_rotary_kernel(
         second = first + half
     x1 = tl.load(x_rows + first * x_stride_d, mask=pair_mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_rows + second * x_stride_d, mask=pair_mask, other=0.0).to(tl.float32)
-    out1 = x1 * c - x2 * s
-    out2 = x2 * c + x1 * s
+    out1, out2 = rotate_pairs(x1, x2, c, s)
     tl.store(out_rows + first * out_stride_d, out1.to(out_ptr.dtype.element_ty), mask=pair_mask)
     tl.store(out_rows + second * out_stride_d, out2.to(out_ptr.dtype.element_ty), mask=pair_mask)
     if COPY_REST:

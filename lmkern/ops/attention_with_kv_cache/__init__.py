@@ -7,6 +7,7 @@ import torch
 from lmkern.backend import Call
 from lmkern.errors import ArgumentError, ArgumentTypeError
 from lmkern.ops import lazy_submodules
+from lmkern.ops.apply_rotary import check_cache, kernel_cache
 from lmkern.ops.attention import check_float_tensor, check_kv_heads, check_same_dtype_and_device
 from lmkern.ops.attention_with_kv_cache.backends import ATTENTION_WITH_KV_CACHE
 from lmkern.ops.autocast import autocast_dtype, autocast_off
@@ -42,7 +43,20 @@ def _check_new(new, name, cache, cache_name):
         )
 
 
-def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, scale=None, backend=None):
+def _check_rotary(q, rotary_cos, rotary_sin, rotary_interleaved):
+    """rotary_cos and rotary_sin: both or neither, checked as lmkern.apply_rotary checks its cos and sin."""
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ArgumentError("rotary_cos and rotary_sin must be given together, or neither")
+    if not isinstance(rotary_interleaved, bool):
+        raise ArgumentTypeError(f"rotary_interleaved must be a bool, got {type(rotary_interleaved).__name__}")
+    if rotary_cos is not None:
+        check_cache(q, rotary_cos, rotary_sin, names=("q", "rotary_cos", "rotary_sin"))
+
+
+def attention_with_kv_cache(
+    q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, scale=None, backend=None,
+    rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
+):
     """Attention of new queries over a KV cache, appending the new keys and values first.
 
     For generation with a static cache: each step writes k_new and v_new into the caches
@@ -61,6 +75,20 @@ def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
             cache_seqlens[b] .. cache_seqlens[b] + L_new - 1; or both None.
         scale: of the scores; 1 / sqrt(D) by default.
         backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
+        rotary_cos, rotary_sin: None, or rotary embeddings fused into the step (as
+            flash-attention's flash_attn_with_kvcache): (max_positions, rotary_dim / 2)
+            caches as lmkern.apply_rotary and lmkern.rotary_cache take them, rotary_dim <= D
+            (the first rotary_dim elements of each head rotated, the rest passed through),
+            any float dtype, no gradient. k_new is rotated at its positions
+            cache_seqlens[b] + j before it is written (the cache holds rotated keys), and q
+            at its positions total_b - Lq + i (below) as it is read; q itself is not
+            changed, v never rotated. Without k_new only q is rotated (the cache already
+            holds rotated keys). A position past max_positions raises ValueError on CPU;
+            on CUDA the rotated values there are NaN (no row of the caches is read out of
+            bounds). Unlike flash-attention, q is rotated at the positions it attends
+            from, so with k_new None and Lq tokens q sits at cache_seqlens[b] - Lq + i.
+        rotary_interleaved: False: the half-split layout (Llama, pairs (x_i, x_{i+R/2}));
+            True: GPT-J's pairs (x_{2i}, x_{2i+1}).
 
     With total_b = cache_seqlens[b] + L_new, query i of sequence b sits at position
     total_b - Lq + i and sees the cache's keys at positions up to it; a query at a negative
@@ -68,7 +96,8 @@ def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
     that would not fit (total_b > L_max, or a negative length) raises ValueError on CPU; on
     CUDA, where checking would stall the stream, its output is NaN and nothing is written
     for it. Under torch.autocast, q, k_new and v_new are cast to the caches' dtype (the
-    caller allocates the caches in the dtype to compute in). For inference: there is no
+    caller allocates the caches in the dtype to compute in); rotary_cos and rotary_sin are
+    read in their own dtype (in fp32 by the kernels), as lmkern.apply_rotary reads them. For inference: there is no
     backward (it raises under autograd).
     """
     check_float_tensor(k_cache, "k_cache", "(B, H_kv, L_max, D)")
@@ -93,6 +122,7 @@ def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
         if cache.stride(3) != 1:
             raise ArgumentError(f"{name} must be contiguous in its last dimension, got strides {cache.stride()}")
     _check_cache_lengths(cache_seqlens, batch, q.device)
+    _check_rotary(q, rotary_cos, rotary_sin, rotary_interleaved)
     if (k_new is None) != (v_new is None):
         raise ArgumentError("k_new and v_new must be given together, or neither")
     if k_new is not None:
@@ -110,5 +140,7 @@ def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
     call = Call.of(q, head_dims=(head_dim, v_cache.shape[3]), caches_aligned=aligned)
     name = ATTENTION_WITH_KV_CACHE.resolve(call, backend, empty=q.numel() == 0)
     fwd = ATTENTION_WITH_KV_CACHE.implementation(name).attention_with_kv_cache_fwd
+    if rotary_cos is not None:
+        rotary_cos, rotary_sin = kernel_cache(rotary_cos, rotary_sin, name)
     with autocast_off(q.device.type):
-        return fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
+        return fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos, rotary_sin, rotary_interleaved)

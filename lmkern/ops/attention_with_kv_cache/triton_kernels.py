@@ -1,12 +1,15 @@
 """Flash-decoding over a KV cache in Triton, for lmkern.attention_with_kv_cache, on the
 blocks of the attention kernels (lmkern/ops/attention/triton_kernels.py).
 
-A small kernel writes the new keys and values into the caches; then one program per
+A small kernel writes the new keys and values into the caches (rotating the keys first when
+rotary caches are given); then one program per
 (split of the keys, block of query rows, sequence and key/value head) attends, with the
 query heads that share a key/value head packed as rows of one tile, so that a single new
 token still fills a tile under GQA. With several splits each writes its partial output
 and lse, and a combine kernel merges them (flash-decoding). A query that sees no key gets
-zeros; a sequence whose new keys would not fit gets NaN and writes nothing.
+zeros; a sequence whose new keys would not fit gets NaN and writes nothing. With rotary
+embeddings each program rotates its queries as it loads them (apply_rotary's
+rotate_loaded_rows), so q is never rotated through memory.
 """
 
 import functools
@@ -15,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmkern.ops.apply_rotary.triton_kernels import rotate_loaded_rows
 from lmkern.ops.attention.triton_kernels import FLT_MAX, LOG2E, NO_MASK, _attend, _block_dim, _exact_fp32, _tile_sizes
 from lmkern.ops.attention_with_kv_cache.reference import check_cache_lengths_on_cpu
 from lmkern.ops.triton_tuning import autotune
@@ -43,27 +47,33 @@ def _decode_resources(config, args, target):
     return size * (m * d + stages * n * (d + dv)), registers / threads
 
 
-@triton.jit(do_not_specialize=["new_len", "capacity"])
+@triton.jit(do_not_specialize=["new_len", "capacity", "rotary_half", "max_positions"])
 def kv_cache_append_kernel(
     k_new_ptr,  # (B, H_kv, L_new, D)
     v_new_ptr,  # (B, H_kv, L_new, Dv)
     k_cache_ptr,  # (B, H_kv, L_max, D)
     v_cache_ptr,  # (B, H_kv, L_max, Dv)
     seqlens_ptr,  # (B,) int32 or int64: where each sequence's new keys go
+    cos_ptr,  # (P, R / 2) contiguous rotary caches, read if ROTARY
+    sin_ptr,
     stride_nb, stride_nh, stride_nn, stride_nd,
     stride_wb, stride_wh, stride_wn, stride_wd,
     stride_cb, stride_ch, stride_cn, stride_cd,
     stride_ub, stride_uh, stride_un, stride_ud,
     new_len,
     capacity,
+    rotary_half,  # R / 2
+    max_positions,  # P
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ROTARY: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
-    """cache[b, h, seqlen_b + n] = new[b, h, n]; a sequence whose new keys would not fit
-    (or with a negative length) writes nothing."""
+    """cache[b, h, seqlen_b + n] = new[b, h, n], the keys rotated at position seqlen_b + n if
+    ROTARY; a sequence whose new keys would not fit (or with a negative length) writes nothing."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     seqlen = tl.load(seqlens_ptr + b).to(tl.int64)
@@ -75,6 +85,11 @@ def kv_cache_append_kernel(
     ok = rows_ok & (offs_d[None, :] < HEAD_DIM)
     k_new_ptr += b * stride_nb + h * stride_nh
     k = tl.load(k_new_ptr + n[:, None] * stride_nn + offs_d[None, :] * stride_nd, mask=ok)
+    if ROTARY:
+        k = rotate_loaded_rows(
+            k, k_new_ptr + n * stride_nn, stride_nd, seqlen + n, n < tl.where(fits, new_len, 0), cos_ptr, sin_ptr,
+            rotary_half, max_positions, INTERLEAVED, BLOCK_D,
+        ).to(k_cache_ptr.dtype.element_ty)
     tl.store(
         k_cache_ptr + b * stride_cb + h * stride_ch + (seqlen + n[:, None]) * stride_cn + offs_d[None, :] * stride_cd,
         k,
@@ -94,13 +109,15 @@ def kv_cache_append_kernel(
     DECODE_CONFIGS,
     ["capacity_bucket", "HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "SPLIT"],
     _decode_resources,
-    do_not_specialize=["seqlen_q", "new_len", "capacity", "capacity_bucket"],
+    do_not_specialize=["seqlen_q", "new_len", "capacity", "capacity_bucket", "rotary_half", "max_positions"],
 )
 def attention_decode_kernel(
     q_ptr,  # (B, H, Lq, D)
     k_ptr,  # (B, H_kv, L_max, D) cache
     v_ptr,  # (B, H_kv, L_max, Dv) cache
     seqlens_ptr,  # (B,) int32 or int64: each sequence's cached length before the new keys
+    cos_ptr,  # (P, R / 2) contiguous rotary caches, read if ROTARY
+    sin_ptr,
     out_ptr,  # (B, H, Lq, Dv) out, contiguous; with SPLIT (splits, B, H, Lq, Dv) fp32 partial outputs
     lse_ptr,  # with SPLIT: (splits, B, H, Lq) fp32 partial lse in base 2, -inf where a split saw no key
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -113,6 +130,8 @@ def attention_decode_kernel(
     capacity,
     capacity_bucket,  # autotuning key only
     qk_scale,
+    rotary_half,  # R / 2
+    max_positions,  # P
     SPLIT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -120,11 +139,14 @@ def attention_decode_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ROTARY: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
     """One split of one sequence's keys for one key/value head, against BLOCK_M packed rows
     r = g Lq + i: query i of query head kv_head * kv_group + g. Query i sits at position
     total - Lq + i, total being the sequence's length with its new keys, and sees the keys
-    up to there (bottom-right causal alignment)."""
+    up to there (bottom-right causal alignment); if ROTARY it is rotated at that position
+    (at 0 when negative: such a query sees no key)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // kv_heads
     kv_head = bh % kv_heads
@@ -136,14 +158,16 @@ def attention_decode_kernel(
     h = kv_head * kv_group + packed // seqlen_q
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(
-        q_ptr + b * stride_qb + h[:, None] * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=packed_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
+    q_rows = q_ptr + b * stride_qb + h * stride_qh + rows * stride_qm
+    q = tl.load(q_rows[:, None] + offs_d[None, :] * stride_qd, mask=packed_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+                other=0.0)
     seqlen = tl.load(seqlens_ptr + b).to(tl.int64)
     fits = (seqlen >= 0) & (seqlen + new_len <= capacity)
     total = tl.where(fits, seqlen + new_len, 0)  # a sequence that does not fit reads nothing, and gets NaN
+    if ROTARY:
+        positions = tl.maximum(total - seqlen_q + rows, 0)
+        q = rotate_loaded_rows(q, q_rows, stride_qd, positions, packed_ok, cos_ptr, sin_ptr, rotary_half,
+                               max_positions, INTERLEAVED, BLOCK_D).to(q_ptr.dtype.element_ty)
     per_split = tl.cdiv(tl.cdiv(total, splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     stop = tl.minimum(total, start + per_split)
@@ -224,19 +248,31 @@ def decode_splits(programs, capacity, device):
     return max(1, min(wanted, capacity // MIN_KEYS_PER_SPLIT, 64))
 
 
-def attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
-    """Same contract as reference.attention_with_kv_cache_fwd."""
+def attention_with_kv_cache_fwd(
+    q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos=None, rotary_sin=None, rotary_interleaved=False
+):
+    """Same contract as reference.attention_with_kv_cache_fwd (rotary_cos and rotary_sin
+    contiguous, of one dtype)."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, capacity, head_dim_v = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     new_len = 0 if k_new is None else k_new.shape[2]
-    check_cache_lengths_on_cpu(cache_seqlens, new_len, capacity)  # CPU tensors run in the interpreter
+    rotary = rotary_cos is not None
+    # CPU tensors run in the interpreter
+    check_cache_lengths_on_cpu(cache_seqlens, new_len, capacity, rotary_cos.shape[0] if rotary else None)
+    if rotary:
+        rotary_args = (rotary_cos, rotary_sin)
+        rotary_sizes = (rotary_cos.shape[1], rotary_cos.shape[0])
+    else:  # never read
+        rotary_args, rotary_sizes = (cache_seqlens, cache_seqlens), (1, 0)
+    rotary_flags = {"ROTARY": rotary, "INTERLEAVED": bool(rotary_interleaved)}
     block_d, block_dv = _block_dim(head_dim), _block_dim(head_dim_v)
     if new_len > 0:
         block_n = 16
         kv_cache_append_kernel[(triton.cdiv(new_len, block_n), kv_heads, batch)](
-            k_new, v_new, k_cache, v_cache, cache_seqlens,
-            *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(), new_len, capacity,
+            k_new, v_new, k_cache, v_cache, cache_seqlens, *rotary_args,
+            *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(), new_len, capacity, *rotary_sizes,
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_n,
+            **rotary_flags,
         )
     out = torch.empty(batch, heads, seqlen_q, head_dim_v, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -251,10 +287,12 @@ def attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new
     else:
         partial_out, partial_lse = out, out
     attention_decode_kernel[(batch * kv_heads, splits, row_blocks)](
-        q, k_cache, v_cache, cache_seqlens, partial_out, partial_lse,
+        q, k_cache, v_cache, cache_seqlens, *rotary_args, partial_out, partial_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         kv_heads, heads // kv_heads, seqlen_q, new_len, capacity, triton.next_power_of_2(capacity), scale * LOG2E.value,
+        *rotary_sizes,
         SPLIT=splits > 1, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_M=block_m,
+        **rotary_flags,
     )
     if splits > 1:
         n_rows = batch * heads * seqlen_q

@@ -109,6 +109,19 @@ def padded_attention(device, dtype):
     return op, (q, k, v), ["out", "grad_q", "grad_k", "grad_v"]
 
 
+def window_attention(device, dtype):
+    """Mistral's sliding window (causal, 16 keys) with GQA, over several key blocks."""
+    q, k, v = randn(1, 4, 200, 64, device=device, dtype=dtype), *(randn(1, 2, 200, 64, device=device, dtype=dtype)
+                                                                  for _ in range(2))
+
+    def op(q, k, v, backend):
+        return lmkern.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True, window_size=(15, 0), backend=backend
+        )
+
+    return op, (q, k, v), ["out", "grad_q", "grad_k", "grad_v"]
+
+
 def apply_rotary(device, dtype):
     """Partial rotary of queries sliced from a packed qkv, at per-sequence offsets."""
     qkv = randn(2, 40, 3, 4, 64, device=device, dtype=dtype, grad=False)
@@ -125,11 +138,11 @@ def apply_rotary(device, dtype):
 OPS = {
     fn.__name__: fn
     for fn in (cross_entropy, linear_cross_entropy, add_layer_norm, wide_layer_norm, add_rms_norm, wide_rms_norm, ffn,
-               attention, padded_attention, apply_rotary)
+               attention, padded_attention, window_attention, apply_rotary)
 }
 KERNEL_OP = {"linear_cross_entropy": "cross_entropy", "add_layer_norm": "layer_norm", "wide_layer_norm": "layer_norm",
              "wide_rms_norm": "rms_norm",
-             "ffn": "linear_gelu", "padded_attention": "attention"}
+             "ffn": "linear_gelu", "padded_attention": "attention", "window_attention": "attention"}
 
 
 # The one backend, a parameter so that test ids (and the GPU check's summary) name it.
@@ -146,11 +159,13 @@ def test_triton_matches_reference(device, backend, dtype, name):
     assert_matches_reference(op, inputs, backend, names, factor=3.0 if "attention" in name else 2.0)
 
 
+@pytest.mark.parametrize("window_size", [(-1, -1), (299, 0)], ids=["no_window", "window"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @BACKEND
 @pytest.mark.parametrize("device", DEVICES)
-def test_triton_decoding_matches_reference(device, backend, dtype):
-    """One decoding step over caches long enough to be split, against the reference."""
+def test_triton_decoding_matches_reference(device, backend, dtype, window_size):
+    """One decoding step over caches long enough to be split (the keys, or a window's),
+    against the reference."""
     require(backend, device, dtype, "attention_with_kv_cache")
     q, k_new, v_new = (torch.randn(1, 8, 1, 64).to(device, dtype) for _ in range(3))
     k_new, v_new = k_new[:, :2], v_new[:, :2]
@@ -159,9 +174,12 @@ def test_triton_decoding_matches_reference(device, backend, dtype):
     outs = []
     for name in (backend, "torch"):
         k_cache, v_cache = (cache.clone() for cache in caches)
-        outs.append(lmkern.attention_with_kv_cache(q, k_cache, v_cache, lengths, k_new, v_new, backend=name))
+        outs.append(lmkern.attention_with_kv_cache(
+            q, k_cache, v_cache, lengths, k_new, v_new, backend=name, window_size=window_size
+        ))
     wide = truth_dtype(dtype)
     truth = lmkern.attention_with_kv_cache(
-        q.to(wide), caches[0].to(wide), caches[1].to(wide), lengths, k_new.to(wide), v_new.to(wide), backend="torch"
+        q.to(wide), caches[0].to(wide), caches[1].to(wide), lengths, k_new.to(wide), v_new.to(wide), backend="torch",
+        window_size=window_size,
     )
     assert_close_to_truth(outs[0], truth, outs[1], factor=3.0, name="out")

@@ -7,7 +7,7 @@ import torch
 from lmkern.backend import Call
 from lmkern.errors import ArgumentError, ArgumentTypeError
 from lmkern.ops import lazy_submodules
-from lmkern.ops.attention import check_float_tensor, check_kv_heads, check_same_dtype_and_device
+from lmkern.ops.attention import check_float_tensor, check_kv_heads, check_same_dtype_and_device, check_window_size
 from lmkern.ops.attention_with_kv_cache.backends import ATTENTION_WITH_KV_CACHE
 from lmkern.ops.autocast import autocast_dtype, autocast_off
 
@@ -42,7 +42,9 @@ def _check_new(new, name, cache, cache_name):
         )
 
 
-def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, scale=None, backend=None):
+def attention_with_kv_cache(
+    q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, scale=None, backend=None, window_size=(-1, -1)
+):
     """Attention of new queries over a KV cache, appending the new keys and values first.
 
     For generation with a static cache: each step writes k_new and v_new into the caches
@@ -61,6 +63,11 @@ def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
             cache_seqlens[b] .. cache_seqlens[b] + L_new - 1; or both None.
         scale: of the scores; 1 / sqrt(D) by default.
         backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
+        window_size: (left, right), a sliding window as in flash-attn: query i (at
+            position p, below) sees only the positions p - left .. p; -1 leaves the left
+            side unbounded, (-1, -1) (the default) is no window. The attention is causal,
+            so right counts as 0 (it is checked, not used). The kernels read only the
+            window's keys; Mistral's sliding window W is window_size=(W - 1, 0).
 
     With total_b = cache_seqlens[b] + L_new, query i of sequence b sits at position
     total_b - Lq + i and sees the cache's keys at positions up to it; a query at a negative
@@ -106,9 +113,12 @@ def attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
             "(or torch.inference_mode())"
         )
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    window_left = check_window_size(window_size)[0]
+    if window_left >= k_cache.shape[2]:  # wider than the cache: bounds nothing
+        window_left = -1
     aligned = _rows_aligned(k_cache) and _rows_aligned(v_cache)
     call = Call.of(q, head_dims=(head_dim, v_cache.shape[3]), caches_aligned=aligned)
     name = ATTENTION_WITH_KV_CACHE.resolve(call, backend, empty=q.numel() == 0)
     fwd = ATTENTION_WITH_KV_CACHE.implementation(name).attention_with_kv_cache_fwd
     with autocast_off(q.device.type):
-        return fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
+        return fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left)

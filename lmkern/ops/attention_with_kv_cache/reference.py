@@ -34,14 +34,15 @@ def _write_at_lengths(cache, new, lengths, fits):
     cache[batch, :, positions] = torch.where(fits[:, None, None, None], new.transpose(1, 2), current)
 
 
-def attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
+def attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left=-1):
     """Writes k_new, v_new into the caches at each sequence's length, then attends.
 
     q (B, H, Lq, D); k_cache (B, H_kv, L_max, D) and v_cache (B, H_kv, L_max, Dv), written
     in place; cache_seqlens (B,) int32/int64, each sequence's cached length before the new
     keys; k_new (B, H_kv, L_new, D) and v_new (B, H_kv, L_new, Dv), or both None. With
     total_b = cache_seqlens[b] + L_new, query i sits at position total_b - Lq + i and sees
-    the keys up to it (bottom-right causal alignment). Returns out (B, H, Lq, Dv) in q's
+    the keys up to it (bottom-right causal alignment), and with window_left >= 0 (a sliding
+    window; -1: none) only those from position total_b - Lq + i - window_left on. Returns out (B, H, Lq, Dv) in q's
     dtype. A sequence whose new keys would not fit, or with a negative length, raises
     ValueError on CPU; on CUDA it gets NaN output and nothing is written for it.
     """
@@ -55,7 +56,10 @@ def attention_with_kv_cache_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new
         _write_at_lengths(v_cache, v_new, lengths, fits)
     seqlen_q = q.shape[2]
     query_positions = (lengths + new_len)[:, None] - seqlen_q + torch.arange(seqlen_q, device=q.device)  # (B, Lq)
-    visible = torch.arange(capacity, device=q.device) <= query_positions[:, :, None]  # (B, Lq, L_max)
+    positions = torch.arange(capacity, device=q.device)
+    visible = positions <= query_positions[:, :, None]  # (B, Lq, L_max)
+    if window_left >= 0:
+        visible &= positions >= query_positions[:, :, None] - window_left
     mask = visible[:, None].expand(-1, q.shape[1], -1, -1)
     out, _ = attention_fwd(q, k_cache, v_cache, mask, False, 0, scale, 0.0, None)
     return out.masked_fill(~fits[:, None, None, None], float("nan"))

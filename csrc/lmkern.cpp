@@ -84,18 +84,20 @@ TORCH_LIBRARY(lmkern, m) {
   // multiple of H_kv (query head h reads key/value head h // (H / H_kv)), each contiguous
   // in its last dimension; mask None or (B, H, Lq, Lk) bool (True takes part) or float
   // added to the scores, any strides. Query i sees key j when j <= i + causal_shift if is_causal
-  // (shift 0: torch's top-left alignment; Lk - Lq: bottom-right). Returns
+  // (shift 0: torch's top-left alignment; Lk - Lq: bottom-right), and when window_left >= 0
+  // (a sliding window; -1: none) only if j >= i + causal_shift - window_left. Returns
   // out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) fp32, the logsumexp of each row's
   // scores: +inf for a row that sees no key, whose out is 0. Dropout keeps probability
   // (b, h, i, j) when philox_uniform(seed, ((b H + h) Lq + i) Lk + j) >= dropout_p
   // (csrc/philox.h), and scales it by 1 / (1 - dropout_p).
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, SymInt causal_shift, "
-      "float scale, float dropout_p, SymInt seed) -> (Tensor, Tensor)");
+      "float scale, float dropout_p, SymInt seed, int window_left=-1) -> (Tensor, Tensor)");
   // Its backward from the forward's out and lse: (dq, dk, dv) shaped like q, k, v.
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-      "bool is_causal, SymInt causal_shift, float scale, float dropout_p, SymInt seed) -> (Tensor, Tensor, Tensor)");
+      "bool is_causal, SymInt causal_shift, float scale, float dropout_p, SymInt seed, int window_left=-1) "
+      "-> (Tensor, Tensor, Tensor)");
   // Rotary position embeddings of x (B, H, L, D), any strides, float32/float16/bfloat16.
   // cos and sin (P, R / 2), contiguous, one float dtype, R <= D: row p holds cos(p theta_i)
   // and sin(p theta_i). positions (B, L) int64, any strides: token l of sequence b sits at
@@ -115,15 +117,17 @@ TORCH_LIBRARY(lmkern, m) {
   // Decoding: writes k_new, v_new (B, H_kv, L_new, D | Dv) into k_cache, v_cache
   // (B, H_kv, L_max, D | Dv) at positions cache_seqlens[b] (int32 or int64) onwards, then
   // attends q (B, H, Lq, D) over each sequence's keys with bottom-right causal alignment:
-  // query i sees the positions up to cache_seqlens[b] + L_new - Lq + i. Returns
-  // (B, H, Lq, Dv). A sequence whose new keys do not fit raises ValueError on CPU. With
-  // rotary_cos and rotary_sin ((P, R / 2), contiguous, one float dtype, as apply_rotary's),
-  // k_new is rotated at positions cache_seqlens[b] + j before it is written, and q (not
-  // modified) at its positions cache_seqlens[b] + L_new - Lq + i (0 where negative) as it is
-  // read; pairs as apply_rotary's, interleaved if rotary_interleaved. A position past P
-  // raises ValueError on CPU; on CUDA the rotated values there are NaN.
+  // query i sees the positions up to p_i = cache_seqlens[b] + L_new - Lq + i, and when
+  // window_left >= 0 (a sliding window; -1: none) only those from p_i - window_left on.
+  // Returns (B, H, Lq, Dv). A sequence whose new keys do not fit raises ValueError on CPU.
+  // With rotary_cos and rotary_sin ((P, R / 2), contiguous, one float dtype, as
+  // apply_rotary's), k_new is rotated at positions cache_seqlens[b] + j before it is
+  // written, and q (not modified) at its positions cache_seqlens[b] + L_new - Lq + i (0
+  // where negative) as it is read; pairs as apply_rotary's, interleaved if
+  // rotary_interleaved. A position past P raises ValueError on CPU; on CUDA the rotated
+  // values there are NaN.
   m.def(
       "attention_with_kv_cache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
       "Tensor? k_new, Tensor? v_new, float scale, Tensor? rotary_cos=None, Tensor? rotary_sin=None, "
-      "bool rotary_interleaved=False) -> Tensor");
+      "bool rotary_interleaved=False, int window_left=-1) -> Tensor");
 }

@@ -71,7 +71,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # The cases: (op, shape label, function calling the op's host launchers on CPU tensors).
-def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0, causal_shift=0):
+def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0, causal_shift=0, window_left=-1):
     def run():
         q, k, v = (torch.empty(2, 16, 2048, head_dim, dtype=dtype) for _ in range(3))
         full_mask = None
@@ -79,24 +79,26 @@ def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0, causal_shi
             full_mask = torch.ones(2, 1, 1, 2048, dtype=torch.bool).expand(2, 16, 2048, 2048)
         elif mask == "additive":
             full_mask = torch.empty(2048, 2048, dtype=dtype).expand(2, 16, 2048, 2048)
-        args = (full_mask, causal, causal_shift, head_dim**-0.5, dropout_p, 0)
+        args = (full_mask, causal, causal_shift, head_dim**-0.5, dropout_p, 0, window_left)
         out, lse = attention.attention_fwd(q, k, v, *args)
         attention.attention_bwd(torch.empty_like(out), q, k, v, out, lse, *args)
 
     return run
 
 
-def decode_case(head_dim, dtype, batch, heads, kv_heads, rotary_dim=None, interleaved=False):
-    """One token per sequence; with rotary_dim, rotary embeddings fused (fp32 caches)."""
+def decode_case(head_dim, dtype, batch, heads, kv_heads, rotary_dim=None, interleaved=False, window_left=-1):
+    """One token per sequence; with rotary_dim, rotary embeddings fused (fp32 caches); with
+    window_left >= 0, a sliding window."""
 
     def run():
         q = torch.empty(batch, heads, 1, head_dim, dtype=dtype)
         k_cache, v_cache = (torch.empty(batch, kv_heads, 4096, head_dim, dtype=dtype) for _ in range(2))
         k_new, v_new = (torch.empty(batch, kv_heads, 1, head_dim, dtype=dtype) for _ in range(2))
         lengths = torch.zeros(batch, dtype=torch.int32)
-        rotary = () if rotary_dim is None else (*(torch.empty(8192, rotary_dim // 2) for _ in range(2)), interleaved)
+        rotary = (None, None, False) if rotary_dim is None else (
+            *(torch.empty(8192, rotary_dim // 2) for _ in range(2)), interleaved)
         attention_with_kv_cache.attention_with_kv_cache_fwd(
-            q, k_cache, v_cache, lengths, k_new, v_new, head_dim**-0.5, *rotary
+            q, k_cache, v_cache, lengths, k_new, v_new, head_dim**-0.5, *rotary, window_left
         )
 
     return run
@@ -182,7 +184,8 @@ def swiglu_case(width, ffn_width, dtype, activation):
 def cases():
     """Every case: attention at head dims 64/128/256 in bf16 and fp32 (fp16, whose code and
     tiles are bf16's, at 64), causal or not (and BERT's padding mask with dropout, an
-    additive mask, and causal aligned bottom-right), decoding with and without a split cache; cross-entropy at GPT-2's,
+    additive mask, and causal aligned bottom-right; sliding windows), decoding with and without a split cache (and
+    a window); cross-entropy at GPT-2's,
     Llama 2's and Llama 3's vocabularies; LayerNorm at widths 768 to 32768 (fp32 to 16384,
     the kernels' 64 KiB row limit), RMSNorm at 4096 to 16384; the FFN matmuls at GPT-2 and
     BERT-large sizes; rotary embeddings of Llama-sized queries in both layouts, partial
@@ -204,10 +207,21 @@ def cases():
         # A causal shift other than 0 (torch's lower-right CausalBias) compiles a variant of its own.
         found.append(("attention", f"B2 H16 L2048 D{head_dim} causal bottom-right {name}",
                       attention_case(head_dim, DTYPES[name], True, causal_shift=1)))
+    for head_dim, name in ((64, "bf16"), (128, "bf16"), (256, "bf16"), (64, "fp16"), (64, "fp32"), (128, "fp32")):
+        # A sliding window compiles variants of its own: Mistral's (causal, left 4095 - here
+        # 1023), and a two-sided one (a right bound is a shifted causal diagonal).
+        found.append(("attention", f"B2 H16 L2048 D{head_dim} causal window (1023, 0) {name}",
+                      attention_case(head_dim, DTYPES[name], True, window_left=1023)))
+        found.append(("attention", f"B2 H16 L2048 D{head_dim} window (256, 256) {name}",
+                      attention_case(head_dim, DTYPES[name], True, causal_shift=256, window_left=512)))
+    found.append(("attention", "B2 H16 L2048 D64 window (256, -1), key padding, dropout 0.1 bf16",
+                  attention_case(64, torch.bfloat16, False, "key padding", 0.1, window_left=256)))
     for head_dim in (64, 128, 256):
         for name, dtype in DTYPES.items():
             if name == "fp16" and head_dim > 64:
                 continue
+            found.append(("attention_with_kv_cache", f"B1 H8/1 cache 4096 D{head_dim}, window 1023, split {name}",
+                          decode_case(head_dim, dtype, 1, 8, 1, window_left=1023)))
             # On the GPU a split needs few (batch x kv head) programs; here fewer than 4.
             found.append(("attention_with_kv_cache", f"B64 H32/8 cache 4096 D{head_dim}, one split {name}",
                           decode_case(head_dim, dtype, 64, 32, 8)))

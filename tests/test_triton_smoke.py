@@ -109,6 +109,19 @@ def padded_attention(device, dtype):
     return op, (q, k, v), ["out", "grad_q", "grad_k", "grad_v"]
 
 
+def window_attention(device, dtype):
+    """Mistral's sliding window (causal, 16 keys) with GQA, over several key blocks."""
+    q, k, v = randn(1, 4, 200, 64, device=device, dtype=dtype), *(randn(1, 2, 200, 64, device=device, dtype=dtype)
+                                                                  for _ in range(2))
+
+    def op(q, k, v, backend):
+        return lmkern.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True, window_size=(15, 0), backend=backend
+        )
+
+    return op, (q, k, v), ["out", "grad_q", "grad_k", "grad_v"]
+
+
 def apply_rotary(device, dtype):
     """Partial rotary of queries sliced from a packed qkv, at per-sequence offsets."""
     qkv = randn(2, 40, 3, 4, 64, device=device, dtype=dtype, grad=False)
@@ -137,11 +150,11 @@ def swiglu(device, dtype):
 OPS = {
     fn.__name__: fn
     for fn in (cross_entropy, linear_cross_entropy, add_layer_norm, wide_layer_norm, add_rms_norm, wide_rms_norm, ffn,
-               swiglu, attention, padded_attention, apply_rotary)
+               swiglu, attention, padded_attention, window_attention, apply_rotary)
 }
 KERNEL_OP = {"linear_cross_entropy": "cross_entropy", "add_layer_norm": "layer_norm", "wide_layer_norm": "layer_norm",
              "wide_rms_norm": "rms_norm",
-             "ffn": "linear_gelu", "padded_attention": "attention"}
+             "ffn": "linear_gelu", "padded_attention": "attention", "window_attention": "attention"}
 
 
 # The one backend, a parameter so that test ids (and the GPU check's summary) name it.
@@ -158,31 +171,32 @@ def test_triton_matches_reference(device, backend, dtype, name):
     assert_matches_reference(op, inputs, backend, names, factor=3.0 if "attention" in name else 2.0)
 
 
-@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+@pytest.mark.parametrize("variant", ["plain", "rotary", "window"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @BACKEND
 @pytest.mark.parametrize("device", DEVICES)
-def test_triton_decoding_matches_reference(device, backend, dtype, rotary):
-    """One decoding step over caches long enough to be split, against the reference; with
-    rotary, partial GPT-J rotary embeddings fused into the step."""
+def test_triton_decoding_matches_reference(device, backend, dtype, variant):
+    """One decoding step over caches long enough to be split (the keys, or a window's),
+    against the reference; rotary: partial GPT-J rotary embeddings fused into the step."""
     require(backend, device, dtype, "attention_with_kv_cache")
     q, k_new, v_new = (torch.randn(1, 8, 1, 64).to(device, dtype) for _ in range(3))
     k_new, v_new = k_new[:, :2], v_new[:, :2]
     caches = [torch.randn(1, 2, 1024, 64).to(device, dtype) for _ in range(2)]
     lengths = torch.tensor([700], device=device)
     cos, sin = lmkern.rotary_cache(32, 1024, device=device)
-    rotary_args = {"rotary_cos": cos, "rotary_sin": sin, "rotary_interleaved": True} if rotary else {}
+    variant_args = {"plain": {}, "rotary": {"rotary_cos": cos, "rotary_sin": sin, "rotary_interleaved": True},
+                    "window": {"window_size": (299, 0)}}[variant]
     outs, k_caches = [], []
     for name in (backend, "torch"):
         k_cache, v_cache = (cache.clone() for cache in caches)
         outs.append(lmkern.attention_with_kv_cache(q, k_cache, v_cache, lengths, k_new, v_new, backend=name,
-                                                   **rotary_args))
+                                                   **variant_args))
         k_caches.append(k_cache)
     wide = truth_dtype(dtype)
     truth_k = caches[0].to(wide)
     truth = lmkern.attention_with_kv_cache(
         q.to(wide), truth_k, caches[1].to(wide), lengths, k_new.to(wide), v_new.to(wide), backend="torch",
-        **rotary_args,
+        **variant_args,
     )
     assert_close_to_truth(outs[0], truth, outs[1], factor=3.0, name="out")
     assert_close_to_truth(k_caches[0], truth_k, k_caches[1], name="k_cache")

@@ -10,9 +10,10 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed) {
+    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed, int64_t window_left) {
   check_attention_args("attention_fwd", q, k, v, mask);
-  const AttentionProblem p = make_attention_problem(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed);
+  const AttentionProblem p =
+      make_attention_problem(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   attention_kernels().forward(p, q, k, v, out, lse);
@@ -22,10 +23,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool is_causal, int64_t causal_shift, double scale,
-    double dropout_p, int64_t seed) {
+    double dropout_p, int64_t seed, int64_t window_left) {
   check_attention_args("attention_bwd", q, k, v, mask);
   check_attention_bwd_args(grad_out, q, v, out, lse);
-  const AttentionProblem p = make_attention_problem(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed);
+  const AttentionProblem p =
+      make_attention_problem(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());

@@ -41,8 +41,9 @@ std::vector<float> read_key_bias(const at::Tensor& mask) {
 
 AttentionProblem make_attention_problem(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed) {
+    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed, int64_t window_left) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "attention: dropout_p must be in [0, 1], got ", dropout_p);
+  TORCH_CHECK(window_left >= -1, "attention: window_left must be >= -1 (-1: no window), got ", window_left);
   AttentionProblem p{};
   p.batch = q.size(0);
   p.heads = q.size(1);
@@ -53,6 +54,7 @@ AttentionProblem make_attention_problem(
   p.head_dim_v = v.size(3);
   p.scale = static_cast<float>(scale);
   p.causal = is_causal;
+  p.window_left = window_left;
   p.kv_len.assign(p.batch, p.seqlen_k);
   p.shift.assign(p.batch, causal_shift);
   p.mask = nullptr;

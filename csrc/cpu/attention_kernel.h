@@ -18,6 +18,8 @@ struct AttentionProblem {
   int64_t batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v;
   float scale;
   bool causal;
+  // A sliding window's left bound (-1: none): query i sees keys j >= i + shift - window_left.
+  int64_t window_left;
   // Per batch: the keys of the sequence, and the causal shift (query i sees keys j <= i + shift).
   std::vector<int64_t> kv_len, shift;
   // A mask (B, H, Lq, Lk) whose values depend on the key only (a key-padding mask, bool
@@ -34,9 +36,18 @@ struct AttentionProblem {
   int64_t group() const {
     return heads / kv_heads;
   }
-  // Keys [0, visible_keys(b, i)) are the ones query i of sequence b may see.
+  // Keys [first_visible_key(b, i), visible_keys(b, i)) are the ones query i of sequence b may
+  // see (an empty range when the first is not below the second).
   int64_t visible_keys(int64_t b, int64_t i) const {
     return causal ? std::clamp<int64_t>(i + shift[b] + 1, 0, kv_len[b]) : kv_len[b];
+  }
+  int64_t first_visible_key(int64_t b, int64_t i) const {
+    return window_left < 0 ? 0 : std::clamp<int64_t>(i + shift[b] - window_left, 0, kv_len[b]);
+  }
+  // Queries [0, seeing_queries(b, j)) are the ones of sequence b that may see key j (the
+  // window's bound; the causal one is a lower bound on the query).
+  int64_t seeing_queries(int64_t b, int64_t j) const {
+    return window_left < 0 ? seqlen_q : std::clamp<int64_t>(j - shift[b] + window_left + 1, 0, seqlen_q);
   }
   // Keys [0, seen_keys(b)) are the ones some query of sequence b may see. The kernels read
   // no key past it (they load zeros in its place): a causal call's later keys may hold
@@ -61,7 +72,7 @@ struct AttentionProblem {
 
 AttentionProblem make_attention_problem(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed);
+    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed, int64_t window_left);
 
 // The kernels of one instruction set. forward writes out (B, H, Lq, Dv) and lse (B, H, Lq),
 // both contiguous; backward writes dq, dk, dv, contiguous and shaped like q, k, v.

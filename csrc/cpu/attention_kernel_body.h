@@ -212,14 +212,16 @@ float dot(const float* x, const float* y, int64_t n) {
       [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, x, y, n);
 }
 
-// Backward, for a key row of the transposed blocks over queries c in [first, m):
-// p_c = exp(scale s_c + offset + bias_c - lse_c) (bias nullptr: 0), 0 for c < first.
+// Backward, for a key row of the transposed blocks over queries c in [first, last):
+// p_c = exp(scale s_c + offset + bias_c - lse_c) (bias nullptr: 0), 0 for the other c < m.
 void probabilities_row(
-    float* s, const float* bias, const float* lse, int64_t first, int64_t m, float scale, float offset) {
+    float* s, const float* bias, const float* lse, int64_t first, int64_t last, int64_t m, float scale,
+    float offset) {
   const Vec vscale(scale), voffset(offset);
   std::fill(s, s + first, 0.0f);
-  for (int64_t c = first; c < m; c += kLanes) {
-    const int64_t lanes = std::min(kLanes, m - c);
+  std::fill(s + last, s + m, 0.0f);
+  for (int64_t c = first; c < last; c += kLanes) {
+    const int64_t lanes = std::min(kLanes, last - c);
     Vec x = Vec::loadu(s + c, lanes) * vscale + voffset;
     if (bias != nullptr) {
       x = x + Vec::loadu(bias + c, lanes);
@@ -389,10 +391,12 @@ void forward_tile(
   const int64_t d = p.head_dim;
   const int64_t dv = p.head_dim_v;
   const int64_t block = shape.block_keys;
+  int64_t key_begin = p.kv_len[tile.b];  // no row sees keys before it (a sliding window's)
   int64_t key_end = 0;  // no row sees keys at or past it
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* q_row = q + q_strides.at(tile.b, tile.head(r), tile.query(r));
     load_rows(q_row, 0, 1, d, buf.q.data() + r * d, d, 1);
+    key_begin = std::min(key_begin, p.first_visible_key(tile.b, tile.query(r)));
     key_end = std::max(key_end, p.visible_keys(tile.b, tile.query(r)));
   }
   std::fill(buf.q.begin() + rows * d, buf.q.end(), 0.0f);  // padding rows, whose results are unused
@@ -401,7 +405,7 @@ void forward_tile(
   std::fill(buf.sum.begin(), buf.sum.end(), 0.0f);
   const float* key_bias = p.key_bias_row(tile.b);
 
-  for (int64_t n0 = 0; n0 < key_end; n0 += block) {
+  for (int64_t n0 = key_begin / block * block; n0 < key_end; n0 += block) {
     const int64_t n = std::min(block, key_end - n0);
     if (keys_hidden(p, tile.b, n0, n)) {
       continue;
@@ -411,27 +415,32 @@ void forward_tile(
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t h = tile.head(r);
       const int64_t i = tile.query(r);
-      float* s = buf.s.data() + r * block;
+      // The row sees keys n0 + [first, visible) of the block; its other probabilities are 0.
+      const int64_t first = std::clamp<int64_t>(p.first_visible_key(tile.b, i) - n0, 0, n);
       const int64_t visible = std::clamp<int64_t>(p.visible_keys(tile.b, i) - n0, 0, n);
-      if (visible == 0) {
-        std::fill(s, s + block, 0.0f);
+      float* row = buf.s.data() + r * block;
+      if (visible <= first) {
+        std::fill(row, row + block, 0.0f);
         continue;
       }
-      const float* bias = key_bias != nullptr ? key_bias + n0 : nullptr;
+      std::fill(row, row + first, 0.0f);
+      float* s = row + first;
+      const int64_t seen = visible - first;
+      const float* bias = key_bias != nullptr ? key_bias + n0 + first : nullptr;
       if (p.mask != nullptr) {
-        element_mask_bias(p, tile.b, h, i, n0, 0, 1, visible, buf.bias.data());
+        element_mask_bias(p, tile.b, h, i, n0 + first, 0, 1, seen, buf.bias.data());
         bias = buf.bias.data();
       }
-      const float new_max = scale_and_max(s, bias, visible, p.scale, buf.max[r]);
+      const float new_max = scale_and_max(s, bias, seen, p.scale, buf.max[r]);
       const float alpha = std::exp(buf.max[r] - new_max);  // rescales what the row has so far
-      buf.sum[r] = buf.sum[r] * alpha + exp_and_sum(s, visible, block, new_max);
+      buf.sum[r] = buf.sum[r] * alpha + exp_and_sum(s, seen, block - first, new_max);
       buf.max[r] = new_max;
       if (alpha != 1.0f) {
         scale_row(buf.acc.data() + r * dv, dv, alpha);
       }
       if (p.dropout_p > 0) {
-        dropout_factors(p, buf.dropout.data(), visible, p.dropout_offset(tile.b, h, i, n0), 1);
-        multiply_row(s, buf.dropout.data(), visible);
+        dropout_factors(p, buf.dropout.data(), seen, p.dropout_offset(tile.b, h, i, n0 + first), 1);
+        multiply_row(s, buf.dropout.data(), seen);
       }
     }
     matmul(shape.tile_rows, dv, block, buf.s.data(), block, values, dv, buf.acc.data(), dv, true);
@@ -574,10 +583,12 @@ void backward_pair(
     float* s = buf.s.data() + r * m;
     float* dp = buf.dp.data() + r * m;
     float* pz = p.dropout_p > 0 ? buf.pz.data() + r * m : s;
-    // Queries [first, m) of the block see key j: all, or from j - shift on when causal.
+    // Queries [first, last) of the block see key j: all, or from j - shift on when causal,
+    // and up to a sliding window's bound.
     const int64_t first = p.causal ? std::clamp<int64_t>(j - p.shift[b] - i0, 0, m) : 0;
+    const int64_t last = std::clamp<int64_t>(p.seeing_queries(b, j) - i0, first, m);
     const float offset = key_bias != nullptr && j < p.seqlen_k ? key_bias[j] : 0.0f;
-    if (j >= p.seqlen_k || first == m || offset == -kInf) {  // padding, or a key no query of the block sees
+    if (j >= p.seqlen_k || first == last || offset == -kInf) {  // padding, or a key no query of the block sees
       std::fill(s, s + m, 0.0f);
       std::fill(pz, pz + m, 0.0f);
       std::fill(dp, dp + m, 0.0f);
@@ -585,12 +596,12 @@ void backward_pair(
     }
     const float* bias = nullptr;
     if (p.mask != nullptr) {
-      const int64_t queries = std::clamp<int64_t>(p.seqlen_q - i0 - first, 0, m - first);
+      const int64_t queries = std::clamp<int64_t>(p.seqlen_q - i0 - first, 0, last - first);
       std::fill(buf.bias.begin(), buf.bias.end(), 0.0f);
       element_mask_bias(p, b, h, i0 + first, j, 1, 0, queries, buf.bias.data() + first);
       bias = buf.bias.data();
     }
-    probabilities_row(s, bias, lse, first, m, p.scale, offset);
+    probabilities_row(s, bias, lse, first, last, m, p.scale, offset);
     if (p.dropout_p > 0) {
       float* z = buf.dropout.data();
       dropout_factors(p, z, m, p.dropout_offset(b, h, i0, j), static_cast<uint64_t>(p.seqlen_k));
@@ -653,9 +664,11 @@ void attention_backward(
             if (keys_hidden(p, b, n0, std::min(n, p.seqlen_k - n0))) {
               continue;  // a key-padding mask hides them all: their gradients stay zero
             }
-            // Queries before first_query see none of these keys (causal): their blocks are skipped.
+            // Queries before first_query (causal) or from query_end on (a sliding window) see
+            // none of these keys: their blocks are skipped.
             const int64_t first_query = p.causal ? std::clamp<int64_t>(n0 - p.shift[b], 0, p.seqlen_q) : 0;
-            for (int64_t i0 = first_query / shape.block_queries * shape.block_queries; i0 < p.seqlen_q;
+            const int64_t query_end = p.seeing_queries(b, std::min(n0 + n, p.seqlen_k) - 1);
+            for (int64_t i0 = first_query / shape.block_queries * shape.block_queries; i0 < query_end;
                  i0 += shape.block_queries) {
               backward_pair(
                   p, shape, b, h, n0, i0, qs, ks.k.data() + x * n * d, ks.k_t.data() + x * n * d,

@@ -19,15 +19,15 @@ at::Tensor attention_with_kv_cache_fwd_cpu(
     const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, double scale,
     const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
-    bool rotary_interleaved) {
+    bool rotary_interleaved, int64_t window_left) {
   check_kv_cache_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, rotary_cos, rotary_sin);
   const int64_t capacity = k_cache.size(2);
   const int64_t new_len = k_new.has_value() ? k_new->size(2) : 0;
   const bool rotary = rotary_cos.has_value();
   const at::Tensor lengths = cache_seqlens.to(at::kLong).contiguous();
   const int64_t* length_of = lengths.const_data_ptr<int64_t>();
-  AttentionProblem p =
-      make_attention_problem(q, k_cache, v_cache, std::nullopt, /*is_causal=*/true, /*causal_shift=*/0, scale, 0.0, 0);
+  AttentionProblem p = make_attention_problem(
+      q, k_cache, v_cache, std::nullopt, /*is_causal=*/true, /*causal_shift=*/0, scale, 0.0, 0, window_left);
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t length = length_of[b];
     TORCH_CHECK_VALUE(

@@ -43,7 +43,7 @@ at::Tensor set_key_padding(const char* op, const std::optional<at::Tensor>& mask
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
-    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t /*seed*/) {
+    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t /*seed*/, int64_t window_left) {
   const char* op = "attention_fwd";
   check_attention_args(op, q_in, k_in, v_in, mask);
   check_native_cuda(op, q_in, k_in, v_in, dropout_p);
@@ -53,7 +53,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   const at::Tensor v = with_aligned_rows(v_in);
   at::Tensor out = at::empty(q.sizes(), q.options());                                 // (B, H, Lq, D)
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));  // (B, H, Lq)
-  cuda::AttentionParams params = make_params(q, k, v, out, lse.data_ptr<float>(), scale, is_causal, causal_shift);
+  cuda::AttentionParams params =
+      make_params(q, k, v, out, lse.data_ptr<float>(), scale, is_causal, causal_shift, window_left);
   const at::Tensor padding = set_key_padding(op, mask, params);
   C10_CUDA_CHECK(cuda::attention_fwd(params, c10::cuda::getCurrentCUDAStream()));
   return {out, lse};
@@ -62,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool is_causal,
-    int64_t causal_shift, double scale, double dropout_p, int64_t /*seed*/) {
+    int64_t causal_shift, double scale, double dropout_p, int64_t /*seed*/, int64_t window_left) {
   const char* op = "attention_bwd";
   check_attention_args(op, q_in, k_in, v_in, mask);
   check_attention_bwd_args(grad_out_in, q_in, v_in, out_in, lse);
@@ -77,7 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));  // workspace
-  cuda::AttentionParams params = make_params(q, k, v, out, lse.data_ptr<float>(), scale, is_causal, causal_shift);
+  cuda::AttentionParams params =
+      make_params(q, k, v, out, lse.data_ptr<float>(), scale, is_causal, causal_shift, window_left);
   const at::Tensor padding = set_key_padding(op, mask, params);
   const cuda::AttentionGrads grads{
       strided(grad_out), strided(dq), strided(dk), strided(dv), delta.data_ptr<float>()};

@@ -54,7 +54,7 @@ inline cuda::StridedTensor strided(const at::Tensor& t) {
 
 inline cuda::AttentionParams make_params(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, float* lse, double scale,
-    bool causal, int64_t causal_shift) {
+    bool causal, int64_t causal_shift, int64_t window_left) {
   cuda::AttentionParams params{};
   params.q = strided(q);
   params.k = strided(k);
@@ -70,6 +70,8 @@ inline cuda::AttentionParams make_params(
   params.scale = static_cast<float>(scale);
   params.causal = causal;
   params.causal_shift = causal_shift;
+  // A window wider than any query's reach bounds nothing (and would not fit the kernels' int).
+  params.window_left = window_left > q.size(2) + k.size(2) + std::abs(causal_shift) ? -1 : window_left;
   params.dtype = cuda::to_float_type(q.scalar_type());
   return params;
 }

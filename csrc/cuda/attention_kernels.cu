@@ -380,12 +380,20 @@ __device__ __forceinline__ void store_tile(const float (&acc)[D / 8][4], T* stag
 // Masks
 
 // Whether query `query` sees key `key` of batch b: inside the lengths, not hidden by the key
-// padding mask, and for causal attention key <= query + shift (p.causal_shift: 0 for torch's
-// top-left alignment; decoding: the cache length minus the new queries, aligning bottom-right).
+// padding mask, for causal attention key <= query + shift (p.causal_shift: 0 for torch's
+// top-left alignment; decoding: the cache length minus the new queries, aligning bottom-right),
+// and with a sliding window key >= query + shift - window_left.
 __device__ __forceinline__ bool visible(const AttentionParams& p, int64_t b, int query, int key, int seqlen_k,
                                         int shift) {
   return key < seqlen_k && query < p.seqlen_q && (!p.causal || key <= query + shift) &&
+         (p.window_left < 0 || key >= query + shift - static_cast<int>(p.window_left)) &&
          (p.key_padding_mask == nullptr || p.key_padding_mask[b * p.mask_batch_stride + key]);
+}
+
+// Whether a sliding window hides some key at or past `first_key` from a query up to last_query:
+// the tile of them then needs the per-element mask.
+__device__ __forceinline__ bool window_cuts(const AttentionParams& p, int last_query, int first_key, int shift) {
+  return p.window_left >= 0 && first_key < last_query + shift - static_cast<int>(p.window_left);
 }
 
 // Decoding: how many keys sequence b attends over (its cache length after the append), or -1
@@ -405,6 +413,14 @@ __device__ __forceinline__ int key_blocks_end(const AttentionParams& p, int last
   if (!p.causal) return all;
   const int last_key = last_query + shift;
   return last_key < 0 ? 0 : min(all, last_key / kBlockKeys + 1);
+}
+
+// Key blocks before begin hold no key that queries from first_query on may see (a sliding
+// window's; 0 without one). It may pass key_blocks_end: then there is none to visit.
+__device__ __forceinline__ int key_blocks_begin(const AttentionParams& p, int first_query, int shift) {
+  if (p.window_left < 0) return 0;
+  const int first_key = first_query + shift - static_cast<int>(p.window_left);
+  return first_key <= 0 ? 0 : first_key / kBlockKeys;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -471,9 +487,12 @@ __global__ void __launch_bounds__(kWarps * 32)
   const auto query_of = [&](int r) { return (m0 + r) / pack; };
   const auto head_of = [&](int r) { return first_head + (m0 + r) % pack; };
 
-  const int n_all = key_blocks_end(p, query_of(min(kBlockM, rows - m0) - 1), shift, seqlen_k);
-  const int per_split = (n_all + splits.num_splits - 1) / splits.num_splits;
-  const int n_begin = split * per_split;
+  // The splits share the key blocks [n_first, n_all) that some row of the tile may see.
+  const int last_query = query_of(min(kBlockM, rows - m0) - 1);
+  const int n_all = key_blocks_end(p, last_query, shift, seqlen_k);
+  const int n_first = key_blocks_begin(p, query_of(0), shift);
+  const int per_split = (max(0, n_all - n_first) + splits.num_splits - 1) / splits.num_splits;
+  const int n_begin = n_first + split * per_split;
   const int n_blocks = max(0, min(n_all, n_begin + per_split) - n_begin);
 
   const T* q = static_cast<const T*>(p.q.data) + b * p.q.batch;
@@ -504,7 +523,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     mma_abt<T, kBlockKeys, D>(s, q_fragments, kv.k_tile(stage));
     scale_tile(s, scale_log2);
     if (p.key_padding_mask != nullptr || n0 + kBlockKeys > seqlen_k ||
-        (p.causal && n0 + kBlockKeys - 1 > query_of(0) + shift)) {
+        (p.causal && n0 + kBlockKeys - 1 > query_of(0) + shift) || window_cuts(p, last_query, n0, shift)) {
       mask_tile<kBlockKeys>(
           s, [&](int r, int c) { return visible(p, b, query_of(warp * 16 + r), n0 + c, seqlen_k, shift); });
     }
@@ -730,10 +749,15 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(const Atten
   load_tile<kBlockN, D, kThreads>(v_tile, slab_rows<const T>(p.v, b, kv_head, n0, seqlen_k));
 
   // Causal: query i sees key j when j <= i + shift, so blocks before the one holding query
-  // n0 - shift see none of these keys.
+  // n0 - shift see none of these keys. A sliding window: query i sees key j when
+  // j >= i + shift - window_left, so blocks after the one holding query
+  // n0 + kBlockN - 1 - shift + window_left see none of them.
   const int shift = static_cast<int>(p.causal_shift);
   const int m_begin = p.causal ? max(0, n0 - shift) / kBlockM : 0;
-  const int m_per_head = max(0, (seqlen_q + kBlockM - 1) / kBlockM - m_begin);
+  const int m_blocks = (seqlen_q + kBlockM - 1) / kBlockM;
+  const int last_query = n0 + kBlockN - 1 - shift + static_cast<int>(p.window_left);
+  const int m_end = p.window_left < 0 ? m_blocks : last_query < 0 ? 0 : min(m_blocks, last_query / kBlockM + 1);
+  const int m_per_head = max(0, m_end - m_begin);
   const auto head_of = [&](int i) { return kv_head * group + i / m_per_head; };
   const auto m0_of = [&](int i) { return (m_begin + i % m_per_head) * kBlockM; };
   const auto load_queries = [&](int stage, int i) {
@@ -760,7 +784,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(const Atten
     mma_abt<T, kBlockM, D>(s, SharedRows<T, D>{k_tile + warp * 16 * kStride}, q_tile);
     scale_tile(s, scale_log2);
     if (p.key_padding_mask != nullptr || n0 + kBlockN > seqlen_k || m0 + kBlockM > seqlen_q ||
-        (p.causal && n0 + kBlockN - 1 > m0 + shift)) {
+        (p.causal && n0 + kBlockN - 1 > m0 + shift) || window_cuts(p, m0 + kBlockM - 1, n0, shift)) {
       mask_tile<kBlockM>(s, [&](int r, int c) { return visible(p, b, m0 + c, n0 + warp * 16 + r, seqlen_k, shift); });
     }
     // Masked entries are -inf and lse is finite or +inf (zero-filled past the queries): P^T is 0 there.
@@ -817,10 +841,12 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(const Attenti
   const int seqlen_k = static_cast<int>(p.seqlen_k);
   const int shift = static_cast<int>(p.causal_shift);  // causal: query i sees key j <= i + shift
 
+  const int last_query = min(m0 + kBlockM, seqlen_q) - 1;
+  const int n_first = key_blocks_begin(p, m0, shift);  // a sliding window's first key block
   load_tile<kBlockM, D, kThreads>(q_tile, slab_rows<const T>(p.q, b, h, m0, seqlen_q));
   load_tile<kBlockM, D, kThreads>(dout_tile, slab_rows<const T>(g.dout, b, h, m0, seqlen_q));
   const auto load_kv = [&](int stage, int i) {
-    kv.template load<kThreads>(stage, p, b, kv_head, i * kBlockKeys, seqlen_k);
+    kv.template load<kThreads>(stage, p, b, kv_head, (n_first + i) * kBlockKeys, seqlen_k);
   };
 
   // Rows g and g + 8 of the warp; rows past the queries get lse +inf (P = 0) and delta 0.
@@ -837,13 +863,13 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(const Attenti
   float dq[D / 8][4] = {};
   const float scale_log2 = p.scale * kLog2e;
   const auto compute = [&](int stage, int i) {
-    const int n0 = i * kBlockKeys;
+    const int n0 = (n_first + i) * kBlockKeys;
     const T* k_tile = kv.k_tile(stage);
     float s[kBlockKeys / 8][4] = {};
     mma_abt<T, kBlockKeys, D>(s, SharedRows<T, D>{q_tile + warp * 16 * kStride}, k_tile);
     scale_tile(s, scale_log2);
     if (p.key_padding_mask != nullptr || n0 + kBlockKeys > seqlen_k ||
-        (p.causal && n0 + kBlockKeys - 1 > m0 + shift)) {
+        (p.causal && n0 + kBlockKeys - 1 > m0 + shift) || window_cuts(p, last_query, n0, shift)) {
       mask_tile<kBlockKeys>(
           s, [&](int r, int c) { return visible(p, b, m0 + warp * 16 + r, n0 + c, seqlen_k, shift); });
     }
@@ -860,7 +886,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(const Attenti
     to_a_fragments<T, kBlockKeys>(dp, a);
     mma_ab<T, kBlockKeys, D>(dq, a, k_tile);
   };
-  pipeline(key_blocks_end(p, min(m0 + kBlockM, seqlen_q) - 1, shift, seqlen_k), load_kv, compute);
+  pipeline(max(0, key_blocks_end(p, last_query, shift, seqlen_k) - n_first), load_kv, compute);
 
   scale_tile(dq, p.scale);
   store_tile<T, D>(dq, q_tile + warp * 16 * kStride, slab_rows<T>(g.dq, b, h, m0 + warp * 16, seqlen_q));
@@ -970,8 +996,11 @@ cudaError_t attention_bwd(const AttentionParams& params, const AttentionGrads& g
 }
 
 cudaError_t attention_decode_num_splits(const AttentionParams& params, int* num_splits) {
-  // A split of at least 4 key blocks (256 keys) amortises its partial writes and the combine.
-  const int most = std::clamp(ceil_div(params.seqlen_k, kBlockKeys) / 4, 1, 128);
+  // A split of at least 4 key blocks (256 keys) amortises its partial writes and the combine;
+  // a sliding window bounds the keys a sequence reads.
+  const int64_t keys = params.window_left < 0 ? params.seqlen_k
+                                              : std::min(params.seqlen_k, params.window_left + params.seqlen_q);
+  const int most = std::clamp(ceil_div(keys, kBlockKeys) / 4, 1, 128);
   int device = 0;
   int multiprocessors = 0;
   cudaError_t error = cudaGetDevice(&device);

@@ -59,6 +59,9 @@ struct AttentionParams {
   float scale;                    // softmax scale, usually 1 / sqrt(head_dim)
   bool causal;                    // forward/backward: key j <= query i + causal_shift; decoding: true
   int64_t causal_shift;           // forward/backward: 0 aligns top-left (torch), Lk - Lq bottom-right
+  int64_t window_left;            // -1: none; else a sliding window: key j >= query i + shift - window_left
+                                  // (shift: causal_shift, or decoding's bottom-right one); key blocks
+                                  // outside it are skipped
   FloatType dtype;                // of q, k, v, out and the gradients: fp16 or bf16
 };
 
@@ -105,7 +108,8 @@ cudaError_t attention_decode_num_splits(const AttentionParams& params, int* num_
 // Decoding against KV caches (params.k, params.v): appends the new keys and values at
 // positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1, then attends. With
 // total_b = cache_seqlens[b] + seqlen_new, query i of sequence b sees the cache positions
-// <= total_b - seqlen_q + i (bottom-right causal alignment); a query that sees none gets
+// <= total_b - seqlen_q + i (bottom-right causal alignment), and with a window only those
+// >= total_b - seqlen_q + i - window_left; a query that sees none gets
 // zeros. A sequence whose new keys do not fit (cache_seqlens[b] < 0 or total_b > L_max) gets
 // NaN outputs and nothing written into its cache: checking on the host would stall the stream.
 cudaError_t attention_decode(const AttentionParams& params, const NewKeys& new_keys, const DecodeSplits& splits,

@@ -23,7 +23,7 @@ at::Tensor attention_with_kv_cache_fwd_cuda(
     const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens_in,
     const std::optional<at::Tensor>& k_new_in, const std::optional<at::Tensor>& v_new_in, double scale,
     const std::optional<at::Tensor>& rotary_cos_in, const std::optional<at::Tensor>& rotary_sin_in,
-    bool rotary_interleaved) {
+    bool rotary_interleaved, int64_t window_left) {
   const char* op = "attention_with_kv_cache_fwd";
   check_kv_cache_args(q_in, k_cache, v_cache, cache_seqlens_in, k_new_in, v_new_in, rotary_cos_in, rotary_sin_in);
   check_native_cuda(op, q_in, k_cache, v_cache, 0.0);
@@ -37,7 +37,7 @@ at::Tensor attention_with_kv_cache_fwd_cuda(
   const at::Tensor cache_seqlens = cache_seqlens_in.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());  // (B, H, Lq, D)
   cuda::AttentionParams params =
-      make_params(q, k_cache, v_cache, out, nullptr, scale, /*causal=*/true, /*causal_shift=*/0);
+      make_params(q, k_cache, v_cache, out, nullptr, scale, /*causal=*/true, /*causal_shift=*/0, window_left);
   params.cache_seqlens = cache_seqlens.const_data_ptr();
   params.cache_seqlens_int64 = cache_seqlens.scalar_type() == at::kLong;
   cuda::NewKeys new_keys{};

@@ -102,6 +102,32 @@ def _as_4d(x, batch_shape):
     return x.expand(*batch_shape, *x.shape[-3:]).reshape(-1, *x.shape[-3:])
 
 
+def check_window_size(window_size):
+    """window_size as (left, right): a pair of ints >= -1 (-1: unbounded on that side)."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
+        isinstance(side, int) and not isinstance(side, bool) for side in window_size
+    ):
+        raise ArgumentTypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ArgumentError(f"window_size must be ints >= -1 (-1: unbounded on that side), got {tuple(window_size)}")
+    return left, right
+
+
+def _window_as_band(left, right, is_causal, causal_shift, seqlen_q, seqlen_k):
+    """(is_causal, causal_shift, window_left) of the kernels' contract for window_size
+    (left, right) at alignment causal_shift: query i sees keys j with
+    i + causal_shift - left <= j <= i + causal_shift + right. A right bound is a causal bound
+    on a diagonal moved right by `right` (the kernels skip the key blocks past it), so it
+    becomes one; under is_causal it is the causal bound itself (right counts as 0). A side
+    wider than the sequences bounds nothing and is dropped."""
+    reach = seqlen_q + seqlen_k + abs(causal_shift)
+    left, right = (-1 if side >= reach else side for side in (left, right))
+    if right < 0 or is_causal:
+        return is_causal, causal_shift, left
+    return True, causal_shift + right, -1 if left < 0 else left + right
+
+
 def _is_causal_bias(attn_mask):
     """Whether attn_mask is a torch.nn.attention.bias.CausalBias (imported only for tensor
     subclasses: that module imports triton)."""
@@ -171,9 +197,9 @@ def _check_mask(attn_mask, query, shape, is_causal):
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
-    def forward(ctx, q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, backend):
+    def forward(ctx, q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left, backend):
         impl = ATTENTION.implementation(backend)
-        args = (is_causal, causal_shift, scale, dropout_p, seed)
+        args = (is_causal, causal_shift, scale, dropout_p, seed, window_left)
         out, lse = impl.attention_fwd(q, k, v, mask, *args)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.args, ctx.impl = args, impl
@@ -192,11 +218,12 @@ class AttentionFunction(torch.autograd.Function):
             grads = reference.attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, *ctx.args)
         else:
             grads = (*ctx.impl.attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.args), None)
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
 
 
 def scaled_dot_product_attention(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, backend=None
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+    window_size=(-1, -1), backend=None,
 ):
     """torch.nn.functional.scaled_dot_product_attention, computed as flash attention.
 
@@ -220,6 +247,15 @@ def scaled_dot_product_attention(
         is_causal: query i sees keys j <= i (torch's top-left alignment when Lq != Lk);
             cannot be combined with attn_mask.
         scale: of the scores; 1 / sqrt(D) by default.
+        window_size: (left, right), sliding-window (local) attention as in flash-attn:
+            query i sees only keys j with i + s - left <= j <= i + s + right, -1 leaving
+            that side unbounded; (-1, -1), the default, is no window. s is the causal
+            alignment: 0 (top-left, as is_causal, also when Lq != Lk and not causal), or
+            Lk - Lq with a causal_lower_right CausalBias. Under is_causal (or a CausalBias)
+            right counts as 0. Combines with attn_mask, dropout, GQA and is_causal; the
+            kernels skip the key blocks outside the window, so that a fixed window costs
+            linear time in the length. Mistral's sliding window W is
+            window_size=(W - 1, 0) with is_causal=True.
         backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
 
     Under torch.autocast, query, key, value and a float mask are cast to the autocast dtype
@@ -254,6 +290,9 @@ def scaled_dot_product_attention(
         attn_mask, is_causal = None, True
     mask_shape = torch.Size([*batch_shape, heads, seqlen_q, seqlen_k])
     mask = _check_mask(attn_mask, query, mask_shape, is_causal)
+    is_causal, causal_shift, window_left = _window_as_band(
+        *check_window_size(window_size), is_causal, causal_shift, seqlen_q, seqlen_k
+    )
     scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
     mask_grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
     call = Call.of(query, head_dims=(query.shape[3], value.shape[3]), mask=mask, mask_grad=mask_grad,
@@ -262,6 +301,8 @@ def scaled_dot_product_attention(
     q = _as_heads(query, batch, heads)
     k, v = _as_heads(key, batch, kv_heads), _as_heads(value, batch, kv_heads)
     seed = philox.draw_seed() if dropout_p > 0 else 0
-    out = AttentionFunction.apply(q, k, v, mask, bool(is_causal), causal_shift, scale, float(dropout_p), seed, name)
+    out = AttentionFunction.apply(
+        q, k, v, mask, bool(is_causal), causal_shift, scale, float(dropout_p), seed, window_left, name
+    )
     out_shape = (*batch_shape, heads, seqlen_q, value.shape[3])  # 2-D inputs: without the (one) head
     return out.reshape(out_shape[len(out_shape) - rank:])

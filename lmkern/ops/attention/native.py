@@ -14,14 +14,14 @@ extension.require()  # loads lmkern._C, which defines the ops, before their fake
 
 
 @torch.library.register_fake("lmkern::attention_fwd")
-def _(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed):
+def _(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
     batch, heads, seqlen_q, _ = q.shape
     out = q.new_empty(batch, heads, seqlen_q, v.shape[3])
     return out, q.new_empty(batch, heads, seqlen_q, dtype=torch.float32)
 
 
 @torch.library.register_fake("lmkern::attention_bwd")
-def _(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed):
+def _(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -30,14 +30,15 @@ def rows_contiguous(x):
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
-def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed):
+def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
     """Same contract as reference.attention_fwd."""
     q, k, v = map(rows_contiguous, (q, k, v))
-    return torch.ops.lmkern.attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed)
+    args = (is_causal, causal_shift, scale, dropout_p, seed, window_left)
+    return torch.ops.lmkern.attention_fwd(q, k, v, mask, *args)
 
 
-def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed):
+def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
     """Same contract as reference.attention_bwd."""
     grad_out, q, k, v, out = map(rows_contiguous, (grad_out, q, k, v, out))
-    args = (is_causal, causal_shift, scale, dropout_p, seed)
+    args = (is_causal, causal_shift, scale, dropout_p, seed, window_left)
     return torch.ops.lmkern.attention_bwd(grad_out, q, k, v, out, lse, mask, *args)

@@ -10,7 +10,9 @@ broadcast its arguments): q (B, H, Lq, D), k (B, H_kv, Lk, D), v (B, H_kv, Lk, D
 H a multiple of H_kv (query head h reads key/value head h // (H // H_kv)); mask None or
 (B, H, Lq, Lk) boolean (True takes part) or additive float, usually a broadcast view; with
 is_causal, query i sees key j when j <= i + causal_shift (0: torch's top-left alignment,
-Lk - Lq: bottom-right).
+Lk - Lq: bottom-right); with window_left >= 0 (a sliding window; -1: none), only when
+j >= i + causal_shift - window_left too. A window's right bound reaches the backends as a
+causal bound on a shifted diagonal (lmkern.scaled_dot_product_attention folds it in).
 """
 
 import torch
@@ -39,6 +41,13 @@ def causal_mask(seqlen_q, seqlen_k, device, shift=0):
     return cols <= rows + shift
 
 
+def window_mask(seqlen_q, seqlen_k, device, shift, window_left):
+    """(Lq, Lk) boolean: query i sees key j when j >= i + shift - window_left."""
+    rows = torch.arange(seqlen_q, device=device)[:, None]
+    cols = torch.arange(seqlen_k, device=device)[None, :]
+    return cols >= rows + shift - window_left
+
+
 def dropout_scale(dropout_p):
     """What kept elements are multiplied by: 1 / (1 - p), and 0 for p = 1 (nothing is kept)."""
     return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
@@ -52,32 +61,35 @@ def dropout_factor(seed, like, dropout_p):
     return philox.dropout_keep(seed, offsets, dropout_p).to(like.dtype) * dropout_scale(dropout_p)
 
 
-def _scores(q, k, mask, is_causal, causal_shift, scale):
+def _scores(q, k, mask, is_causal, causal_shift, scale, window_left):
     """(B, H, Lq, Lk) scaled scores with masked entries at -inf."""
     scores = scale * (q @ _repeat_kv(k, q.shape[1]).transpose(-1, -2))
     if is_causal:
         scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device, causal_shift), float("-inf"))
+    if window_left >= 0:
+        hidden = ~window_mask(q.shape[2], k.shape[2], q.device, causal_shift, window_left)
+        scores = scores.masked_fill(hidden, float("-inf"))
     if mask is not None:
         is_bool = mask.dtype == torch.bool
         scores = scores.masked_fill(~mask, float("-inf")) if is_bool else scores + mask.to(scores.dtype)
     return scores
 
 
-def _probabilities(q, k, mask, is_causal, causal_shift, scale):
+def _probabilities(q, k, mask, is_causal, causal_shift, scale, window_left):
     """Softmax of the scores, with rows that see no key all zero (softmax would give NaN)."""
-    scores = _scores(q, k, mask, is_causal, causal_shift, scale)
+    scores = _scores(q, k, mask, is_causal, causal_shift, scale, window_left)
     sees_no_key = (scores == float("-inf")).all(dim=-1, keepdim=True)
     return scores, torch.softmax(scores, dim=-1).masked_fill(sees_no_key, 0.0), sees_no_key
 
 
-def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed):
+def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
     """softmax(scale q k^T + mask) v, with dropout on the probabilities.
 
     Returns out (B, H, Lq, Dv) in q's dtype (zeros for rows that see no key) and the
     logsumexp of each row's scores, lse (B, H, Lq) in fp32 (fp64 for fp64 inputs), +inf
     for rows that see no key (so that exp(score - lse) is 0 there in backward).
     """
-    scores, probs, sees_no_key = _probabilities(q, k, mask, is_causal, causal_shift, scale)
+    scores, probs, sees_no_key = _probabilities(q, k, mask, is_causal, causal_shift, scale, window_left)
     lse = torch.logsumexp(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     lse = lse.masked_fill(sees_no_key.squeeze(-1), float("inf"))
     if dropout_p > 0:
@@ -85,7 +97,9 @@ def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed
     return probs @ _repeat_kv(v, q.shape[1]), lse
 
 
-def attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed):
+def attention_bwd_with_mask_grad(
+    grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1
+):
     """Gradients of attention_fwd's output: (dq, dk, dv, dmask), dmask (B, H, Lq, Lk) for
     an additive mask (None for a boolean one or none). With P the probabilities, Z the
     dropout factor (keep / (1 - p), 1 without dropout) and delta_i = sum_d dO_id O_id:
@@ -94,7 +108,7 @@ def attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, is_causal, c
         dQ = scale dS K,   dK = scale dS^T Q,   dmask = dS.
     """
     heads, kv_heads = q.shape[1], k.shape[1]
-    _, probs, _ = _probabilities(q, k, mask, is_causal, causal_shift, scale)
+    _, probs, _ = _probabilities(q, k, mask, is_causal, causal_shift, scale, window_left)
     factor = dropout_factor(seed, probs, dropout_p) if dropout_p > 0 else 1.0
     grad_out = grad_out.to(q.dtype)
     grad_v = _sum_kv_groups((probs * factor).transpose(-1, -2) @ grad_out, kv_heads)
@@ -107,7 +121,7 @@ def attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, is_causal, c
     return grad_q, grad_k, grad_v, grad_mask
 
 
-def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed):
+def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
     """(dq, dk, dv): the gradients of attention_fwd's output, in the inputs' dtypes."""
-    args = (is_causal, causal_shift, scale, dropout_p, seed)
+    args = (is_causal, causal_shift, scale, dropout_p, seed, window_left)
     return attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, *args)[:3]

@@ -8,7 +8,10 @@ softmax keeps per row the running max m and the running sum l of exp2(s - m), an
 the output accumulator by exp2(m_old - m_new) when m grows; at the end out = acc / l, and
 lse = (m + log2 l) ln 2 is saved for backward. With is_causal the key blocks above the
 diagonal are skipped, not masked, and the blocks that every row of the tile sees run
-without per-element causal or bounds checks.
+without per-element causal or bounds checks. A sliding window (window_left >= 0: query i
+sees keys j >= i + causal_shift - window_left; its right bound arrives as a shifted causal
+diagonal) skips the key blocks before it too, so that a fixed window costs time linear in
+the length; the blocks it keeps are checked against its bound element by element.
 
 Backward, with P = exp(s - lse) recomputed from the saved lse, Z the dropout factor
 (keep / (1 - p), 1 without dropout) and delta_i = sum_d dO_id O_id from a pre-pass:
@@ -85,9 +88,9 @@ def _tile_sizes(config, args):
 def _score_tiles(args, computed):
     """Tiles of the scores' shape live at once, in registers: `computed` fp32 tiles of the
     math; a full mask's int64 addresses and values (3), a key mask's selects (1); dropout's
-    int64 offsets, random numbers and keep factors (4); a causal shift's bounds (1)."""
+    int64 offsets, random numbers and keep factors (4); a causal shift's bounds (1), a window's (1)."""
     mask = {NO_MASK.value: 0, KEY_MASK.value: 1, FULL_MASK.value: 3}[args["MASK_KIND"]]
-    return computed + mask + 4 * bool(args["HAS_DROPOUT"]) + bool(args["CAUSAL_SHIFTED"])
+    return computed + mask + 4 * bool(args["HAS_DROPOUT"]) + bool(args["CAUSAL_SHIFTED"]) + bool(args["WINDOWED"])
 
 
 def _exact_fp32(size, m, n, largest=16 * 32):
@@ -139,12 +142,12 @@ def _bwd_resources(config, args, target):
 
 
 # Autotuning keys: lengths are bucketed to powers of two so that varying lengths do not
-# re-tune at every call, and lengths (and the causal shift) that only bound loops and masks
-# are not specialised on, so that they do not recompile either.
+# re-tune at every call, and lengths (and the causal shift and window) that only bound loops
+# and masks are not specialised on, so that they do not recompile either.
 ATTENTION_KEY = [
-    "seqlen_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "CAUSAL_SHIFTED", "MASK_KIND", "HAS_DROPOUT"
+    "seqlen_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "CAUSAL_SHIFTED", "WINDOWED", "MASK_KIND", "HAS_DROPOUT"
 ]
-LENGTHS = ["seqlen_q", "seqlen_k", "causal_shift", "seqlen_bucket"]
+LENGTHS = ["seqlen_q", "seqlen_k", "causal_shift", "window_left", "seqlen_bucket"]
 
 
 @triton.jit
@@ -174,9 +177,11 @@ def _mask_scores(
     seqlen_q,
     seqlen_k,
     causal_shift,  # query i sees key j when j <= i + causal_shift
+    window_left,  # and with WINDOWED when j >= i + causal_shift - window_left
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     CHECK_KEYS: tl.constexpr,
 ):
     """s with -inf where query `rows` may not see key `cols`, plus an additive mask (whose
@@ -194,6 +199,8 @@ def _mask_scores(
             s = s + values.to(tl.float32) * LOG2E
     if CAUSAL:  # in int32 (lengths fit): 64-bit bounds made small tiles spill on sm_80
         s = tl.where(cols.to(tl.int32) <= rows.to(tl.int32) + causal_shift, s, float("-inf"))
+    if WINDOWED:
+        s = tl.where(cols.to(tl.int32) >= rows.to(tl.int32) + (causal_shift - window_left), s, float("-inf"))
     if CHECK_KEYS:
         s = tl.where(cols < seqlen_k, s, float("-inf"))
     return s
@@ -212,16 +219,20 @@ def _key_blocks(
     start_m,
     seqlen_k,
     causal_shift,
+    window_left,
     IS_CAUSAL: tl.constexpr,
     CAUSAL_SHIFTED: tl.constexpr,
+    WINDOWED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """(unchecked_stop, stop) for the query rows [start_m, start_m + BLOCK_M): the key blocks
-    starting before unchecked_stop are seen whole by every row (no causal or bounds check);
-    those from there to stop need the checks; under is_causal the blocks after stop (above
-    the diagonal, query i seeing keys j <= i + causal_shift) are skipped."""
-    if CAUSAL_SHIFTED:  # the shift may make the bounds negative
+    """(start, unchecked_stop, stop) for the query rows [start_m, start_m + BLOCK_M): the key
+    blocks from start to unchecked_stop are seen whole by every row (no causal or bounds
+    check; a window's bound is checked); those from there to stop need the checks. Under
+    is_causal the blocks after stop (above the diagonal, query i seeing keys
+    j <= i + causal_shift) are skipped, and with a window those before start (before
+    start_m + causal_shift - window_left)."""
+    if IS_CAUSAL and CAUSAL_SHIFTED:  # the shift may make the bounds negative
         stop = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + causal_shift, 0))
         seen_by_all = tl.minimum(seqlen_k, tl.maximum(start_m + 1 + causal_shift, 0))
     elif IS_CAUSAL:
@@ -230,7 +241,10 @@ def _key_blocks(
     else:
         stop = seqlen_k
         seen_by_all = seqlen_k
-    return seen_by_all // BLOCK_N * BLOCK_N, stop
+    start = 0
+    if WINDOWED:
+        start = tl.minimum(tl.maximum(start_m + causal_shift - window_left, 0), stop) // BLOCK_N * BLOCK_N
+    return start, seen_by_all // BLOCK_N * BLOCK_N, stop
 
 
 @triton.jit
@@ -247,8 +261,10 @@ def _block_scores(
     seqlen_q,
     seqlen_k,
     causal_shift,
+    window_left,
     qk_scale,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     CHECK_KEYS: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
@@ -267,8 +283,8 @@ def _block_scores(
     )
     s = tl.dot(q, k_t, input_precision="ieee") * qk_scale
     s = _mask_scores(
-        s, rows[:, None], cols[None, :], mask_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
-        MASK_KIND, MASK_IS_BOOL, CAUSAL, CHECK_KEYS,
+        s, rows[:, None], cols[None, :], mask_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift, window_left,
+        MASK_KIND, MASK_IS_BOOL, CAUSAL, WINDOWED, CHECK_KEYS,
     )
     return s, k_t
 
@@ -292,6 +308,7 @@ def _attend(
     seqlen_q,
     seqlen_k,  # keys at or past it are not read
     causal_shift,
+    window_left,
     qk_scale,  # scale * log2(e)
     seed,
     dropout_rows,  # (BLOCK_M,) (b H + h) Lq + i, int64
@@ -300,6 +317,7 @@ def _attend(
     start,
     stop,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     CHECK_KEYS: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
@@ -316,7 +334,8 @@ def _attend(
         cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # cols * stride may pass 2^31
         s, _ = _block_scores(
             q, k_ptr, stride_kn, stride_kd, mask_ptr, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-            causal_shift, qk_scale, CAUSAL, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL, BLOCK_D, HEAD_DIM,
+            causal_shift, window_left, qk_scale, CAUSAL, WINDOWED, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL, BLOCK_D,
+            HEAD_DIM,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -354,6 +373,7 @@ def attention_fwd_kernel(
     seqlen_q,
     seqlen_k,
     causal_shift,  # with IS_CAUSAL query i sees key j when j <= i + causal_shift
+    window_left,  # with WINDOWED query i sees key j when j >= i + causal_shift - window_left
     seqlen_bucket,  # autotuning key only
     qk_scale,
     dropout_p,
@@ -361,6 +381,7 @@ def attention_fwd_kernel(
     seed,
     IS_CAUSAL: tl.constexpr,
     CAUSAL_SHIFTED: tl.constexpr,  # else causal_shift is 0 (torch's top-left alignment), known when compiling
+    WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -392,22 +413,25 @@ def attention_fwd_kernel(
 
     if not CAUSAL_SHIFTED:
         causal_shift = 0
-    unchecked_stop, stop = _key_blocks(start_m, seqlen_k, causal_shift, IS_CAUSAL, CAUSAL_SHIFTED, BLOCK_M, BLOCK_N)
+    start, unchecked_stop, stop = _key_blocks(
+        start_m, seqlen_k, causal_shift, window_left, IS_CAUSAL, CAUSAL_SHIFTED, WINDOWED, BLOCK_M, BLOCK_N
+    )
 
     m_i = tl.full([BLOCK_M], -FLT_MAX, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc, m_i, l_i = _attend(
         acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
-        rows, seqlen_q, seqlen_k, causal_shift, qk_scale, seed, dropout_rows, dropout_p, dropout_scale, 0,
-        unchecked_stop,
-        False, False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        rows, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed, dropout_rows, dropout_p, dropout_scale,
+        start, unchecked_stop,
+        False, WINDOWED, False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
     )
     acc, m_i, l_i = _attend(
         acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
-        rows, seqlen_q, seqlen_k, causal_shift, qk_scale, seed, dropout_rows, dropout_p, dropout_scale,
-        unchecked_stop, stop,
-        IS_CAUSAL, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        rows, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed, dropout_rows, dropout_p, dropout_scale,
+        tl.maximum(start, unchecked_stop), stop,
+        IS_CAUSAL, WINDOWED, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM,
+        HEAD_DIM_V,
     )
     # Rows that saw no key (l = 0) get out = 0 and lse = +inf.
     seen = l_i > 0
@@ -470,6 +494,7 @@ def _dkdv_blocks(
     seqlen_q,
     seqlen_k,
     causal_shift,
+    window_left,
     qk_scale,
     seed,
     dropout_row0,  # (b H + h) Lq, int64
@@ -478,6 +503,7 @@ def _dkdv_blocks(
     start,
     stop,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -514,7 +540,7 @@ def _dkdv_blocks(
         s_t = tl.dot(k, q_t, input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M)
         s_t = _mask_scores(
             s_t, rows[None, :], cols[:, None], mask_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
-            MASK_KIND, MASK_IS_BOOL, CAUSAL, False,
+            window_left, MASK_KIND, MASK_IS_BOOL, CAUSAL, WINDOWED, False,
         )
         p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
         dp_t = tl.dot(v, tl.trans(grad_out), input_precision="ieee")
@@ -549,6 +575,7 @@ def _dq_blocks(
     seqlen_q,
     seqlen_k,
     causal_shift,
+    window_left,
     qk_scale,
     seed,
     dropout_rows,
@@ -557,6 +584,7 @@ def _dq_blocks(
     start,
     stop,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     CHECK_KEYS: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
@@ -573,7 +601,8 @@ def _dq_blocks(
         cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # cols * stride may pass 2^31
         s, k_t = _block_scores(
             q, k_ptr, stride_kn, stride_kd, mask_ptr, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-            causal_shift, qk_scale, CAUSAL, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL, BLOCK_D, HEAD_DIM,
+            causal_shift, window_left, qk_scale, CAUSAL, WINDOWED, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL, BLOCK_D,
+            HEAD_DIM,
         )
         v_t = _load_tile(  # (BLOCK_DV, BLOCK_N)
             v_ptr + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
@@ -610,6 +639,7 @@ def attention_bwd_kernel(
     seqlen_q,
     seqlen_k,
     causal_shift,
+    window_left,
     seqlen_bucket,
     qk_scale,
     scale,
@@ -619,6 +649,7 @@ def attention_bwd_kernel(
     DKDV: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     CAUSAL_SHIFTED: tl.constexpr,  # else causal_shift is 0 (torch's top-left alignment), known when compiling
+    WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -656,8 +687,9 @@ def attention_bwd_kernel(
 
         # Causal: queries before start_n - causal_shift see none of these keys (their blocks
         # are skipped); from start_n + BLOCK_N - 1 - causal_shift on they see all of them (no
-        # causal check).
-        if CAUSAL_SHIFTED:
+        # causal check). A window: queries from start_n + BLOCK_N - causal_shift + window_left
+        # on see none of them (skipped too).
+        if IS_CAUSAL and CAUSAL_SHIFTED:
             start = tl.maximum(start_n - causal_shift, 0) // BLOCK_M * BLOCK_M
             all_seen_from = tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0)
             checked_stop = tl.minimum(tl.cdiv(all_seen_from, BLOCK_M) * BLOCK_M, seqlen_q)
@@ -667,6 +699,9 @@ def attention_bwd_kernel(
         else:
             start = 0
             checked_stop = 0
+        query_stop = seqlen_q
+        if WINDOWED:
+            query_stop = tl.minimum(seqlen_q, tl.maximum(start_n + BLOCK_N - causal_shift + window_left, 0))
         for group_index in range(kv_group):
             h = kv_head * kv_group + group_index
             q_head_ptr = q_ptr + b * stride_qb + h * stride_qh
@@ -676,16 +711,17 @@ def attention_bwd_kernel(
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
                 lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
-                qk_scale,
-                seed, row0, dropout_p, dropout_scale, start, checked_stop,
-                IS_CAUSAL, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+                window_left, qk_scale,
+                seed, row0, dropout_p, dropout_scale, start, tl.minimum(checked_stop, query_stop),
+                IS_CAUSAL, WINDOWED, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM,
+                HEAD_DIM_V,
             )
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
                 lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
-                qk_scale,
-                seed, row0, dropout_p, dropout_scale, tl.maximum(start, checked_stop), seqlen_q,
-                False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+                window_left, qk_scale,
+                seed, row0, dropout_p, dropout_scale, tl.maximum(start, checked_stop), query_stop,
+                False, WINDOWED, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
             )
         kv_row0 = (b * kv_heads + kv_head) * seqlen_k
         tl.store(
@@ -721,23 +757,25 @@ def attention_bwd_kernel(
         k_ptr += b * stride_kb + kv_head * stride_kh
         v_ptr += b * stride_vb + kv_head * stride_vh
         mask_ptr += b * stride_mb + h * stride_mh
-        unchecked_stop, stop = _key_blocks(
-            start_m, seqlen_k, causal_shift, IS_CAUSAL, CAUSAL_SHIFTED, BLOCK_M, BLOCK_N
+        start, unchecked_stop, stop = _key_blocks(
+            start_m, seqlen_k, causal_shift, window_left, IS_CAUSAL, CAUSAL_SHIFTED, WINDOWED, BLOCK_M, BLOCK_N
         )
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         dq = _dq_blocks(
             dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
-            stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift, qk_scale, seed, row0 + rows, dropout_p,
-            dropout_scale,
-            0, unchecked_stop,
-            False, False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed, row0 + rows,
+            dropout_p, dropout_scale,
+            start, unchecked_stop,
+            False, WINDOWED, False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM,
+            HEAD_DIM_V,
         )
         dq = _dq_blocks(
             dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
-            stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift, qk_scale, seed, row0 + rows, dropout_p,
-            dropout_scale,
-            unchecked_stop, stop,
-            IS_CAUSAL, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+            stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed, row0 + rows,
+            dropout_p, dropout_scale,
+            tl.maximum(start, unchecked_stop), stop,
+            IS_CAUSAL, WINDOWED, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM,
+            HEAD_DIM_V,
         )
         tl.store(
             dq_ptr + (row0 + rows[:, None]) * HEAD_DIM + offs_d[None, :],
@@ -761,17 +799,19 @@ def _mask_args(mask, like):
     return (mask.view(torch.uint8) if is_bool else mask), mask.stride(), kind, is_bool
 
 
-def _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p):
+def _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p, window_left):
     """The launch arguments that the forward and both backward kernels share, after the pointers."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     mask, mask_strides, mask_kind, mask_is_bool = _mask_args(mask, q)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides)
     bucket = triton.next_power_of_2(max(seqlen_q, seqlen_k))
-    sizes = (heads, heads // kv_heads, seqlen_q, seqlen_k, causal_shift, bucket)
+    windowed = window_left >= 0
+    sizes = (heads, heads // kv_heads, seqlen_q, seqlen_k, causal_shift, window_left, bucket)
     constants = dict(
         IS_CAUSAL=is_causal,
-        CAUSAL_SHIFTED=is_causal and causal_shift != 0,
+        CAUSAL_SHIFTED=(is_causal or windowed) and causal_shift != 0,
+        WINDOWED=windowed,
         MASK_KIND=mask_kind,
         MASK_IS_BOOL=mask_is_bool,
         HAS_DROPOUT=dropout_p > 0,
@@ -783,14 +823,14 @@ def _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p):
     return mask, strides, sizes, constants
 
 
-def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed):
+def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
     """Same contract as reference.attention_fwd."""
     batch, heads, seqlen_q, _ = q.shape
     out = torch.empty(batch, heads, seqlen_q, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
-    mask, strides, sizes, constants = _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p)
+    mask, strides, sizes, constants = _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p, window_left)
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
     attention_fwd_kernel[grid](
         q, k, v, mask, out, lse, *strides, *out.stride(), *sizes,
@@ -799,7 +839,7 @@ def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed
     return out, lse
 
 
-def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed):
+def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
     """Same contract as reference.attention_bwd."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
@@ -808,7 +848,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, sc
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if seqlen_q == 0 or seqlen_k == 0 or head_dim == 0 or v.shape[3] == 0:
         return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
-    mask, strides, sizes, constants = _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p)
+    mask, strides, sizes, constants = _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p, window_left)
     delta = torch.empty_like(lse)
     delta_rows = 64
     attention_bwd_delta_kernel[(triton.cdiv(seqlen_q, delta_rows), heads, batch)](

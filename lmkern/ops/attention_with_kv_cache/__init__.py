@@ -8,7 +8,7 @@ from lmkern.backend import Call
 from lmkern.errors import ArgumentError, ArgumentTypeError
 from lmkern.ops import lazy_submodules
 from lmkern.ops.apply_rotary import check_cache, kernel_cache
-from lmkern.ops.attention import check_float_tensor, check_kv_heads, check_same_dtype_and_device
+from lmkern.ops.attention import check_float_tensor, check_kv_heads, check_same_dtype_and_device, check_window_size
 from lmkern.ops.attention_with_kv_cache.backends import ATTENTION_WITH_KV_CACHE
 from lmkern.ops.autocast import autocast_dtype, autocast_off
 
@@ -55,7 +55,7 @@ def _check_rotary(q, rotary_cos, rotary_sin, rotary_interleaved):
 
 def attention_with_kv_cache(
     q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, scale=None, backend=None,
-    rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
+    rotary_cos=None, rotary_sin=None, rotary_interleaved=False, window_size=(-1, -1),
 ):
     """Attention of new queries over a KV cache, appending the new keys and values first.
 
@@ -89,6 +89,11 @@ def attention_with_kv_cache(
             from, so with k_new None and Lq tokens q sits at cache_seqlens[b] - Lq + i.
         rotary_interleaved: False: the half-split layout (Llama, pairs (x_i, x_{i+R/2}));
             True: GPT-J's pairs (x_{2i}, x_{2i+1}).
+        window_size: (left, right), a sliding window as in flash-attn: query i (at
+            position p, below) sees only the positions p - left .. p; -1 leaves the left
+            side unbounded, (-1, -1) (the default) is no window. The attention is causal,
+            so right counts as 0 (it is checked, not used). The kernels read only the
+            window's keys; Mistral's sliding window W is window_size=(W - 1, 0).
 
     With total_b = cache_seqlens[b] + L_new, query i of sequence b sits at position
     total_b - Lq + i and sees the cache's keys at positions up to it; a query at a negative
@@ -97,8 +102,8 @@ def attention_with_kv_cache(
     CUDA, where checking would stall the stream, its output is NaN and nothing is written
     for it. Under torch.autocast, q, k_new and v_new are cast to the caches' dtype (the
     caller allocates the caches in the dtype to compute in); rotary_cos and rotary_sin are
-    read in their own dtype (in fp32 by the kernels), as lmkern.apply_rotary reads them. For inference: there is no
-    backward (it raises under autograd).
+    read in their own dtype (in fp32 by the kernels), as lmkern.apply_rotary reads them.
+    For inference: there is no backward (it raises under autograd).
     """
     check_float_tensor(k_cache, "k_cache", "(B, H_kv, L_max, D)")
     if autocast_dtype(k_cache.device.type) is not None:  # the caches' dtype is the computation's
@@ -136,6 +141,9 @@ def attention_with_kv_cache(
             "(or torch.inference_mode())"
         )
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    window_left = check_window_size(window_size)[0]
+    if window_left >= k_cache.shape[2]:  # wider than the cache: bounds nothing
+        window_left = -1
     aligned = _rows_aligned(k_cache) and _rows_aligned(v_cache)
     call = Call.of(q, head_dims=(head_dim, v_cache.shape[3]), caches_aligned=aligned)
     name = ATTENTION_WITH_KV_CACHE.resolve(call, backend, empty=q.numel() == 0)
@@ -143,4 +151,5 @@ def attention_with_kv_cache(
     if rotary_cos is not None:
         rotary_cos, rotary_sin = kernel_cache(rotary_cos, rotary_sin, name)
     with autocast_off(q.device.type):
-        return fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos, rotary_sin, rotary_interleaved)
+        return fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos, rotary_sin, rotary_interleaved,
+                   window_left)

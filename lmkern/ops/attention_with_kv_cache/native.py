@@ -17,12 +17,13 @@ extension.require()  # loads lmkern._C, which defines the op, before its fake is
 
 @torch.library.register_fake("lmkern::attention_with_kv_cache_fwd")
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos=None, rotary_sin=None,
-      rotary_interleaved=False):
+      rotary_interleaved=False, window_left=-1):
     return q.new_empty(*q.shape[:3], v_cache.shape[3])
 
 
 def attention_with_kv_cache_fwd(
-    q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos=None, rotary_sin=None, rotary_interleaved=False
+    q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
+    window_left=-1,
 ):
     """Same contract as reference.attention_with_kv_cache_fwd (the caches are contiguous in
     their last dimension: lmkern.attention_with_kv_cache checks it; rotary_cos and
@@ -31,5 +32,5 @@ def attention_with_kv_cache_fwd(
     if k_new is not None:
         k_new, v_new = rows_contiguous(k_new), rows_contiguous(v_new)
     return torch.ops.lmkern.attention_with_kv_cache_fwd(
-        q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos, rotary_sin, rotary_interleaved
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos, rotary_sin, rotary_interleaved, window_left
     )

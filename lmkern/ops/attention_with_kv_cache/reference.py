@@ -51,7 +51,8 @@ def _write_at_lengths(cache, new, lengths, fits):
 
 
 def attention_with_kv_cache_fwd(
-    q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos=None, rotary_sin=None, rotary_interleaved=False
+    q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
+    window_left=-1,
 ):
     """Writes k_new, v_new into the caches at each sequence's length, then attends.
 
@@ -59,12 +60,14 @@ def attention_with_kv_cache_fwd(
     in place; cache_seqlens (B,) int32/int64, each sequence's cached length before the new
     keys; k_new (B, H_kv, L_new, D) and v_new (B, H_kv, L_new, Dv), or both None. With
     total_b = cache_seqlens[b] + L_new, query i sits at position total_b - Lq + i and sees
-    the keys up to it (bottom-right causal alignment). With rotary_cos and rotary_sin
-    (P, R / 2), k_new is rotated at its positions before it is written and q at its
-    positions (lmkern.apply_rotary's reference, rotate), q itself unchanged. Returns out
-    (B, H, Lq, Dv) in q's dtype. A sequence whose new keys would not fit, or with a negative
-    length, or past the rotary caches, raises ValueError on CPU; on CUDA it gets NaN output
-    and nothing is written for it (NaN rotated values past the rotary caches).
+    the keys up to it (bottom-right causal alignment), and with window_left >= 0 (a sliding
+    window; -1: none) only those from position total_b - Lq + i - window_left on. With
+    rotary_cos and rotary_sin (P, R / 2), k_new is rotated at its positions before it is
+    written and q at its positions (lmkern.apply_rotary's reference, rotate), q itself
+    unchanged. Returns out (B, H, Lq, Dv) in q's dtype. A sequence whose new keys would not
+    fit, or with a negative length, or past the rotary caches, raises ValueError on CPU; on
+    CUDA it gets NaN output and nothing is written for it (NaN rotated values past the
+    rotary caches).
     """
     capacity = k_cache.shape[2]
     new_len = 0 if k_new is None else k_new.shape[2]
@@ -81,7 +84,10 @@ def attention_with_kv_cache_fwd(
     if new_len > 0:
         _write_at_lengths(k_cache, k_new, lengths, fits)
         _write_at_lengths(v_cache, v_new, lengths, fits)
-    visible = torch.arange(capacity, device=q.device) <= query_positions[:, :, None]  # (B, Lq, L_max)
+    positions = torch.arange(capacity, device=q.device)
+    visible = positions <= query_positions[:, :, None]  # (B, Lq, L_max)
+    if window_left >= 0:
+        visible &= positions >= query_positions[:, :, None] - window_left
     mask = visible[:, None].expand(-1, q.shape[1], -1, -1)
     out, _ = attention_fwd(q, k_cache, v_cache, mask, False, 0, scale, 0.0, None)
     return out.masked_fill(~fits[:, None, None, None], float("nan"))

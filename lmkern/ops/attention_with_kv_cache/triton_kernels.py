@@ -6,10 +6,11 @@ rotary caches are given); then one program per
 (split of the keys, block of query rows, sequence and key/value head) attends, with the
 query heads that share a key/value head packed as rows of one tile, so that a single new
 token still fills a tile under GQA. With several splits each writes its partial output
-and lse, and a combine kernel merges them (flash-decoding). A query that sees no key gets
-zeros; a sequence whose new keys would not fit gets NaN and writes nothing. With rotary
-embeddings each program rotates its queries as it loads them (apply_rotary's
-rotate_loaded_rows), so q is never rotated through memory.
+and lse, and a combine kernel merges them (flash-decoding). With a sliding window the splits
+share only the keys that some query's window holds, so that the cost follows the window,
+not the cache. A query that sees no key gets zeros; a sequence whose new keys would not
+fit gets NaN and writes nothing. With rotary embeddings each program rotates its queries
+as it loads them (apply_rotary's rotate_loaded_rows), so q is never rotated through memory.
 """
 
 import functools
@@ -107,9 +108,10 @@ def kv_cache_append_kernel(
 
 @autotune(
     DECODE_CONFIGS,
-    ["capacity_bucket", "HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "SPLIT"],
+    ["capacity_bucket", "HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "SPLIT", "WINDOWED"],
     _decode_resources,
-    do_not_specialize=["seqlen_q", "new_len", "capacity", "capacity_bucket", "rotary_half", "max_positions"],
+    do_not_specialize=["seqlen_q", "new_len", "capacity", "capacity_bucket", "rotary_half", "max_positions",
+                       "window_left"],
 )
 def attention_decode_kernel(
     q_ptr,  # (B, H, Lq, D)
@@ -132,7 +134,9 @@ def attention_decode_kernel(
     qk_scale,
     rotary_half,  # R / 2
     max_positions,  # P
+    window_left,  # with WINDOWED query i sees the positions from total - Lq + i - window_left on
     SPLIT: tl.constexpr,
+    WINDOWED: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -168,10 +172,13 @@ def attention_decode_kernel(
         positions = tl.maximum(total - seqlen_q + rows, 0)
         q = rotate_loaded_rows(q, q_rows, stride_qd, positions, packed_ok, cos_ptr, sin_ptr, rotary_half,
                                max_positions, INTERLEAVED, BLOCK_D).to(q_ptr.dtype.element_ty)
-    per_split = tl.cdiv(tl.cdiv(total, splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    stop = tl.minimum(total, start + per_split)
     causal_shift = total - seqlen_q
+    first = 0  # no query sees the keys before it: the splits share [first, total)
+    if WINDOWED:
+        first = tl.minimum(tl.maximum(causal_shift - window_left, 0), total) // BLOCK_N * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(total - first, splits), BLOCK_N) * BLOCK_N
+    start = first + split * per_split
+    stop = tl.minimum(total, start + per_split)
     # Query 0 sees the keys up to total - Lq: blocks before that need no causal check.
     seen_by_all = tl.maximum(tl.minimum(stop, causal_shift + 1), start)
     unchecked_stop = start + (seen_by_all - start) // BLOCK_N * BLOCK_N
@@ -183,13 +190,13 @@ def attention_decode_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc, m_i, l_i = _attend(
         acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, q_ptr, 0, 0,
-        rows, seqlen_q, stop, causal_shift, qk_scale, 0, rows, 0.0, 1.0, start, unchecked_stop,
-        False, False, NO_MASK, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        rows, seqlen_q, stop, causal_shift, window_left, qk_scale, 0, rows, 0.0, 1.0, start, unchecked_stop,
+        False, WINDOWED, False, NO_MASK, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
     )
     acc, m_i, l_i = _attend(
         acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, q_ptr, 0, 0,
-        rows, seqlen_q, stop, causal_shift, qk_scale, 0, rows, 0.0, 1.0, unchecked_stop, stop,
-        True, True, NO_MASK, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        rows, seqlen_q, stop, causal_shift, window_left, qk_scale, 0, rows, 0.0, 1.0, unchecked_stop, stop,
+        True, WINDOWED, True, NO_MASK, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
     )
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -241,15 +248,17 @@ def _programs_to_fill(device):
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_splits(programs, capacity, device):
+def decode_splits(programs, keys, device):
     """How many parts each sequence's keys are split into: enough programs to fill the
-    device, with at least MIN_KEYS_PER_SPLIT keys of the cache each, at most 64."""
+    device, with at least MIN_KEYS_PER_SPLIT of the `keys` a sequence may read each (the
+    cache's capacity, or a window's span), at most 64."""
     wanted = triton.cdiv(_programs_to_fill(device), programs)
-    return max(1, min(wanted, capacity // MIN_KEYS_PER_SPLIT, 64))
+    return max(1, min(wanted, keys // MIN_KEYS_PER_SPLIT, 64))
 
 
 def attention_with_kv_cache_fwd(
-    q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos=None, rotary_sin=None, rotary_interleaved=False
+    q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
+    window_left=-1,
 ):
     """Same contract as reference.attention_with_kv_cache_fwd (rotary_cos and rotary_sin
     contiguous, of one dtype)."""
@@ -280,7 +289,8 @@ def attention_with_kv_cache_fwd(
     packed_rows = heads // kv_heads * seqlen_q
     block_m = min(64, max(16, triton.next_power_of_2(packed_rows)))
     row_blocks = triton.cdiv(packed_rows, block_m)
-    splits = decode_splits(batch * kv_heads * row_blocks, capacity, q.device)
+    span = capacity if window_left < 0 else min(capacity, window_left + seqlen_q)  # keys a sequence may read
+    splits = decode_splits(batch * kv_heads * row_blocks, span, q.device)
     if splits > 1:
         partial_out = torch.empty(splits, *out.shape, dtype=torch.float32, device=q.device)
         partial_lse = torch.empty(splits, batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
@@ -290,9 +300,9 @@ def attention_with_kv_cache_fwd(
         q, k_cache, v_cache, cache_seqlens, *rotary_args, partial_out, partial_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         kv_heads, heads // kv_heads, seqlen_q, new_len, capacity, triton.next_power_of_2(capacity), scale * LOG2E.value,
-        *rotary_sizes,
-        SPLIT=splits > 1, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_M=block_m,
-        **rotary_flags,
+        *rotary_sizes, window_left,
+        SPLIT=splits > 1, WINDOWED=window_left >= 0, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d,
+        BLOCK_DV=block_dv, BLOCK_M=block_m, **rotary_flags,
     )
     if splits > 1:
         n_rows = batch * heads * seqlen_q

@@ -8,13 +8,9 @@ and the step, a third of that for forward. Its % of the device's peak is the mod
 utilisation (MFU), as GPT.estimate_mfu gives it. Tokens/s beside it: B T per call.
 """
 
-import functools
-
-import torch
-
 from lmkern.models.gpt import GPT, preset
 
-from .bench_models import TRAIN_PASSES, model_providers, random_ids, train_dtype, train_work, training_passes
+from .bench_models import TRAIN_PASSES, CausalTrain, model_providers, train_dtype
 
 OP = "gpt_train"
 METRIC = "TFLOP/s"
@@ -23,6 +19,10 @@ ITEMS = "tokens"
 # What a training step of GPT runs: attention, layer_norm (ln_1, ln_f, the ffn's), linear_gelu
 # (ffn) and cross_entropy (linear_cross_entropy).
 KERNELS = ("attention", "layer_norm", "linear_gelu", "cross_entropy")
+BENCHMARK = CausalTrain(GPT, preset)
+config, label, items, work, pass_functions = (BENCHMARK.config, BENCHMARK.label, BENCHMARK.items, BENCHMARK.work,
+                                              BENCHMARK.pass_functions)
+dtype = train_dtype
 
 
 def cases(device, quick):
@@ -33,42 +33,5 @@ def cases(device, quick):
     return [dict(preset="tiny", batch=4, length=256, vocab=None)]
 
 
-def config(case):
-    """The model of a case: its preset at context `length` (so that flops_per_token counts
-    attention at that length), with a smaller vocabulary for quick runs."""
-    vocab = {} if case["vocab"] is None else {"vocab_size": case["vocab"]}
-    return preset(case["preset"], context_length=case["length"], **vocab)
-
-
-def label(case):
-    vocab = "" if case["vocab"] is None else f" V{case['vocab']}"
-    return f"{case['preset']} {case['batch']}x{case['length']}{vocab}"
-
-
-dtype = train_dtype
-
-
-@functools.lru_cache
-def flops_per_token(preset_name, length, vocab):
-    with torch.device("meta"):  # sizes only, no memory
-        return GPT(config(dict(preset=preset_name, length=length, vocab=vocab))).flops_per_token()
-
-
-def items(case, pass_name):
-    return case["batch"] * case["length"]
-
-
-def work(case, dtype, pass_name):
-    flops = flops_per_token(case["preset"], case["length"], case["vocab"]) * items(case, pass_name)
-    return train_work(flops, pass_name)
-
-
 def providers(device, dtype):
     return model_providers(KERNELS, device, dtype)
-
-
-def pass_functions(case, provider, device, dtype):
-    model, run = provider.run(GPT, config(case), device)
-    vocab, shape = model.config.vocab_size, (case["batch"], case["length"])
-    batch = dict(input_ids=random_ids(shape, vocab, device), targets=random_ids(shape, vocab, device, seed=1))
-    return training_passes(model, run, batch, device)

@@ -1,6 +1,8 @@
 """What the model-level benchmarks (bench_gpt_train.py, bench_gpt_generate.py,
-bench_bert_train.py) share: a provider per `kernels` value of lmkern's models, torch.compile
-of the model on the reference ops, and the passes of a training step.
+bench_llama_train.py, bench_llama_generate.py, bench_bert_train.py) share: a provider per
+`kernels` value of lmkern's models, torch.compile of the model on the reference ops, the
+passes of a training step, and the case functions of a decoder's training and generation
+benchmarks (CausalTrain, CausalGenerate).
 
 A provider's run builds the model for a case: run(model_class, config, device) returns
 (model, the callable to run it: the model itself, or its torch.compile). Every provider
@@ -17,6 +19,7 @@ fused AdamW and zero_grad(set_to_none=True). Its passes:
 
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -26,6 +29,8 @@ from lmkern.models.train import TrainConfig, autocast_dtype, optimizer_for, trai
 from .harness import Provider, backend_unavailable
 
 TRAIN_PASSES = ("fwd", "fwd+bwd", "step")
+GENERATE_PASSES = ("decode", "generate")
+NOT_COMPILED = "generate() is a Python loop over a growing cache, which this benchmark does not compile"
 COMPILE_SLOW = "compiling a whole model takes tens of seconds to minutes"
 
 
@@ -86,6 +91,11 @@ def train_work(flops, pass_name):
     return flops / 3 if pass_name == "fwd" else flops
 
 
+def generate_dtype(device):
+    """What the generation benchmarks run in: bf16 weights on a GPU, fp32 on CPU."""
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
 def train_dtype(device):
     """The dtype the training loop's default precision computes in on the device."""
     return autocast_dtype(TrainConfig().precision, device) or torch.float32
@@ -94,3 +104,117 @@ def train_dtype(device):
 def random_ids(shape, high, device, seed=0):
     """int64 ids in [0, high), the same in every run."""
     return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def case_config(preset, case, **fields):
+    """The model config of a case: preset(case's preset, **fields), with the case's
+    vocabulary if it sets one (quick runs take a small one)."""
+    vocab = {} if case["vocab"] is None else {"vocab_size": case["vocab"]}
+    return preset(case["preset"], **fields, **vocab)
+
+
+def vocab_label(case):
+    return "" if case["vocab"] is None else f" V{case['vocab']}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalTrain:
+    """The case functions of a decoder's training-step benchmark (a CausalLM with
+    flops_per_token()): cases are dicts of preset, batch, length and vocab (None: the
+    preset's). Compute-bound, in TFLOP/s of model FLOPs: flops_per_token() times B T tokens
+    for forward+backward and the step, a third of that for forward."""
+
+    model_class: type
+    preset: object  # preset(name, **fields) -> config
+
+    def config(self, case):
+        """The case's preset at context `length`, so that flops_per_token counts attention there."""
+        return case_config(self.preset, case, context_length=case["length"])
+
+    def label(self, case):
+        return f"{case['preset']} {case['batch']}x{case['length']}{vocab_label(case)}"
+
+    @functools.lru_cache
+    def flops_per_token(self, preset_name, length, vocab):
+        with torch.device("meta"):  # sizes only, no memory
+            return self.model_class(self.config(dict(preset=preset_name, length=length, vocab=vocab))).flops_per_token()
+
+    def items(self, case, pass_name):
+        return case["batch"] * case["length"]
+
+    def work(self, case, dtype, pass_name):
+        flops = self.flops_per_token(case["preset"], case["length"], case["vocab"]) * self.items(case, pass_name)
+        return train_work(flops, pass_name)
+
+    def pass_functions(self, case, provider, device, dtype):
+        model, run = provider.run(self.model_class, self.config(case), device)
+        vocab, shape = model.config.vocab_size, (case["batch"], case["length"])
+        batch = dict(input_ids=random_ids(shape, vocab, device), targets=random_ids(shape, vocab, device, seed=1))
+        return training_passes(model, run, batch, device)
+
+
+def weights_read_per_step(model):
+    """Parameters a decoding step reads in full: all but the embedding tables, of which it
+    reads a row each (a table tied to the LM head is read in full as the head)."""
+    read = {id(p): p for module in model.modules() if not isinstance(module, torch.nn.Embedding)
+            for p in module.parameters(recurse=False)}
+    return sum(p.numel() for p in read.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalGenerate:
+    """The case functions of a decoder's generation benchmark (greedy, over its static KV
+    cache): cases are dicts of preset, batch, prompt, new and vocab. Two passes, forward only:
+
+        decode    one step: each sequence's next token over a cache of its P prompt tokens;
+                  its time is the latency per token, its rate B / latency
+        generate  model.generate(prompts, N): the prompts into the cache, then N - 1 steps
+
+    Memory-bound, in GB/s over the minimal bytes: a step reads every weight once (see
+    weights_read_per_step) and the cached keys and values of its positions, so decode moves
+    W + KV(P + 1) and generate N W + KV(N P + N (N - 1) / 2), where W is the weights' bytes
+    and KV(n) the bytes of n positions' keys and values in every layer."""
+
+    model_class: type
+    preset: object
+
+    def config(self, case):
+        return case_config(self.preset, case)
+
+    def label(self, case):
+        return f"{case['preset']} b{case['batch']} {case['prompt']}+{case['new']}{vocab_label(case)}"
+
+    @functools.lru_cache
+    def sizes(self, preset_name, vocab):
+        """(weights a step reads, elements of one position's keys and values in every layer)."""
+        with torch.device("meta"):
+            model = self.model_class(self.config(dict(preset=preset_name, vocab=vocab)))
+        return weights_read_per_step(model), 2 * math.prod(model.cache_layout())
+
+    def items(self, case, pass_name):
+        return case["batch"] * (case["new"] if pass_name == "generate" else 1)
+
+    def work(self, case, dtype, pass_name):
+        weights, position = (count * dtype.itemsize for count in self.sizes(case["preset"], case["vocab"]))
+        per_position = case["batch"] * position
+        prompt, new = case["prompt"], case["new"]
+        if pass_name == "decode":
+            return weights + per_position * (prompt + 1)
+        return new * weights + per_position * (new * prompt + new * (new - 1) // 2)
+
+    def pass_functions(self, case, provider, device, dtype):
+        model, _ = provider.run(self.model_class, self.config(case), device)
+        model.to(dtype).eval()
+        batch, prompt = case["batch"], case["prompt"]
+        prompts = random_ids((batch, prompt), model.config.vocab_size, device)
+        tokens = random_ids((batch, 1), model.config.vocab_size, device, seed=1)
+        cache = model.new_cache(batch, prompt + 1)  # in the weights' dtype, as model.to(dtype) set
+        with torch.no_grad():
+            model(prompts, cache=cache)  # the prompts' keys and values, written once
+
+        @torch.no_grad()
+        def decode():
+            cache.lengths.fill_(prompt)  # the same step again: the cache holds the prompts
+            return model.decode(tokens, cache)  # as generate runs each step: no input checks
+
+        return {"decode": decode, "generate": lambda: model.generate(prompts, case["new"])}

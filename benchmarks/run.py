@@ -32,6 +32,8 @@ from . import (
     bench_layer_norm,
     bench_linear_cross_entropy,
     bench_linear_gelu,
+    bench_llama_generate,
+    bench_llama_train,
     bench_rms_norm,
     bench_swiglu,
     report,
@@ -54,6 +56,8 @@ OPS = {
         bench_apply_rotary,
         bench_gpt_train,
         bench_gpt_generate,
+        bench_llama_train,
+        bench_llama_generate,
         bench_bert_train,
     )
 }

@@ -2,7 +2,7 @@
 
     lmkern tokenizer train --data PATH... --kind bpe|wordpiece --vocab-size N --out DIR
     lmkern prepare --data PATH... --tokenizer DIR --out DIR [--val-fraction F]
-    lmkern train gpt|bert --data DIR --preset NAME --out DIR [--kernels K] [--resume | --overwrite] [options]
+    lmkern train gpt|llama|bert --data DIR --preset NAME --out DIR [--kernels K] [--resume | --overwrite] [options]
     lmkern eval --checkpoint DIR --data DIR
     lmkern generate --checkpoint DIR --prompt TEXT [--greedy | --temperature T --top-k K --top-p P]
     lmkern demo [--data PATH...] [--quick] [--out DIR] [--kernels K]
@@ -25,7 +25,7 @@ def parser():
 
     import lmkern
 
-    top = argparse.ArgumentParser(prog="lmkern", description="Fused kernels and GPT/BERT training on them.")
+    top = argparse.ArgumentParser(prog="lmkern", description="Fused kernels and GPT/Llama/BERT training on them.")
     top.add_argument("--version", action="version", version=f"lmkern {lmkern.__version__} (torch {torch.__version__})")
     top.set_defaults(flags={}, interrupted=None)  # a command's own: see run_command
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")

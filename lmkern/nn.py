@@ -1,12 +1,12 @@
 """Drop-in modules: the same constructor arguments and state_dict keys as their torch
-counterparts (they subclass them), with lmkern's kernels in forward; AddLayerNorm, a
-residual add and LayerNorm in one pass (lmkern.add_rms_norm is its RMSNorm twin, as a
-function); FusedFFN, the transformer feed-forward sub-block as one module; and
-FusedGatedFFN, the gated feed-forward of Llama-family models (lmkern.swiglu)."""
+counterparts (they subclass them), with lmkern's kernels in forward; AddLayerNorm and
+AddRMSNorm, a residual add and the norm in one pass; FusedFFN, the transformer
+feed-forward sub-block as one module; and FusedGatedFFN, the gated feed-forward of
+Llama-family models (lmkern.swiglu)."""
 
 import torch
 
-import lmkern  # for lmkern.add_layer_norm at call time (this module is imported while lmkern is)
+import lmkern  # for lmkern.add_layer_norm / add_rms_norm at call time (this module is imported while lmkern is)
 from lmkern import functional
 from lmkern.ops.ffn import ffn
 from lmkern.ops.linear_gelu import check_approximate
@@ -89,7 +89,24 @@ class LayerNorm(torch.nn.LayerNorm):
         return super().extra_repr() + backend
 
 
-class AddLayerNorm(LayerNorm):
+class ResidualAdd:
+    """What AddLayerNorm and AddRMSNorm add to their norm: the keyword-only dropout and
+    prenorm, checked, and a norm over the last dimension only."""
+
+    def __init__(self, normalized_shape, *args, dropout=0.0, prenorm=True, **kwargs):
+        super().__init__(normalized_shape, *args, **kwargs)
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"normalized_shape must be one dimension, the last, got {normalized_shape}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        self.dropout = dropout
+        self.prenorm = prenorm
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, prenorm={self.prenorm}, dropout={self.dropout}"
+
+
+class AddLayerNorm(ResidualAdd, LayerNorm):
     """A residual add, dropout and LayerNorm in one pass (lmkern.add_layer_norm), as a
     LayerNorm over the last dimension (same constructor arguments and state_dict keys)
     whose forward takes a sub-layer's output and the residual stream:
@@ -104,15 +121,6 @@ class AddLayerNorm(LayerNorm):
     backend (as in lmkern.add_layer_norm).
     """
 
-    def __init__(self, normalized_shape, *args, dropout=0.0, prenorm=True, **kwargs):
-        super().__init__(normalized_shape, *args, **kwargs)
-        if len(self.normalized_shape) != 1:
-            raise ValueError(f"normalized_shape must be one dimension, the last, got {normalized_shape}")
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
-        self.dropout = dropout
-        self.prenorm = prenorm
-
     def forward(self, branch, stream):
         return lmkern.add_layer_norm(
             branch,
@@ -124,9 +132,6 @@ class AddLayerNorm(LayerNorm):
             prenorm=self.prenorm,
             backend=self.backend,
         )
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, prenorm={self.prenorm}, dropout={self.dropout}"
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -162,6 +167,34 @@ class RMSNorm(torch.nn.RMSNorm):
         if self.backend is not None:
             extras.append(f"backend={self.backend!r}")
         return ", ".join([super().extra_repr(), *extras])
+
+
+class AddRMSNorm(ResidualAdd, RMSNorm):
+    """A residual add, dropout and RMSNorm in one pass (lmkern.add_rms_norm), as an RMSNorm
+    over the last dimension (same constructor arguments and state_dict keys) whose forward
+    takes a sub-layer's output and the residual stream:
+
+        prenorm=True  (pre-norm, Llama): forward(branch, stream) = (RMSNorm(s), s)
+        prenorm=False (post-norm):       forward(branch, stream) = RMSNorm(s)
+
+    with s = stream + dropout(branch), the new residual stream (stream None: s =
+    dropout(branch)). Dropout applies in training mode only.
+
+    Keyword-only extras: dropout (drop probability of the branch), prenorm, and RMSNorm's
+    weight_offset and backend (as in lmkern.add_rms_norm).
+    """
+
+    def forward(self, branch, stream):
+        return lmkern.add_rms_norm(
+            branch,
+            stream,
+            self.weight,
+            self.eps,
+            dropout_p=self.dropout if self.training else 0.0,
+            prenorm=self.prenorm,
+            weight_offset=self.weight_offset,
+            backend=self.backend,
+        )
 
 
 class FusedFFN(torch.nn.Module):

@@ -1,18 +1,113 @@
-"""Generation for a decoder (GPT): one loop, `new_tokens`, that GPT.generate and
-`lmkern generate` (through stream_tokens) both run, over a static KV cache, with greedy or
-sampled token picking (temperature, top-k, top-p, as transformers' warpers); and a stream of
+"""Generation for a decoder (GPT, Llama): one loop, `new_tokens`, that the models' generate
+and `lmkern generate` (through stream_tokens) all run, over a static KV cache, with greedy
+or sampled token picking (temperature, top-k, top-p, as transformers' warpers); a stream of
 tokens' text as soon as it is complete UTF-8, with each end-of-text token shown as a
-document break.
+document break; and CausalLM, the decoders' common base: their forward, input checks, KV
+cache and generate.
 
 What the loop needs of the model: config.context_length, check_input_ids(input_ids)
 (raises for ids outside the vocabulary or the context), new_cache(batch, length) (a cache
 with `lengths`, (B,) int64) and decode(input_ids, cache) (the logits (B, T, V), advancing
-the cache by T; cache None: no cache)."""
+the cache by T; cache None: no cache). CausalLM gives all four."""
+
+import typing
 
 import torch
 from tokenizers.decoders import DecodeStream
 
+import lmkern
 from lmkern.models.common import check_attention_mask, check_ids
+
+
+class LMOutput(typing.NamedTuple):
+    logits: torch.Tensor  # (B, T, V) in the model's dtype (the autocast dtype under autocast), or None
+    loss: torch.Tensor  # scalar in the model's dtype (fp32 under autocast), or None
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, (layers, B, heads, length, head_dim)
+    each, and each sequence's length so far, (B,) int64. The model's forward writes the new
+    tokens' keys and values and advances the lengths. dtype: what attention computes in
+    (CausalLM.new_cache picks it)."""
+
+    def __init__(self, layers, batch, heads, length, head_dim, device, dtype):
+        shape = (layers, batch, heads, length, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+
+
+class CausalLM(torch.nn.Module):
+    """The base of the decoder-only language models: forward with its checks, decode and
+    generate (this module's loop), and their KV cache.
+
+    A subclass sets self.config (with vocab_size, context_length and kernels) and
+    self.lm_head (a torch.nn.Linear), and defines hidden_states(input_ids, cache) -> the
+    final normalised hidden states (B, T, C) (run under the config's kernels; a cache is
+    advanced here, after it), cache_layout() -> (layers, kv heads, head_dim) and
+    cache_reference() -> a parameter whose device and dtype the cache takes."""
+
+    def forward(self, input_ids, targets=None, *, return_logits=None, cache=None):
+        """input_ids: (B, T) int64 in [0, vocab_size), T <= context_length.
+        targets: (B, T) int64, the next tokens (-100 where no loss is wanted): the mean
+        cross-entropy is computed chunk by chunk, without the (B, T, V) logits.
+        return_logits: also compute the logits (default: only when there are no targets).
+        cache: a KVCache for generation (no gradient): input_ids continue each sequence at
+        cache.lengths, which advance by T.
+        Returns LMOutput(logits (B, T, V) or None, loss (scalar) or None), in the model's dtype.
+        """
+        self.check_input_ids(input_ids, cache)
+        if targets is not None:
+            check_ids("targets", targets, self.config.vocab_size, input_ids.shape, ignore_index=-100)
+        return self.run(input_ids, targets, return_logits, cache)
+
+    def decode(self, input_ids, cache=None):
+        """forward(input_ids, cache=cache).logits without forward's input checks, which wait
+        on the device: for generation loops that checked their prompts and total length once
+        and feed back the model's own tokens."""
+        return self.run(input_ids, None, True, cache).logits
+
+    def run(self, input_ids, targets, return_logits, cache):
+        """forward without its checks."""
+        with lmkern.use_backend(self.config.kernels):
+            h = self.hidden_states(input_ids, cache)  # (B, T, C)
+            loss = None if targets is None else lmkern.linear_cross_entropy(h, self.lm_head.weight, targets)
+        if cache is not None:
+            cache.lengths += input_ids.shape[1]
+        want_logits = targets is None if return_logits is None else return_logits
+        return LMOutput(self.lm_head(h) if want_logits else None, loss)  # logits (B, T, V)
+
+    def check_input_ids(self, input_ids, cache=None):
+        """Raises TypeError/ValueError unless input_ids (B, T) int64 are in the vocabulary
+        and fit in the context (after the cache's tokens, with a cache)."""
+        check_ids("input_ids", input_ids, self.config.vocab_size)
+        longest = input_ids.shape[1] + (0 if cache is None else int(cache.lengths.max()))
+        if longest > self.config.context_length:
+            raise ValueError(f"input_ids reach {longest} tokens per sequence: more than context_length "
+                             f"{self.config.context_length}")
+
+    def new_cache(self, batch, length):
+        """An empty KVCache for `batch` sequences of up to `length` tokens, in the dtype
+        attention runs in: the autocast dtype under torch.autocast, else the weights'."""
+        reference = self.cache_reference()
+        device = reference.device
+        autocast = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else reference.dtype
+        layers, heads, head_dim = self.cache_layout()
+        return KVCache(layers, batch, heads, length, head_dim, device, dtype)
+
+    def generate(self, input_ids, max_new_tokens, **options):
+        """Continues each prompt, input_ids (B, T) int64, by up to max_new_tokens tokens,
+        greedily or by sampling, over a static KV cache: this module's loop, whose options
+        are attention_mask (prompts of different lengths, padded on either side),
+        do_sample, temperature, top_k, top_p, seed, eos_token_id, min_new_tokens and
+        use_cache (see new_tokens).
+
+        Returns (B, N) int64: the new tokens only, without the prompts (transformers returns
+        the padded prompts and the new tokens). N = max_new_tokens, or fewer when every
+        sequence reached eos_token_id sooner.
+        """
+        return generate(self, input_ids, max_new_tokens, **options)
 
 DOCUMENT_BREAK = "\n\n--- end of document ---\n\n"  # how an end-of-text token reads in a stream
 

@@ -9,20 +9,20 @@ The architecture is GPT-2's (learned positions, pre-LN blocks, tanh GELU, tied L
     loss = cross_entropy(ln_f(x) @ wte.T, targets)          linear_cross_entropy: no (B, T, V) logits
 
 `kernels` picks the backend of every op at once (lmkern.use_backend); "torch" runs the same
-model on the reference ops. Generation: models/generation.py. Hugging Face's names, layouts
-and config: models/gpt_hf.py.
+model on the reference ops. Forward's checks, the KV cache and generation:
+models/generation.py (CausalLM). Hugging Face's names, layouts and config: models/gpt_hf.py.
 """
 
 import dataclasses
 import math
-import typing
 
 import torch
 import torch.nn.functional as F
 
 import lmkern
-from lmkern.models import generation, gpt_hf, hf
-from lmkern.models.common import check_ids, init_weights, load_renamed
+from lmkern.models import gpt_hf, hf
+from lmkern.models.common import init_weights, load_renamed
+from lmkern.models.generation import CausalLM
 
 
 @dataclasses.dataclass
@@ -64,24 +64,6 @@ def preset(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown GPT preset {name!r}: choose one of {', '.join(PRESETS)}")
     return GPTConfig(**{**PRESETS[name], **overrides})
-
-
-class LMOutput(typing.NamedTuple):
-    logits: torch.Tensor  # (B, T, V) in the model's dtype, or None
-    loss: torch.Tensor  # scalar in the model's dtype, or None
-
-
-class KVCache:
-    """Preallocated keys and values of every layer, (n_layer, B, n_head, length, head size)
-    each, and each sequence's length so far, (B,) int64. The model's forward writes the new
-    tokens' keys and values and advances the lengths. dtype: what attention computes in (the
-    model's, or under torch.autocast the autocast dtype: GPT.new_cache picks it)."""
-
-    def __init__(self, config, batch, length, device, dtype):
-        shape = (config.n_layer, batch, config.n_head, length, config.n_embd // config.n_head)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
 
 
 class CausalSelfAttention(torch.nn.Module):
@@ -129,7 +111,7 @@ class Block(torch.nn.Module):
         return x
 
 
-class GPT(torch.nn.Module):
+class GPT(CausalLM):
     """GPT-2: token and position embeddings, n_layer pre-LN blocks, ln_f and the LM head."""
 
     def __init__(self, config):
@@ -166,70 +148,22 @@ class GPT(torch.nn.Module):
         the device's peak_flops (989e12 for an H100 SXM in bf16, say)."""
         return self.flops_per_token(sequence_length) * tokens_per_second / peak_flops
 
-    def forward(self, input_ids, targets=None, *, return_logits=None, cache=None):
-        """input_ids: (B, T) int64 in [0, vocab_size), T <= context_length.
-        targets: (B, T) int64, the next tokens (-100 where no loss is wanted): the mean
-        cross-entropy is computed chunk by chunk, without the (B, T, V) logits.
-        return_logits: also compute the logits (default: only when there are no targets).
-        cache: a KVCache for generation (no gradient): input_ids continue each sequence at
-        cache.lengths, which advance by T.
-        Returns LMOutput(logits (B, T, V) or None, loss (scalar) or None), in the model's dtype.
-        """
-        self.check_input_ids(input_ids, cache)
-        if targets is not None:
-            check_ids("targets", targets, self.config.vocab_size, input_ids.shape, ignore_index=-100)
-        return self._run(input_ids, targets, return_logits, cache)
-
-    def decode(self, input_ids, cache=None):
-        """forward(input_ids, cache=cache).logits without forward's input checks, which wait
-        on the device: for generation loops that checked their prompts and total length once
-        and feed back the model's own tokens (models/generation.py)."""
-        return self._run(input_ids, None, True, cache).logits
-
-    def _run(self, input_ids, targets, return_logits, cache):
-        with lmkern.use_backend(self.config.kernels):
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
-            if cache is not None:
-                positions = cache.lengths[:, None] + positions  # (B, T): each sequence goes on where it stopped
-            x = F.dropout(self.wte(input_ids) + self.wpe(positions), self.config.dropout, self.training)  # (B, T, C)
-            for block in self.blocks:
-                x = block(x, cache)
-            h = self.ln_f(x)  # (B, T, C)
-            loss = None if targets is None else lmkern.linear_cross_entropy(h, self.lm_head.weight, targets)
+    def hidden_states(self, input_ids, cache):
+        """The final normalised hidden states (B, T, C) of input_ids (B, T) (CausalLM.run)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
         if cache is not None:
-            cache.lengths += input_ids.shape[1]
-        want_logits = targets is None if return_logits is None else return_logits
-        return LMOutput(self.lm_head(h) if want_logits else None, loss)  # logits (B, T, V)
+            positions = cache.lengths[:, None] + positions  # (B, T): each sequence goes on where it stopped
+        x = F.dropout(self.wte(input_ids) + self.wpe(positions), self.config.dropout, self.training)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, cache)
+        return self.ln_f(x)
 
-    def check_input_ids(self, input_ids, cache=None):
-        """Raises TypeError/ValueError unless input_ids (B, T) int64 are in the vocabulary
-        and fit in the context (after the cache's tokens, with a cache)."""
-        check_ids("input_ids", input_ids, self.config.vocab_size)
-        longest = input_ids.shape[1] + (0 if cache is None else int(cache.lengths.max()))
-        if longest > self.config.context_length:
-            raise ValueError(f"input_ids reach {longest} tokens per sequence: more than context_length "
-                             f"{self.config.context_length}")
+    def cache_layout(self):
+        """(layers, heads, head size) of the KV cache (CausalLM.new_cache)."""
+        return self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head
 
-    def new_cache(self, batch, length):
-        """An empty KVCache for `batch` sequences of up to `length` tokens, in the dtype
-        attention runs in: the autocast dtype under torch.autocast, else the weights'."""
-        device = self.wte.weight.device
-        autocast = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
-        dtype = torch.get_autocast_dtype(device.type) if autocast else self.wte.weight.dtype
-        return KVCache(self.config, batch, length, device, dtype)
-
-    def generate(self, input_ids, max_new_tokens, **options):
-        """Continues each prompt, input_ids (B, T) int64, by up to max_new_tokens tokens,
-        greedily or by sampling, over a static KV cache: models/generation.py's loop, whose
-        options are attention_mask (prompts of different lengths, padded on either side),
-        do_sample, temperature, top_k, top_p, seed, eos_token_id, min_new_tokens and
-        use_cache (see generation.new_tokens).
-
-        Returns (B, N) int64: the new tokens only, without the prompts (transformers returns
-        the padded prompts and the new tokens). N = max_new_tokens, or fewer when every
-        sequence reached eos_token_id sooner.
-        """
-        return generation.generate(self, input_ids, max_new_tokens, **options)
+    def cache_reference(self):
+        return self.wte.weight
 
     # -- Hugging Face interop (names, layouts and config: models/gpt_hf.py) ---------------------
 

@@ -1,4 +1,4 @@
-"""The training command line: `lmkern train gpt|bert` on every kernel backend, exact resume
+"""The training command line: `lmkern train gpt|llama|bert` on every kernel backend, exact resume
 (the options saved, then those given again), torchrun, `lmkern eval`, `lmkern generate`
 (streaming, past the end of a document, long prompts, prompt files, several samples),
 `lmkern demo --quick`, `lmkern check`, `lmkern bench`, and bad input, said with the flags.
@@ -104,11 +104,12 @@ def test_bert_run_learns_and_reports_mlm_and_nsp(bert_run):
     assert all(0 < row["nsp_loss"] < row["loss"] for row in rows)  # the training loss's NSP part, apart
 
 
-@pytest.mark.parametrize("model", ["gpt", "bert"])
+@pytest.mark.parametrize("model", ["gpt", "llama", "bert"])
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_training_lowers_the_loss_on_each_backend(prepared, tmp_path, model, kernels):
-    """native runs in the fixtures above; triton runs in its CPU interpreter, so smaller."""
-    data = prepared["bpe" if model == "gpt" else "wordpiece"]
+    """native runs in the fixtures above (Llama's below); triton runs in its CPU
+    interpreter, so smaller."""
+    data = prepared["wordpiece" if model == "bert" else "bpe"]
     size = ("--steps", 12) if kernels == "torch" else (
         "--steps", 4, "--warmup", 1, "--layers", 1, "--heads", 2, "--width", 32, "--context-length", 16,
         "--batch-size", 4, "--eval-tokens", 32)
@@ -117,19 +118,44 @@ def test_training_lowers_the_loss_on_each_backend(prepared, tmp_path, model, ker
     assert losses[-1] < losses[0], losses
 
 
+def test_llama_run_learns_evaluates_and_generates(prepared, tmp_path, capsys):
+    """`lmkern train llama` on the GPT's data and tokenizer, then eval and generate on its
+    checkpoint, as for GPT."""
+    run = tmp_path / "llama"
+    assert train_run("llama", prepared["bpe"], run, "--steps", 30, "--eval-every", 10, "--kernels", "native") == 0
+    rows = training_rows(run)
+    assert rows[-1]["loss"] < 0.75 * rows[0]["loss"], [row["loss"] for row in rows]
+    evaluations = read_metrics(str(run))  # the first: the untrained model's
+    assert evaluations[-1]["val_perplexity"] < 0.5 * evaluations[0]["val_perplexity"]
+    saved = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert saved["model"] == "llama" and saved["config"]["n_kv_head"] == 2
+    capsys.readouterr()
+    assert lmkern("eval", "--checkpoint", run, "--data", prepared["bpe"], "--max-tokens", 512, "--stride", 32,
+                  "--json", "--quiet", "--device", "cpu") == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["perplexity"] == pytest.approx(
+        read_metrics(str(run))[-1]["val_perplexity"], rel=1e-5)
+    kind, model, folder = load_model(str(run), "native", "cpu")
+    tokenizer = load_tokenizer(folder)
+    ids, end = tokenizer.encode("The cat", add_special_tokens=False).ids, tokenizer.token_to_id(END_OF_TEXT)
+    expected = model.generate(torch.tensor([ids]), 8, eos_token_id=end)[0].tolist()
+    assert lmkern("generate", "--checkpoint", run, "--prompt", "The cat", "--greedy", "--max-new-tokens", 8,
+                  "--device", "cpu") == 0
+    assert capsys.readouterr().out == "The cat" + tokenizer.decode([t for t in expected if t != end]) + "\n"
+
+
 def test_bert_without_nsp(prepared, tmp_path):
     assert train_run("bert", prepared["wordpiece"], tmp_path / "run", "--no-nsp", "--steps", 4) == 0
     last = read_metrics(str(tmp_path / "run"))[-1]
     assert "val_mlm_accuracy" in last and "val_nsp_accuracy" not in last
 
 
-@pytest.mark.parametrize("model, precision", [("gpt", "fp32"), ("bert", "fp32"), ("gpt", "fp16")])
+@pytest.mark.parametrize("model, precision", [("gpt", "fp32"), ("bert", "fp32"), ("gpt", "fp16"), ("llama", "bf16")])
 def test_resume_after_an_interruption_follows_the_same_curve(prepared, tmp_path, monkeypatch, model, precision):
-    data = prepared["bpe" if model == "gpt" else "wordpiece"]
+    data = prepared["wordpiece" if model == "bert" else "bpe"]
     options = ("--steps", 8, "--eval-every", 4, "--checkpoint-every", 4, "--kernels", "native", "--dropout", 0.1,
                "--precision", precision)
     assert train_run(model, data, tmp_path / "straight", *options) == 0
-    task = tasks.CausalLMTask if model == "gpt" else tasks.MaskedLMTask
+    task = tasks.MaskedLMTask if model == "bert" else tasks.CausalLMTask
     batch = task.batch
 
     def interrupted(self, step, part, parts):

@@ -14,8 +14,9 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, DEVICES, DTYPES, require
-from numerics import assert_close_to_truth, assert_mean_loss_close_to_truth, truth_dtype
+from conftest import BACKENDS, DEVICES, DTYPES
+from causal_lm import (AUTOCAST_IDS, AUTOCAST_RUNS, batch_of_tokens, check_autocast_step_matches_the_reference,
+                       check_kernels_match_the_reference, left_padded, make_model, require_model, step)
 
 from lmkern.models import corpus, generation, gpt, gpt_hf
 
@@ -29,35 +30,6 @@ CONFIG = gpt.GPTConfig(vocab_size=96, context_length=64, n_layer=2, n_head=4, n_
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def require_model(backend, device, dtype):
-    for op in MODEL_OPS:
-        require(backend, device, dtype, op)
-
-
-def make_model(config, state, kernels, device="cpu", dtype=torch.float32, **overrides):
-    model = gpt.GPT(dataclasses.replace(config, kernels=kernels, **overrides))
-    model.load_state_dict(state)
-    return model.to(device, dtype)
-
-
-def batch_of_tokens(config, batch, length, seed=1):
-    """(input_ids, targets) (B, T) int64: random tokens and the next ones, a few ignored (-100)."""
-    tokens = torch.randint(0, config.vocab_size, (batch, length + 1), generator=torch.Generator().manual_seed(seed))
-    targets = tokens[:, 1:].clone()
-    targets[0, -2:] = -100
-    return tokens[:, :-1], targets
-
-
-def step(model, input_ids, targets, autocast=None):
-    """(logits, loss, {parameter name: gradient}) of one forward and backward of the loss,
-    under torch.autocast in the dtype `autocast` if given."""
-    device = model.wte.weight.device
-    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        output = model(input_ids.to(device), targets.to(device), return_logits=True)
-    output.loss.backward()
-    return output.logits.detach(), output.loss.detach(), {name: p.grad for name, p in model.named_parameters()}
-
-
 # -- Pretraining: the kernels against the reference, the reference against transformers ---
 
 
@@ -65,48 +37,14 @@ def step(model, input_ids, targets, autocast=None):
 @pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "torch"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernels_match_the_reference_model(device, backend, dtype):
-    require_model(backend, device, dtype)
-    config = dataclasses.replace(CONFIG, context_length=16)
-    state = gpt.GPT(config).state_dict()
-    input_ids, targets = batch_of_tokens(config, 2, 8)
-    actual = step(make_model(config, state, backend, device, dtype), input_ids, targets)
-    truth = step(make_model(config, state, "torch", device, truth_dtype(dtype)), input_ids, targets)
-    baseline = step(make_model(config, state, "torch", device, dtype), input_ids, targets)
-    assert_close_to_truth(actual[0], truth[0], baseline[0], name="logits")
-    truth_rows, baseline_rows = (F.cross_entropy(logits.flatten(0, 1), targets.flatten().to(logits.device),
-                                                 reduction="none")[targets.flatten() != -100]
-                                 for logits in (truth[0], baseline[0]))
-    assert_mean_loss_close_to_truth(actual[1], truth[1], baseline_rows, truth_rows)
-    assert actual[2].keys() == truth[2].keys()
-    for name in actual[2]:  # every gradient goes through attention's backward: its factor
-        assert_close_to_truth(actual[2][name], truth[2][name], baseline[2][name], factor=3.0, name=f"grad {name}")
+    require_model(MODEL_OPS, backend, device, dtype)
+    check_kernels_match_the_reference(gpt.GPT, dataclasses.replace(CONFIG, context_length=16), 8, backend, device, dtype)
 
 
-# (backend, autocast dtype): bf16 only where the Triton interpreter does not run.
-AUTOCAST_RUNS = [("native", torch.bfloat16), ("native", torch.float16), ("triton", torch.float16)]
-
-
-@pytest.mark.parametrize("backend, half", AUTOCAST_RUNS, ids=[f"{b}-{str(d)[6:]}" for b, d in AUTOCAST_RUNS])
+@pytest.mark.parametrize("backend, half", AUTOCAST_RUNS, ids=AUTOCAST_IDS)
 def test_kernels_under_autocast_match_the_reference_model(backend, half):
-    """One training step under torch.autocast over fp32 weights, as on a GPU: logits in the
-    autocast dtype, the loss and every gradient in fp32, all within the tolerance rule of
-    the reference model under the same autocast (truth: the reference in fp64)."""
-    require_model(backend, "cpu", half)
-    config = dataclasses.replace(CONFIG, context_length=16)
-    state = gpt.GPT(config).state_dict()
-    input_ids, targets = batch_of_tokens(config, 2, 8)
-    actual = step(make_model(config, state, backend), input_ids, targets, autocast=half)
-    baseline = step(make_model(config, state, "torch"), input_ids, targets, autocast=half)
-    truth = step(make_model(config, state, "torch", dtype=torch.float64), input_ids, targets)
-    assert actual[0].dtype == half and actual[1].dtype == torch.float32
-    assert_close_to_truth(actual[0], truth[0], baseline[0], name="logits")
-    truth_rows, baseline_rows = (F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                                 reduction="none")[targets.flatten() != -100]
-                                 for logits in (truth[0], baseline[0]))
-    assert_mean_loss_close_to_truth(actual[1], truth[1], baseline_rows, truth_rows)
-    for name in actual[2]:
-        assert actual[2][name].dtype == torch.float32, name
-        assert_close_to_truth(actual[2][name], truth[2][name], baseline[2][name], factor=3.0, name=f"grad {name}")
+    require_model(MODEL_OPS, backend, "cpu", half)
+    check_autocast_step_matches_the_reference(gpt.GPT, dataclasses.replace(CONFIG, context_length=16), 8, backend, half)
 
 
 def hf_model(tie_embeddings=True):
@@ -146,20 +84,11 @@ def test_reference_model_matches_transformers(tie_embeddings):
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
 
 
-def left_padded(prompts, pad=0):
-    """(input_ids, attention_mask) (B, T) of prompts of different lengths, padded on the
-    left as transformers wants for decoder-only generation."""
-    width = max(map(len, prompts))
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts])
-    return input_ids, attention_mask
-
-
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_greedy_generation_matches_transformers(device, backend, use_cache):
-    require_model(backend, device, torch.float32)
+    require_model(MODEL_OPS, backend, device, torch.float32)
     interpreted = backend == "triton" and device == "cpu"
     if interpreted and not use_cache:
         pytest.skip("the Triton interpreter is slow: triton decodes with the cache only, a few tokens")
@@ -272,7 +201,7 @@ def logged_losses(run, kernels, every, precision=torch.float32, lr=3e-3):
     """The loss of every `every`-th AdamW step and of the last, training on `run` with
     fp32 weights, under torch.autocast for a half precision (fp16 with loss scaling)."""
     config, state, windows = run
-    model = make_model(config, state, kernels)
+    model = make_model(gpt.GPT, config, state, kernels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=precision == torch.float16)
     losses = []
@@ -314,20 +243,20 @@ def test_training_under_autocast_follows_fp32():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_draws_the_same_masks_on_every_backend(device):
-    require_model("native", device, torch.float32)
+    require_model(MODEL_OPS, "native", device, torch.float32)
     config = dataclasses.replace(CONFIG, context_length=16)
     state = gpt.GPT(config).state_dict()
     input_ids, targets = batch_of_tokens(config, 2, 16)
     runs = {}
     for kernels, seed in (("torch", 5), ("native", 5), ("native", 6)):
         torch.manual_seed(seed)
-        runs[kernels, seed] = step(make_model(config, state, kernels, device, dropout=0.2), input_ids, targets)
+        runs[kernels, seed] = step(make_model(gpt.GPT, config, state, kernels, device, dropout=0.2), input_ids, targets)
     (_, reference, reference_grads), (_, fused, fused_grads) = runs["torch", 5], runs["native", 5]
     torch.testing.assert_close(fused, reference)
     for name in reference_grads:
         torch.testing.assert_close(fused_grads[name], reference_grads[name], msg=name)
     assert not torch.equal(runs["native", 6][1], fused)  # another seed, other masks
-    model = make_model(config, state, "native", device, dropout=0.2).eval()
+    model = make_model(gpt.GPT, config, state, "native", device, dropout=0.2).eval()
     assert model(input_ids.to(device), targets.to(device)).loss != fused  # dropout only in training
 
 

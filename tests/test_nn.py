@@ -1,6 +1,6 @@
 """lmkern.nn's modules for the models' sub-blocks against plain torch modules of the same
-state_dict, on every backend: AddLayerNorm (BERT's residual add + LayerNorm) computes
-LayerNorm(stream + branch) (and the sum, pre-LN), FusedFFN computes GPT's x + mlp(ln_2(x))
+state_dict, on every backend: AddLayerNorm (BERT's residual add + LayerNorm) and
+AddRMSNorm (Llama's) compute norm(stream + branch) (and the sum, pre-norm), FusedFFN computes GPT's x + mlp(ln_2(x))
 and BERT's LayerNorm(x + ffn(x)), values and gradients, each with its op's dropout in
 training mode only; and the order of FusedFFN's parameters, which follows the math."""
 
@@ -12,15 +12,27 @@ from conftest import BACKENDS, require
 import lmkern
 
 
+# norm -> (lmkern's module, torch's norm, lmkern's op, the op's kernels)
+ADD_NORMS = {
+    "layer_norm": (lmkern.nn.AddLayerNorm, torch.nn.LayerNorm,
+                   lambda b, s, m, **k: lmkern.add_layer_norm(b, s, m.weight, m.bias, m.eps, **k), "layer_norm"),
+    "rms_norm": (lmkern.nn.AddRMSNorm, torch.nn.RMSNorm,
+                 lambda b, s, m, **k: lmkern.add_rms_norm(b, s, m.weight, m.eps, **k), "rms_norm"),
+}
+
+
+@pytest.mark.parametrize("norm", ADD_NORMS)
 @pytest.mark.parametrize("prenorm", [True, False], ids=["prenorm", "postnorm"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_add_layer_norm_module_normalises_the_sum_as_torch(backend, prenorm):
-    require(backend, "cpu", torch.float32, "layer_norm")
-    theirs = torch.nn.LayerNorm(24, eps=1e-6)
+def test_add_norm_modules_normalise_the_sum_as_torch(backend, prenorm, norm):
+    module, torch_module, op, kernels = ADD_NORMS[norm]
+    require(backend, "cpu", torch.float32, kernels)
+    theirs = torch_module(24, eps=1e-6)
     with torch.no_grad():
-        theirs.weight.normal_(), theirs.bias.normal_()
-    ours = lmkern.nn.AddLayerNorm(24, eps=1e-6, dropout=0.3, prenorm=prenorm, backend=backend)
-    assert isinstance(ours, torch.nn.LayerNorm) and ours.state_dict().keys() == theirs.state_dict().keys()
+        for parameter in theirs.parameters():
+            parameter.normal_()
+    ours = module(24, eps=1e-6, dropout=0.3, prenorm=prenorm, backend=backend)
+    assert isinstance(ours, torch_module) and ours.state_dict().keys() == theirs.state_dict().keys()
     ours.load_state_dict(theirs.state_dict())
     branch, stream = torch.randn(3, 5, 24, requires_grad=True), torch.randn(3, 5, 24)
     out = ours.eval()(branch, stream)  # dropout in training mode only
@@ -29,28 +41,35 @@ def test_add_layer_norm_module_normalises_the_sum_as_torch(backend, prenorm):
         torch.testing.assert_close(summed, stream + branch)
     expected = theirs(stream + branch)
     torch.testing.assert_close(out, expected)
-    grads = torch.autograd.grad(out.square().sum(), (branch, ours.weight, ours.bias))
-    expected_grads = torch.autograd.grad(expected.square().sum(), (branch, theirs.weight, theirs.bias))
+    grads = torch.autograd.grad(out.square().sum(), (branch, *ours.parameters()))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (branch, *theirs.parameters()))
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad)
 
     torch.manual_seed(1)
     trained = ours.train()(branch, stream)
     torch.manual_seed(1)
-    op = lmkern.add_layer_norm(branch, stream, ours.weight, ours.bias, 1e-6, dropout_p=0.3, prenorm=prenorm,
-                               backend=backend)
-    torch.testing.assert_close(trained, op, rtol=0, atol=0)  # the op's dropout mask, from torch's seed
+    expected = op(branch, stream, ours, dropout_p=0.3, prenorm=prenorm, backend=backend)
+    torch.testing.assert_close(trained, expected, rtol=0, atol=0)  # the op's dropout mask, from torch's seed
     assert not torch.allclose(trained[0] if prenorm else trained, out)
 
 
-def test_add_layer_norm_module_refuses_bad_arguments():
+@pytest.mark.parametrize("norm", ADD_NORMS)
+def test_add_norm_modules_refuse_bad_arguments(norm):
+    module = ADD_NORMS[norm][0]
     with pytest.raises(ValueError, match=r"normalized_shape must be one dimension, the last, got \(4, 6\)"):
-        lmkern.nn.AddLayerNorm((4, 6))
+        module((4, 6))
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\], got 2.0"):
-        lmkern.nn.AddLayerNorm(8, dropout=2.0)
+        module(8, dropout=2.0)
+
+
+def test_add_norm_modules_show_their_options():
     module = lmkern.nn.AddLayerNorm(8, 1e-6, dropout=0.1, prenorm=False, backend="torch")
     assert repr(module) == "AddLayerNorm((8,), eps=1e-06, elementwise_affine=True, bias=True, backend='torch', " \
         "prenorm=False, dropout=0.1)"
+    module = lmkern.nn.AddRMSNorm(8, 1e-6, dropout=0.1, backend="torch")
+    assert repr(module) == "AddRMSNorm((8,), eps=1e-06, elementwise_affine=True, backend='torch', prenorm=True, " \
+        "dropout=0.1)"
 
 
 def test_fused_ffn_parameters_come_in_the_order_they_apply():

@@ -1,11 +1,11 @@
-"""`lmkern eval`: a checkpoint's perplexity (GPT) or MLM and NSP accuracy (BERT) on
+"""`lmkern eval`: a checkpoint's perplexity (GPT, Llama) or MLM and NSP accuracy (BERT) on
 prepared data, computed as the training run's evaluations are (models/tasks.py)."""
 
 import json
 import math
 
 from lmkern.app.common import CommandError, add_device, add_kernels, add_quiet, show_progress
-from lmkern.app.models import check_same_tokenizer, load_model
+from lmkern.app.models import CAUSAL, check_same_tokenizer, load_model
 
 
 def evaluate(args):
@@ -18,7 +18,7 @@ def evaluate(args):
     data = TokenData(args.data, args.split)
     check_same_tokenizer(data, folder, model.config.vocab_size)
     progress = show_progress(args)
-    if kind == "gpt":
+    if kind in CAUSAL:
         context = args.context_length or model.config.context_length
         if context > model.config.context_length:
             raise ValueError(f"--context-length {context}: more than the model's {model.config.context_length}")
@@ -49,8 +49,8 @@ def evaluate(args):
 
 def add_parser(commands):
     evaluation = commands.add_parser(
-        "eval", help="a checkpoint's perplexity (GPT) or MLM/NSP accuracy (BERT) on prepared data",
-        description="GPT: perplexity over the split's tokens in windows of --context-length advancing by --stride "
+        "eval", help="a checkpoint's perplexity (GPT, Llama) or MLM/NSP accuracy (BERT) on prepared data",
+        description="GPT and Llama: perplexity over the split's tokens in windows of --context-length advancing by --stride "
         "(each token scored once). The defaults, windows of the model's context side by side, are how a training "
         "run evaluates, so the numbers agree with its metrics over the same tokens; a smaller --stride gives each "
         "token more context and a lower perplexity. BERT: MLM loss and accuracy and NSP accuracy on fixed "

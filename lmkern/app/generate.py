@@ -1,10 +1,10 @@
-"""`lmkern generate`: a GPT checkpoint continues a prompt, its text printed as it comes."""
+"""`lmkern generate`: a GPT or Llama checkpoint continues a prompt, its text printed as it comes."""
 
 import sys
 import time
 
 from lmkern.app.common import CommandError, add_device, add_kernels
-from lmkern.app.models import load_model
+from lmkern.app.models import CAUSAL, load_model
 
 
 def sampling_arguments(args):
@@ -87,8 +87,9 @@ def generate(args):
             raise CommandError(f"{flag} must be at least {minimum}, got {value}")
     prompt = read_prompt(args)
     kind, model, folder = load_model(args.checkpoint, args.kernels, args.device)
-    if kind != "gpt":
-        raise ValueError(f"--checkpoint {folder} holds a {kind.upper()} model: generate needs a GPT checkpoint")
+    if kind not in CAUSAL:
+        raise ValueError(f"--checkpoint {folder} holds a {kind.upper()} model: generate needs a GPT or Llama "
+                         "checkpoint")
     tokenizer = load_checkpoint_tokenizer(folder)
     for sample in range(args.num_samples):
         if args.num_samples > 1:
@@ -103,9 +104,9 @@ def generate(args):
 
 
 def add_parser(commands):
-    gen = commands.add_parser("generate", help="continue a prompt with a GPT checkpoint, printing tokens as they come")
+    gen = commands.add_parser("generate", help="continue a prompt with a GPT or Llama checkpoint, printing tokens as they come")
     gen.add_argument("--checkpoint", required=True, metavar="DIR",
-                     help="a GPT checkpoint folder, or a run's --out (its newest checkpoint)")
+                     help="a GPT or Llama checkpoint folder, or a run's --out (its newest checkpoint)")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to continue (\"\" starts a new document)")
     prompt.add_argument("--prompt-file", metavar="PATH", help="continue this file's text, exactly (- reads stdin)")

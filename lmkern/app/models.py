@@ -1,21 +1,26 @@
-"""GPT and BERT for the commands: their classes, and a model loaded from a checkpoint."""
+"""GPT, Llama and BERT for the commands: their classes, and a model loaded from a checkpoint."""
 
 import os
 
 from lmkern.app.common import check_kernels
 
-MODELS = ("gpt", "bert")
+MODELS = ("gpt", "llama", "bert")
+CAUSAL = ("gpt", "llama")  # language models that predict the next token: perplexity, generation
 
 
 def model_classes(kind):
-    """(module, pretraining model class) of "gpt" or "bert"."""
+    """(module, pretraining model class, config class) of one of MODELS."""
     if kind == "gpt":
         from lmkern.models import gpt
 
-        return gpt, gpt.GPT
+        return gpt, gpt.GPT, gpt.GPTConfig
+    if kind == "llama":
+        from lmkern.models import llama
+
+        return llama, llama.Llama, llama.LlamaConfig
     from lmkern.models import bert
 
-    return bert, bert.BertForPreTraining
+    return bert, bert.BertForPreTraining, bert.BertConfig
 
 
 def load_model(path, kernels, device):
@@ -27,8 +32,7 @@ def load_model(path, kernels, device):
     kind, saved = load_config(folder)
     if kind not in MODELS:
         raise ValueError(f"{os.path.join(folder, CONFIG)}: model {kind!r} is neither of {', '.join(MODELS)}")
-    module, model_class = model_classes(kind)
-    config_class = module.GPTConfig if kind == "gpt" else module.BertConfig
+    _, model_class, config_class = model_classes(kind)
     try:
         config = config_class(**{**saved, "kernels": kernels})
     except (TypeError, ValueError) as error:

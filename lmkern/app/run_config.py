@@ -33,15 +33,17 @@ class RunConfig:
 
     model: str = option(help="the model to train", flags=("model",), choices=MODELS)
     data: str = option(None, "a folder from `lmkern prepare`", metavar="DIR")  # required; kept absolute
-    preset: str = option(None, "model size: GPT tiny, gpt2, gpt2-medium, ...; BERT tiny, bert-base, bert-large")
+    preset: str = option(None, "model size: GPT tiny, gpt2, gpt2-medium, ...; Llama tiny, llama-3.2-1b, ...; BERT "
+                         "tiny, bert-base, bert-large")
     kernels: str = option("auto", "the lmkern backend of every op (default {default})",  # the fastest here
                           choices=backend.CHOICES)
     # The model's sizes: None keeps the preset's.
     layers: int = option(None, "overrides the preset's number of layers", metavar="N")
     heads: int = option(None, "overrides the preset's attention heads per layer", metavar="N")
-    width: int = option(None, "overrides the preset's hidden size (BERT's feed-forward: 4 x width)", metavar="N")
-    context_length: int = option(None, "tokens per training sequence (default: GPT the preset's context, BERT 128)",
-                                 flags=("--context-length", "--seq-length"), metavar="N")
+    width: int = option(None, "overrides the preset's hidden size (BERT's feed-forward: 4 x width; Llama's: 8/3 x "
+                       "width)", metavar="N")
+    context_length: int = option(None, "tokens per training sequence (default: GPT and Llama the preset's context, "
+                                 "BERT 128)", flags=("--context-length", "--seq-length"), metavar="N")
     dropout: float = option(None, "dropout probability (default: the preset's)", metavar="P")
     nsp: bool = option(True, "BERT: masked language modelling alone, on single spans (RoBERTa's full sentences)",
                        flags=("--no-nsp",))  # BERT's pretraining has next-sentence prediction
@@ -106,9 +108,13 @@ class RunConfig:
     def model_config(self, vocab_size):
         """The config of the run's model: its preset's, with the sizes, dropout and kernels
         of the run, for a vocabulary of vocab_size."""
-        module, _ = model_classes(self.model)
+        module, _, _ = model_classes(self.model)
         if self.model == "gpt":
             sizes = dict(n_embd=self.width, context_length=self.context_length)
+        elif self.model == "llama":
+            width = self.width
+            sizes = dict(hidden_size=width, intermediate_size=None if width is None else module.gated_ffn_width(width),
+                         context_length=self.context_length)
         else:
             sizes = dict(hidden_size=self.width, intermediate_size=None if self.width is None else 4 * self.width)
         sizes.update(n_layer=self.layers, n_head=self.heads, dropout=self.dropout)

@@ -1,4 +1,4 @@
-"""`lmkern train gpt|bert`: a pretraining run in its own folder (--out), through the loop of
+"""`lmkern train gpt|llama|bert`: a pretraining run in its own folder (--out), through the loop of
 models/train.py, with the run's options saved for --resume.
 
 The run folder holds options.json (written once the run has started), metrics.jsonl,
@@ -15,7 +15,7 @@ import os
 import torch
 
 from lmkern.app.common import CommandError, add_device, add_quiet, check_kernels, is_rank_zero, output_folder
-from lmkern.app.models import check_same_tokenizer, model_classes
+from lmkern.app.models import CAUSAL, check_same_tokenizer, model_classes
 from lmkern.app.run_config import FLAGS, add_options, holds_run, resumed_config, write_options
 
 
@@ -36,11 +36,11 @@ def build(config, vocab_size):
     from lmkern.models import tasks
 
     torch.manual_seed(config.seed)  # the initial weights
-    _, model_class = model_classes(config.model)
+    _, model_class, _ = model_classes(config.model)
     model = model_class(config.model_config(vocab_size))
     common = dict(batch_size=config.batch_size, seed=config.seed, eval_tokens=config.eval_tokens,
                   eval_batch_size=config.micro_batch_size)
-    if config.model == "gpt":
+    if config.model in CAUSAL:
         return model, tasks.CausalLMTask(config.data, model.config.context_length, **common)
     if not config.nsp:
         # Without NSP the pooler and NSP head get no gradient: frozen, AdamW and DDP skip them.

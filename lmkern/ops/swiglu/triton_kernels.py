@@ -21,13 +21,25 @@ from lmkern.ops.triton_tuning import autotune
 from lmkern.triton_support import interpreting
 
 
+def gated_configs():
+    """linear_gelu's matmul candidates, its two-warp 32 x 64 tile given four warps and a K
+    step of 64: with two accumulators the two-warp tile spills on sm_90, and in half
+    precision the four-warp one is picked before the 32 x 32 tile, which spills on sm_80
+    (triton-check)."""
+    return [
+        triton.Config({**config.kwargs, "BLOCK_K": 64}, num_stages=4, num_warps=4) if config.num_warps == 2 else config
+        for config in matmul_configs()
+    ]
+
+
 def gated_resources(config, args, target):
     """Shared memory: `stages` buffers of an x block and two weight blocks. Registers: two
-    fp32 accumulators and the epilogue's temporaries; a K step of the three blocks where
-    they are register operands (fp32's exact FMA dots; mma.sync without wgmma)."""
+    fp32 accumulators and as much again for the epilogue's temporaries; a K step of the
+    three blocks where they are register operands (fp32's exact FMA dots; mma.sync
+    without wgmma)."""
     size = args["x_ptr"].element_size()
     m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    registers = 3 * m * n
+    registers = 4 * m * n
     if size == 4:  # FMA dots: each thread's rows and columns of a K step, in three layouts
         registers += 3 * (m + 2 * n) * k
     elif not target.wgmma:
@@ -37,7 +49,7 @@ def gated_resources(config, args, target):
 
 # Tuned per power-of-two bucket of M (tokens), which is only a bound: varying batch
 # sizes neither re-tune nor recompile at every call.
-@autotune(matmul_configs(), ["m_bucket", "N", "K", "ACTIVATION", "KEEP_PRE"], gated_resources, ["M", "m_bucket"])
+@autotune(gated_configs(), ["m_bucket", "N", "K", "ACTIVATION", "KEEP_PRE"], gated_resources, ["M", "m_bucket"])
 def gated_fwd_kernel(
     x_ptr,  # (M, K), any strides
     stride_xm,
@@ -166,8 +178,9 @@ def swiglu_bwd(grad_gate, grad_up, gate, up, activation, want_activation):
     h = torch.empty((M, N), dtype=gate.dtype, device=gate.device) if want_activation else None
     if gate.numel() == 0:
         return h
-    # fp32 tiles half as tall, so that the activation's temporaries fit in registers.
-    block_m, block_n = (16, 32) if interpreting() else (64 if gate.element_size() < 4 else 32, 128)
+    # 16 elements of each of the five tiles a thread holds (the three read, the two
+    # written) and the activation's temporaries: no spills (triton-check).
+    block_m, block_n, warps = (16, 32, 4) if interpreting() else (32, 128, 8)
     gated_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         grad_gate,
         grad_gate.stride(0),
@@ -184,6 +197,6 @@ def swiglu_bwd(grad_gate, grad_up, gate, up, activation, want_activation):
         WANT_H=want_activation,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        num_warps=4,
+        num_warps=warps,
     )
     return h

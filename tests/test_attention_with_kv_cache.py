@@ -253,6 +253,29 @@ def test_rotary_decode_step_matches_hugging_face(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_rotary_under_autocast_follows_the_caches_dtype(backend):
+    """Under autocast q, k_new and v_new are cast to the caches' dtype, as without rotary;
+    fp32 rotary caches are read as they are: the same step as with half inputs outside it."""
+    require(backend, "cpu", torch.float16, "attention_with_kv_cache")
+    generator = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 4, 2, 16, generator=generator)
+    k_new, v_new = torch.randn(2, 2, 2, 2, 16, generator=generator)
+    caches = [torch.randn(2, 2, 12, 16, generator=generator).half() for _ in range(2)]
+    seqlens = torch.tensor([0, 7])
+    cos, sin = lmkern.rotary_cache(8, 12)
+    rotary = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=True, backend=backend)
+    expected_caches = [cache.clone() for cache in caches]
+    with torch.no_grad():
+        expected = lmkern.attention_with_kv_cache(q.half(), *expected_caches, seqlens, k_new.half(), v_new.half(),
+                                                  **rotary)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = lmkern.attention_with_kv_cache(q, *caches, seqlens, k_new, v_new, **rotary)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(caches, expected_caches, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rotary_position_past_the_caches_raises_on_cpu_and_writes_nothing(backend):
     require(backend, "cpu", torch.float32, "attention_with_kv_cache")
     q, k_new = torch.randn(2, 2, 2, 2, 16)

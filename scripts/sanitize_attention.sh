@@ -32,11 +32,11 @@ for dtype, head_dim, (batch, heads, kv_heads, seqlen_q, seqlen_k), causal in [
     keep = torch.rand(batch, seqlen_k, device="cuda") > 0.3
     keep[-1] = False  # a fully padded sequence
     mask = keep[:, None, None, :].expand(batch, heads, seqlen_q, seqlen_k)
-    out, lse = ops.attention_fwd(q, k, v, mask, causal, head_dim**-0.5, 0.0, 0)
-    ops.attention_bwd(torch.randn_like(out), q, k, v, out, lse, mask, causal, head_dim**-0.5, 0.0, 0)
+    out, lse = ops.attention_fwd(q, k, v, mask, causal, 0, head_dim**-0.5, 0.0, 0)
+    ops.attention_bwd(torch.randn_like(out), q, k, v, out, lse, mask, causal, 0, head_dim**-0.5, 0.0, 0)
 
 # Decoding: 2 splits of the 600-key caches (on any GPU with 7 or more multiprocessors), so the
-# combine runs; one sequence that fits exactly, one that does not.
+# combine runs; one sequence that fits exactly, one that does not; then with rotary caches.
 for head_dim in (64, 128):
     q = torch.randn(3, 4, 1, head_dim, device="cuda", dtype=torch.float16)
     k_cache = torch.randn(3, 2, 600, head_dim, device="cuda", dtype=torch.float16)
@@ -45,6 +45,13 @@ for head_dim in (64, 128):
     v_new = torch.randn_like(k_new)
     lengths = torch.tensor([599, 600, 37], dtype=torch.int32, device="cuda")
     ops.attention_with_kv_cache_fwd(q, k_cache, v_cache, lengths, k_new, v_new, head_dim**-0.5)
+    # Rotary fused (partial, both layouts, two speculative tokens): caches of 500 positions,
+    # so sequence 0's positions run past them (NaN, no read out of bounds).
+    cos, sin = torch.randn(2, 500, head_dim // 4, device="cuda")
+    q3, k3, v3 = (torch.randn(3, n, 2, head_dim, device="cuda", dtype=torch.float16) for n in (4, 2, 2))
+    for interleaved in (False, True):
+        ops.attention_with_kv_cache_fwd(q3, k_cache, v_cache, torch.tensor([590, 17, 0], dtype=torch.int32,
+                                        device="cuda"), k3, v3, head_dim**-0.5, cos, sin, interleaved)
 torch.cuda.synchronize()
 print("cases ran")
 EOF

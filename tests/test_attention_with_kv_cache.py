@@ -253,6 +253,29 @@ def test_rotary_decode_step_matches_hugging_face(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_rotary_under_autocast_follows_the_caches_dtype(backend):
+    """Under autocast q, k_new and v_new are cast to the caches' dtype, as without rotary;
+    fp32 rotary caches are read as they are: the same step as with half inputs outside it."""
+    require(backend, "cpu", torch.float16, "attention_with_kv_cache")
+    generator = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 4, 2, 16, generator=generator)
+    k_new, v_new = torch.randn(2, 2, 2, 2, 16, generator=generator)
+    caches = [torch.randn(2, 2, 12, 16, generator=generator).half() for _ in range(2)]
+    seqlens = torch.tensor([0, 7])
+    cos, sin = lmkern.rotary_cache(8, 12)
+    rotary = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=True, backend=backend)
+    expected_caches = [cache.clone() for cache in caches]
+    with torch.no_grad():
+        expected = lmkern.attention_with_kv_cache(q.half(), *expected_caches, seqlens, k_new.half(), v_new.half(),
+                                                  **rotary)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = lmkern.attention_with_kv_cache(q, *caches, seqlens, k_new, v_new, **rotary)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(caches, expected_caches, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rotary_position_past_the_caches_raises_on_cpu_and_writes_nothing(backend):
     require(backend, "cpu", torch.float32, "attention_with_kv_cache")
     q, k_new = torch.randn(2, 2, 2, 2, 16)
@@ -373,6 +396,58 @@ def test_native_cuda_sequence_that_does_not_fit_gets_nan_and_no_write():
     assert torch.isnan(out[:2]).all() and torch.isfinite(out[2]).all()
     assert torch.equal(k_cache[:2], before[0][:2]) and torch.equal(v_cache[:2], before[1][:2])
     assert torch.equal(k_cache[2, :, 10:11], k_new[2]) and torch.equal(v_cache[2, :, 10:11], v_new[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotary_position_past_the_caches_gives_nan_on_gpu(backend):
+    """On CUDA no check stalls the stream: a key or query past the rotary caches gets NaN
+    in its rotated part (no cache row read out of bounds), the rest of the batch is intact."""
+    require(backend, "cuda", torch.float16, "attention_with_kv_cache")
+    q = torch.randn(2, 4, 2, 64, device="cuda", dtype=torch.float16)
+    require_call(backend, q, q)
+    k_new, v_new = torch.randn(2, 2, 2, 2, 64, device="cuda", dtype=torch.float16)
+    k_cache, v_cache = torch.zeros(2, 2, 2, 16, 64, device="cuda", dtype=torch.float16)
+    cos, sin = lmkern.rotary_cache(32, 9, device="cuda")  # positions 0..8
+    with torch.no_grad():
+        out = lmkern.attention_with_kv_cache(q, k_cache, v_cache, torch.tensor([3, 8], device="cuda"), k_new, v_new,
+                                             backend=backend, rotary_cos=cos, rotary_sin=sin)
+    assert out[0].isfinite().all() and k_cache[0].isfinite().all()
+    assert out[1, :, 0].isfinite().all() and out[1, :, 1].isnan().all()  # queries at positions 8 and 9
+    assert k_cache[1, :, 8].isfinite().all() and k_cache[1, :, 9, :32].isnan().all()
+    assert torch.equal(k_cache[1, :, 9, 32:], k_new[1, :, 1, 32:])  # past rotary_dim: as given
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half_split", "interleaved"])
+@pytest.mark.parametrize("head_dim", (64, 128))
+@pytest.mark.parametrize("case", CUDA_CASES.values(), ids=CUDA_CASES.keys())
+def test_native_cuda_rotary_matches_apply_rotary_then_attention(case, head_dim, interleaved):
+    """The native CUDA kernels' shapes (split caches, prefill, MQA) with fused rotary
+    (partial: half of each head) against apply_rotary then attention, bf16."""
+    require("native", "cuda", torch.bfloat16, "attention_with_kv_cache")
+    heads, kv_heads, seqlen_q, seqlen_new, capacity, lengths = case
+    batch = len(lengths)
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to("cuda", torch.bfloat16)
+
+    q = randn(batch, heads, seqlen_q, head_dim)
+    k_cache, v_cache = randn(batch, kv_heads, capacity, head_dim), randn(batch, kv_heads, capacity, head_dim)
+    k_new, v_new = (randn(batch, kv_heads, seqlen_new, head_dim), randn(batch, kv_heads, seqlen_new, head_dim)) \
+        if seqlen_new else (None, None)
+    cos, sin = lmkern.rotary_cache(head_dim // 2, capacity, dtype=torch.float64, device="cuda")
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    step = (q, k_cache, v_cache, seqlens, k_new, v_new)
+    truth, truth_k, _ = unfused_rotary_step(*step, cos, sin, interleaved, torch.float32)
+    cos, sin = cos.float(), sin.float()
+    baseline, baseline_k, _ = unfused_rotary_step(*step, cos, sin, interleaved, torch.bfloat16)
+    with torch.no_grad():
+        out = lmkern.attention_with_kv_cache(*step, backend="native", rotary_cos=cos, rotary_sin=sin,
+                                             rotary_interleaved=interleaved)
+    assert_close_to_truth(out, truth, baseline, name="output")
+    assert_close_to_truth(k_cache, truth_k, baseline_k, name="k_cache")
 
 
 # ------------------------------------------------------------------------------------------

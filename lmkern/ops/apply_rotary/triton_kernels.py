@@ -68,9 +68,9 @@ def rotate_loaded_rows(
     other = tl.load(rows_ptr[:, None] + partner[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
     c, s = rotary_angles(cos_ptr, sin_ptr, positions[:, None], pair[None, :], half, max_positions, mask)
     x = x.to(tl.float32)
-    first = first[None, :]
-    out1, out2 = rotate_pairs(tl.where(first, x, other), tl.where(first, other, x), c, s)
-    return tl.where(mask, tl.where(first, out1, out2), x)
+    # rotate_pairs' two outputs in one tile (fewer live registers than both and a select):
+    # a pair's first element gets x c - other s, its second x c + other s.
+    return tl.where(mask, x * c + other * tl.where(first[None, :], -s, s), x)
 
 
 @triton.jit

@@ -102,8 +102,8 @@ def attention_with_kv_cache(
     CUDA, where checking would stall the stream, its output is NaN and nothing is written
     for it. Under torch.autocast, q, k_new and v_new are cast to the caches' dtype (the
     caller allocates the caches in the dtype to compute in); rotary_cos and rotary_sin are
-    read in their own dtype (in fp32 by the kernels), as lmkern.apply_rotary reads them.
-    For inference: there is no backward (it raises under autograd).
+    read in their own dtype, as lmkern.apply_rotary reads them (the rotation in fp32). For
+    inference: there is no backward (it raises under autograd).
     """
     check_float_tensor(k_cache, "k_cache", "(B, H_kv, L_max, D)")
     if autocast_dtype(k_cache.device.type) is not None:  # the caches' dtype is the computation's

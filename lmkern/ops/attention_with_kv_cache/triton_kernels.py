@@ -1,16 +1,16 @@
 """Flash-decoding over a KV cache in Triton, for lmkern.attention_with_kv_cache, on the
 blocks of the attention kernels (lmkern/ops/attention/triton_kernels.py).
 
-A small kernel writes the new keys and values into the caches (rotating the keys first when
-rotary caches are given); then one program per
-(split of the keys, block of query rows, sequence and key/value head) attends, with the
-query heads that share a key/value head packed as rows of one tile, so that a single new
-token still fills a tile under GQA. With several splits each writes its partial output
-and lse, and a combine kernel merges them (flash-decoding). With a sliding window the splits
-share only the keys that some query's window holds, so that the cost follows the window,
-not the cache. A query that sees no key gets zeros; a sequence whose new keys would not
-fit gets NaN and writes nothing. With rotary embeddings each program rotates its queries
-as it loads them (apply_rotary's rotate_loaded_rows), so q is never rotated through memory.
+A small kernel writes the new keys and values into the caches (rotating the keys first
+when rotary caches are given); then one program per (split of the keys, block of query
+rows, sequence and key/value head) attends, with the query heads that share a key/value
+head packed as rows of one tile, so that a single new token still fills a tile under GQA.
+With several splits each writes its partial output and lse, and a combine kernel merges
+them (flash-decoding). With a sliding window the splits share only the keys that some
+query's window holds, so that the cost follows the window, not the cache. A query that
+sees no key gets zeros; a sequence whose new keys would not fit gets NaN and writes
+nothing. With rotary embeddings each program rotates its queries as it loads them
+(apply_rotary's rotate_loaded_rows): q is never rotated through memory.
 """
 
 import functools

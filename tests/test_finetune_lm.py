@@ -6,6 +6,7 @@ resumed fine-tuning continues from its own checkpoints, and what does not fit is
 one-line error."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from cli_runs import lmkern, one_line_error, train_run, write_corpus
 from lmkern.app.models import load_model
 from lmkern.models import tasks
 from lmkern.models.checkpoint import newest_checkpoint
-from lmkern.models.gpt import GPT
+from lmkern.models.gpt import GPT, GPTConfig
 from lmkern.models.train import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,3 +100,12 @@ def test_finetune_from_a_hugging_face_directory(trained, tmp_path, capsys):
     error = one_line_error(capsys, finetune("llama", run, trained[1], tmp_path / "other"))
     assert "holds a gpt model, not llama" in error
     assert not (tmp_path / "other").exists()
+
+
+def test_a_model_with_more_embeddings_than_tokens_finetunes_and_resumes(trained, tmp_path):
+    _, data, _ = trained  # a tokenizer of 320 tokens
+    GPT(GPTConfig(vocab_size=384, context_length=32, n_layer=1, n_head=2, n_embd=32)).save_hf(tmp_path / "padded")
+    shutil.copyfile(data / "tokenizer.json", tmp_path / "padded" / "tokenizer.json")
+    assert finetune("gpt", tmp_path / "padded", data, tmp_path / "ft", "--steps", 2) == 0
+    assert lmkern("finetune", "gpt", "--out", tmp_path / "ft", "--resume", "--steps", 3, "--quiet") == 0
+    assert newest_checkpoint(str(tmp_path / "ft")).endswith("step-00000003")

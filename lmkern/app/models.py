@@ -92,27 +92,27 @@ def initial_model(source, kind, **overrides):
         raise ValueError(f"--init {source}: not a Hugging Face {kind} model that lmkern builds: {error}") from None
 
 
-def check_same_tokenizer(data, checkpoint, vocab_size):
-    """Raises unless `data` (TokenData) was prepared with the tokenizer of the checkpoint
-    (or Hugging Face directory, whose model may have more rows than its tokenizer has
-    tokens) with a vocabulary of vocab_size."""
+def check_same_tokenizer(data, folder, vocab_size):
+    """Raises unless `data` (TokenData) was prepared with the tokenizer.json of folder (a
+    checkpoint's, checked against its manifest, or a Hugging Face directory's) for a model
+    of vocab_size embedding rows, which may be more than the tokenizer has tokens (some
+    Hugging Face models pad them)."""
     from lmkern.models.checkpoint import MANIFEST, verified
-    from lmkern.models.tokenizer import FILE_NAME
+    from lmkern.models.tokenizer import FILE_NAME, load_tokenizer
 
-    if not os.path.isfile(os.path.join(checkpoint, MANIFEST)):  # a Hugging Face directory
-        if not os.path.isfile(os.path.join(checkpoint, FILE_NAME)):
-            raise ValueError(f"{checkpoint} has no {FILE_NAME}: the model's tokenizer is needed to check that --data "
-                             f"{data.data_dir} was prepared with it")
-        if data.meta["vocab_size"] > vocab_size:
-            raise ValueError(f"--data {data.data_dir} was prepared with a tokenizer of {data.meta['vocab_size']} "
-                             f"tokens, more than the {vocab_size} of the model in {checkpoint}")
-        data.check_tokenizer(checkpoint)
-        return
-    if data.meta["vocab_size"] != vocab_size:
+    path = os.path.join(folder, FILE_NAME)
+    if os.path.isfile(os.path.join(folder, MANIFEST)):
+        verified(folder, FILE_NAME)
+    elif not os.path.isfile(path):
+        raise ValueError(f"{folder} has no {FILE_NAME}: the model's tokenizer is needed to check that --data "
+                         f"{data.data_dir} was prepared with it")
+    tokens = load_tokenizer(folder).get_vocab_size()
+    if data.meta["vocab_size"] != tokens:
         raise ValueError(
-            f"the checkpoint's tokenizer {os.path.join(checkpoint, FILE_NAME)} has {vocab_size} tokens, but --data "
-            f"{data.data_dir} was prepared with one of {data.meta['vocab_size']} "
-            f"({os.path.join(data.data_dir, FILE_NAME)})"
+            f"the checkpoint's tokenizer {path} has {tokens} tokens, but --data {data.data_dir} was prepared with "
+            f"one of {data.meta['vocab_size']} ({os.path.join(data.data_dir, FILE_NAME)})"
         )
-    verified(checkpoint, FILE_NAME)
-    data.check_tokenizer(checkpoint)
+    if tokens > vocab_size:
+        raise ValueError(f"the tokenizer {path} has {tokens} tokens, more than the {vocab_size} embeddings of the "
+                         "model it came with")
+    data.check_tokenizer(folder)

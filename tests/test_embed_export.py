@@ -4,6 +4,7 @@ checkpoints read back by transformers' from_pretrained and AutoTokenizer. Tiny r
 models; nothing downloaded."""
 
 import dataclasses
+import io
 import json
 
 import numpy as np
@@ -104,7 +105,7 @@ def test_embed_command_on_a_hugging_face_directory(tmp_path, tokenizers, capsys,
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out.npy")), expected)
 
 
-def test_embed_command_reads_csv_jsonl_and_writes_safetensors(tmp_path, tokenizers, capsys):
+def test_embed_command_reads_csv_jsonl_stdin_and_writes_safetensors(tmp_path, tokenizers, capsys, monkeypatch):
     tokenizer = load_tokenizer(tokenizers["wordpiece"])
     model = randomise(BertForPreTraining(BertConfig(**TINY)), torch.Generator().manual_seed(2))
     save_checkpoint(str(tmp_path / "run"), 1, model, {}, kind="bert", config=dataclasses.asdict(model.config),
@@ -117,6 +118,10 @@ def test_embed_command_reads_csv_jsonl_and_writes_safetensors(tmp_path, tokenize
         assert lmkern("embed", "--model", tmp_path / "run", "--input", tmp_path / source, "--text-column", "body",
                       "--output", output, "--normalize", "--device", "cpu", "--kernels", "torch") == 0
         torch.testing.assert_close(safetensors.torch.load_file(output)["embeddings"], expected)
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(TEXTS) + "\n"))
+    assert lmkern("embed", "--model", tmp_path / "run", "--input", "-", "--output", tmp_path / "stdin.npy",
+                  "--normalize", "--device", "cpu") == 0
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "stdin.npy")), expected)
     capsys.readouterr()
     before = snapshot(tmp_path)
     error = one_line_error(capsys, lmkern("embed", "--model", tmp_path / "run", "--input", tmp_path / "texts.csv",

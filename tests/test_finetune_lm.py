@@ -2,13 +2,15 @@
 an lmkern run's checkpoint and from a Hugging Face GPT-2 directory made by transformers'
 save_pretrained (with its tokenizer), on data prepared with that tokenizer: the loss goes
 down, step 0 starts from the given weights (transformers' loss on the same batch), a
-resumed fine-tuning continues from its own checkpoints, and what does not fit is a
+fine-tuning interrupted and resumed from its own checkpoints follows the same curve, and
+what does not fit is a
 one-line error."""
 
 import json
 import shutil
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 import transformers
@@ -43,20 +45,37 @@ def finetune(kind, init, data, out, *options):
     return lmkern("finetune", kind, "--init", init, "--data", data, "--out", out, *FINETUNE, *options)
 
 
-def test_finetune_from_a_checkpoint_lowers_the_loss_and_resumes_from_its_own(trained, tmp_path):
+def test_finetune_from_a_checkpoint_lowers_the_loss_and_resumes_exactly(trained, tmp_path, monkeypatch):
     _, data, run = trained
-    assert finetune("gpt", run, data, tmp_path / "ft", "--steps", 10, "--checkpoint-every", 5) == 0
-    rows = read_metrics(str(tmp_path / "ft"))
+    options = ("--steps", 10, "--checkpoint-every", 5, "--dropout", 0.1)
+    assert finetune("gpt", run, data, tmp_path / "straight", *options) == 0
+    rows = read_metrics(str(tmp_path / "straight"))
     pretrained = read_metrics(str(run))
     # Step 0 evaluates the run's last weights: its last evaluation, on the same tokens.
     assert rows[0]["val_loss"] == pytest.approx(pretrained[-1]["val_loss"], rel=1e-5)
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
-    options = json.loads((tmp_path / "ft" / "options.json").read_text())
-    assert options["init"] == str(run) and options["preset"] is None
-    # Resumed without --init: the run remembers it, and continues from its own step 10.
-    assert lmkern("finetune", "gpt", "--out", tmp_path / "ft", "--resume", "--steps", 12, "--quiet") == 0
-    assert newest_checkpoint(str(tmp_path / "ft")).endswith("step-00000012")
-    assert [row["step"] for row in read_metrics(str(tmp_path / "ft")) if "loss" in row][-3:] == [10, 11, 12]
+    options_json = json.loads((tmp_path / "straight" / "options.json").read_text())
+    assert options_json["init"] == str(run) and options_json["preset"] is None
+    # Interrupted after its checkpoint of step 5, then resumed without --init (the run
+    # remembers it): from its own checkpoint, the same curve and weights.
+    batch = tasks.CausalLMTask.batch
+
+    def interrupted(self, step, part, parts):
+        if step == 7:
+            raise KeyboardInterrupt
+        return batch(self, step, part, parts)
+
+    monkeypatch.setattr(tasks.CausalLMTask, "batch", interrupted)
+    assert finetune("gpt", run, data, tmp_path / "crashed", *options) == 130
+    monkeypatch.setattr(tasks.CausalLMTask, "batch", batch)
+    assert lmkern("finetune", "gpt", "--out", tmp_path / "crashed", "--resume", "--quiet") == 0
+    untimed = [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in read_metrics(str(tmp_path / "crashed"))]
+    assert untimed == [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
+    straight, resumed = (safetensors.torch.load_file(tmp_path / name / "checkpoint" / "model.safetensors")
+                         for name in ("straight", "crashed"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
 
 
 def first_batch_loss_of_transformers(model, data, context_length):

@@ -3,8 +3,7 @@ an lmkern run's checkpoint and from a Hugging Face GPT-2 directory made by trans
 save_pretrained (with its tokenizer), on data prepared with that tokenizer: the loss goes
 down, step 0 starts from the given weights (transformers' loss on the same batch), a
 fine-tuning interrupted and resumed from its own checkpoints follows the same curve, and
-what does not fit is a
-one-line error."""
+what does not fit is a one-line error."""
 
 import json
 import shutil

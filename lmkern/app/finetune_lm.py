@@ -10,6 +10,7 @@ from lmkern.app.run_config import resumed_config
 from lmkern.app.train import add_run_parser, train
 
 MODELS = CAUSAL  # `finetune bert` (a classifier) is lmkern/app/finetune.py's
+FROM_INIT = ("preset", "layers", "heads", "width", "context_length", "nsp")  # --init gives these (nsp: BERT's)
 
 
 def finetune(args):
@@ -21,7 +22,7 @@ def finetune(args):
 
 def add_parser(commands):
     return add_run_parser(
-        commands, "finetune", MODELS, finetune,
+        commands, "finetune", MODELS, finetune, hidden=FROM_INIT,
         help="continue training a GPT or Llama from a checkpoint or a Hugging Face directory (--init) on your data",
         description="Continued pretraining of a GPT or Llama on data from `lmkern prepare` made with the model's own "
         "tokenizer (checked): the weights and sizes come from --init (an lmkern checkpoint or run folder, or a "

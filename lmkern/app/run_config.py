@@ -149,15 +149,19 @@ def flags(field):
 FLAGS = {**{field.name: flags(field)[0] for field in dataclasses.fields(RunConfig)}, "data_dir": "--data"}
 
 
-def add_options(parser, models=MODELS):
+def add_options(parser, models=MODELS, hidden=()):
     """Adds RunConfig's options to `parser`: `model` as its positional argument (one of
-    `models`), the others in a group. An option that is not given is absent from the parsed
-    arguments, so that given values can be told from defaults (resumed_config)."""
+    `models`), the others in a group, those of the `hidden` fields left out of the help
+    (but parsed, so that RunConfig can say why they do not apply). An option that is not
+    given is absent from the parsed arguments, so that given values can be told from
+    defaults (resumed_config)."""
     group = parser.add_argument_group("run options (with --resume: the run's own unless given)")
     for field in dataclasses.fields(RunConfig):
         settings = dict(field.metadata["settings"], help=field.metadata["help"].format(default=field.default))
         if field.name == "model":
             settings["choices"] = models
+        if field.name in hidden:
+            settings["help"] = argparse.SUPPRESS
         if field.type is bool:
             settings.update(action="store_const", const=not field.default)
         elif "choices" not in settings:

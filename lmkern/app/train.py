@@ -135,10 +135,10 @@ def run(args, config, writes):
                            "--skip-bad-steps N to skip up to N bad steps") from None
 
 
-def add_run_parser(commands, name, models, run_command, **descriptions):
+def add_run_parser(commands, name, models, run_command, hidden=(), **descriptions):
     """The parser of a training command `name` (train, finetune): --out, --resume or
-    --overwrite, --device, --quiet and RunConfig's options, the model one of `models`;
-    descriptions: its help and description."""
+    --overwrite, --device, --quiet and RunConfig's options (those of the `hidden` fields
+    not in its help), the model one of `models`; descriptions: its help and description."""
     parser = commands.add_parser(name, **descriptions)
     parser.add_argument("--out", required=True, metavar="DIR", help="the run's folder")
     start = parser.add_mutually_exclusive_group()
@@ -148,7 +148,7 @@ def add_run_parser(commands, name, models, run_command, **descriptions):
                        "other files (left as they are)")
     add_device(parser)
     add_quiet(parser)
-    add_options(parser, models)
+    add_options(parser, models, hidden)
     parser.set_defaults(run=run_command, flags=FLAGS,
                         interrupted=f"`lmkern {name} ... --resume` continues from the last checkpoint")
     return parser

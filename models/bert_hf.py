@@ -5,6 +5,8 @@ BertForSequenceClassification, and their config.json.
 Ours keep the attention's query, key and value as one (3H, H) matrix, Hugging Face's as
 three: our qkv goes across as three views, stacked on dim 0 coming back."""
 
+import warnings
+
 import torch
 
 from lmkern.models import hf
@@ -70,17 +72,31 @@ def from_hf_state_dict(checkpoint, config, state, prefix, tied, what):
     """The tensors of a Hugging Face state dict under the names of our state dict `state`
     (of a model with this config). prefix: of the encoder's names in the Hugging Face
     model ("bert.", or "" for BertModel, which takes the encoder of a checkpoint with
-    heads); tied: as for to_hf_state_dict. Raises ValueError naming the missing, unexpected
-    and misshapen keys of `what`, and an untied copy."""
+    heads: BertForPreTraining, BertForMaskedLM, BertForSequenceClassification, ...); tied:
+    as for to_hf_state_dict. What checkpoints may lack: a BertModel's pooler (transformers'
+    add_pooling_layer=False, BertForMaskedLM's encoder), whose weights then stay the
+    model's own with a warning; the token-type embeddings (type_vocab_size 0), which then
+    add zeros. Raises ValueError naming the missing, unexpected and misshapen keys of
+    `what`, and an untied copy."""
     checkpoint = {current_hf_name(name): tensor for name, tensor in checkpoint.items()}
     if not prefix and any(name.startswith("bert.") for name in checkpoint):  # a BertModel from a model with heads
         checkpoint = {name.removeprefix("bert."): t for name, t in checkpoint.items() if name.startswith("bert.")}
+    token_type = f"{prefix}embeddings.token_type_embeddings.weight"
+    if token_type in checkpoint and checkpoint[token_type].shape[0] == 0:  # type_vocab_size 0: no token types
+        del checkpoint[token_type]
+    pooler = [f"pooler.dense.{parameter}" for parameter in ("weight", "bias")] if not prefix else []
     buffers = (f"{prefix}embeddings.position_ids", f"{prefix}embeddings.token_type_ids")
-    tensors = hf.take_tensors(checkpoint, to_hf_state_dict(config, state, tied), optional=tied, ignored=buffers,
-                              what=what)
+    expected = to_hf_state_dict(config, state, tied)
+    tensors = hf.take_tensors(checkpoint, expected, optional=[*tied, token_type, *pooler], ignored=buffers, what=what)
     for copy, name in tied.items():
         if copy in tensors and not torch.equal(tensors[copy], tensors[hf_names(name)[0]]):
             raise ValueError(f"the checkpoint's {copy} differs from its {hf_names(name)[0]}: this model ties them")
+    tensors.setdefault(token_type, torch.zeros_like(expected[token_type]))
+    absent = [name for name in pooler if name not in tensors]
+    if absent:
+        warnings.warn(f"{what} has no {', '.join(absent)}: the pooled output comes from untrained weights "
+                      "(the hidden states are the checkpoint's)", stacklevel=3)
+        tensors.update({name: expected[name] for name in absent})
     return {name: torch.cat([tensors[hf_name] for hf_name in hf_names(name)]) for name in state}
 
 
@@ -106,7 +122,8 @@ def config_from_hf(hf_config):
         vocab_size=hf_config["vocab_size"], hidden_size=hf_config["hidden_size"],
         n_layer=hf_config["num_hidden_layers"], n_head=hf_config["num_attention_heads"],
         intermediate_size=hf_config["intermediate_size"], max_position=hf_config["max_position_embeddings"],
-        type_vocab_size=hf_config.get("type_vocab_size", 2), dropout=hf_config.get("hidden_dropout_prob", 0.1),
+        type_vocab_size=max(1, hf_config.get("type_vocab_size", 2)),  # 0: no token types, one row of zeros
+        dropout=hf_config.get("hidden_dropout_prob", 0.1),
         layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12),
     )
 
@@ -124,7 +141,7 @@ def config_from_state(checkpoint):
         n_layer=1 + max(int(name.split(".")[2]) for name in state if name.startswith("encoder.layer.")),
         intermediate_size=state["encoder.layer.0.intermediate.dense.weight"].shape[0],
         max_position=state["embeddings.position_embeddings.weight"].shape[0],
-        type_vocab_size=state["embeddings.token_type_embeddings.weight"].shape[0],
+        type_vocab_size=max(1, len(state.get("embeddings.token_type_embeddings.weight", ()))),  # absent: zeros
     )
 
 

@@ -2,6 +2,7 @@
 byte-level BPE for GPT (any text round-trips exactly) and WordPiece for BERT (lower-cased,
 with [PAD] [UNK] [CLS] [SEP] [MASK])."""
 
+import json
 import os
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -13,6 +14,7 @@ KINDS = ("bpe", "wordpiece")
 END_OF_TEXT = "<|endoftext|>"  # GPT's document separator
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 FILE_NAME = "tokenizer.json"
+VOCAB_FILE, TOKENIZER_CONFIG = "vocab.txt", "tokenizer_config.json"  # of Hugging Face directories
 
 
 def train_tokenizer(texts, kind, vocab_size):
@@ -42,10 +44,40 @@ def train_tokenizer(texts, kind, vocab_size):
         )
     tokenizer.train_from_iterator(texts, trainer)
     if kind == "wordpiece":
-        cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-        )
+        add_bert_template(tokenizer)
+    return tokenizer
+
+
+def add_bert_template(tokenizer):
+    """Makes a WordPiece tokenizer add BERT's [CLS] A [SEP] (B [SEP]) around what it encodes."""
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+
+
+def load_hf_tokenizer(directory):
+    """The tokenizer of a Hugging Face model directory: its tokenizer.json, else (a BERT's)
+    its vocab.txt as a WordPiece tokenizer with BERT's normalisation (lower-cased unless
+    tokenizer_config.json says do_lower_case false) and template."""
+    if os.path.isfile(os.path.join(directory, FILE_NAME)):
+        return load_tokenizer(directory)
+    vocab = os.path.join(directory, VOCAB_FILE)
+    if not os.path.isfile(vocab):
+        raise ArgumentPathError("{directory} {}: neither {} nor {}", directory, FILE_NAME, VOCAB_FILE)
+    settings_path = os.path.join(directory, TOKENIZER_CONFIG)
+    settings = {}
+    if os.path.isfile(settings_path):
+        with open(settings_path, encoding="utf-8") as file:
+            settings = json.load(file)
+    tokenizer = Tokenizer(models.WordPiece.from_file(vocab, unk_token=settings.get("unk_token", "[UNK]")))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=settings.get("do_lower_case", True))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    for special in ("[CLS]", "[SEP]"):
+        if tokenizer.token_to_id(special) is None:
+            raise ValueError(f"{vocab} has no {special} token, which BERT's inputs begin and end with")
+    add_bert_template(tokenizer)
     return tokenizer
 
 

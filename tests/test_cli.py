@@ -186,7 +186,8 @@ def test_training_under_bf16_autocast_on_cpu(prepared, tmp_path, model):
 
 
 # The keys of options.json, as runs have written them: --resume reads them.
-OPTIONS_KEYS = ["model", "data", "preset", "kernels", "layers", "heads", "width", "context_length", "dropout", "nsp",
+OPTIONS_KEYS = ["model", "data", "preset", "init", "kernels", "layers", "heads", "width", "context_length", "dropout",
+                "nsp",
                 "steps", "batch_size", "micro_batch_size", "learning_rate", "min_learning_rate", "warmup_steps",
                 "weight_decay", "grad_clip", "eval_every", "eval_tokens", "checkpoint_every", "keep_checkpoints",
                 "divergence_factor", "skip_bad_steps", "log_every", "precision", "seed"]

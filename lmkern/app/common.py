@@ -132,8 +132,8 @@ def report_skipped(command, skipped):
 
 
 @contextlib.contextmanager
-def output_folder(path, command, *, inputs=(), overwrite=False):
-    """Claims the folder --out `path` for `command` (e.g. "lmkern prepare") while the block
+def output_folder(path, command, *, inputs=(), overwrite=False, flag="--out"):
+    """Claims the folder `path` (--out) for `command` (e.g. "lmkern prepare") while the block
     runs. Refuses a folder that is, holds or lies inside one of `inputs` ((option, path)
     pairs), and a folder holding files that `command` did not make unless `overwrite`: the
     command writes only its own files and never removes anything else. Creates the folder
@@ -141,27 +141,28 @@ def output_folder(path, command, *, inputs=(), overwrite=False):
     (files.lock_folder), so that a second command writing there stops, naming this process.
     If the block fails leaving no more than the marker and lock, those (and a folder it
     created) are removed again."""
-    for flag, given in inputs:
+    for input_flag, given in inputs:
         relation = files.overlap(path, given)
         if relation is not None:
             verb = {"same": "is", "contains": "contains", "inside": "lies inside"}[relation]
-            raise CommandError(f"--out {path} {verb} the input {flag} {given}: give the output a folder of its own")
+            raise CommandError(f"{flag} {path} {verb} the input {input_flag} {given}: give the output a folder of its "
+                               "own")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise CommandError(f"--out {path} is a file, not a folder")
+        raise CommandError(f"{flag} {path} is a file, not a folder")
     created = not os.path.exists(path)
     others = [] if created else sorted(set(os.listdir(path)) - {files.MARKER, files.LOCK})
     maker = None if created else files.folder_maker(path)
     if others and maker != command and not overwrite:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         origin = f"was made by `{maker}`" if maker else "was not made by lmkern"
-        raise CommandError(f"--out {path} holds other files ({shown}) and {origin}: choose a new or empty folder, or "
+        raise CommandError(f"{flag} {path} holds other files ({shown}) and {origin}: choose a new or empty folder, or "
                            f"pass --overwrite to let {command} write its own files among them (it removes nothing)")
     os.makedirs(path, exist_ok=True)
     try:
         lock = files.lock_folder(path)
     except files.FolderLocked as error:
-        raise CommandError(f"--out {path} is in use by another lmkern command, process {error.holder}: wait for it to "
-                           "finish, or choose another --out") from None
+        raise CommandError(f"{flag} {path} is in use by another lmkern command, process {error.holder}: wait for it to "
+                           f"finish, or choose another {flag}") from None
     with lock:
         marked = not others and maker is None
         if marked:

@@ -35,6 +35,9 @@ class RunConfig:
     data: str = option(None, "a folder from `lmkern prepare`", metavar="DIR")  # required; kept absolute
     preset: str = option(None, "model size: GPT tiny, gpt2, gpt2-medium, ...; Llama tiny, llama-3.2-1b, ...; BERT "
                          "tiny, bert-base, bert-large")
+    # Fine-tuning: the weights and config to start from instead of a preset's fresh ones.
+    init: str = option(None, "start from the weights of an lmkern checkpoint or run folder, or a Hugging Face model "
+                       "directory (config.json, model.safetensors), instead of a fresh --preset model", metavar="DIR")
     kernels: str = option("auto", "the lmkern backend of every op (default {default})",  # the fastest here
                           choices=backend.CHOICES)
     # The model's sizes: None keeps the preset's.
@@ -84,10 +87,17 @@ class RunConfig:
                        metavar="N")
 
     def __post_init__(self):
-        for name in ("data", "preset"):
+        for name in ("data",) if self.init is not None else ("data", "preset"):
             if getattr(self, name) is None:
                 raise ArgumentValueError("{name} is required (a resumed run remembers it)", name=name)
         self.data = os.path.abspath(self.data)  # so that --resume works from any folder
+        if self.init is not None:
+            self.init = os.path.abspath(self.init)
+            given = [name for name in ("preset", "layers", "heads", "width", "context_length")
+                     if getattr(self, name) is not None]
+            if given:
+                fields = ", ".join("{" + name + "}" for name in given)  # each named as its flag
+                raise ArgumentValueError("{init} gives the model and its sizes: " + fields + " cannot be given with it")
         for name, minimum in (("layers", 1), ("heads", 1), ("width", 1), ("context_length", 2)):
             if getattr(self, name) is not None:
                 check_at_least(name, getattr(self, name), minimum)
@@ -107,7 +117,7 @@ class RunConfig:
 
     def model_config(self, vocab_size):
         """The config of the run's model: its preset's, with the sizes, dropout and kernels
-        of the run, for a vocabulary of vocab_size."""
+        of the run, for a vocabulary of vocab_size. (With init, initial_model gives it.)"""
         module, _, _ = model_classes(self.model)
         if self.model == "gpt":
             sizes = dict(n_embd=self.width, context_length=self.context_length)
@@ -139,13 +149,19 @@ def flags(field):
 FLAGS = {**{field.name: flags(field)[0] for field in dataclasses.fields(RunConfig)}, "data_dir": "--data"}
 
 
-def add_options(parser):
-    """Adds RunConfig's options to `parser`: `model` as its positional argument, the others
-    in a group. An option that is not given is absent from the parsed arguments, so that
-    given values can be told from defaults (resumed_config)."""
+def add_options(parser, models=MODELS, hidden=()):
+    """Adds RunConfig's options to `parser`: `model` as its positional argument (one of
+    `models`), the others in a group, those of the `hidden` fields left out of the help
+    (but parsed, so that RunConfig can say why they do not apply). An option that is not
+    given is absent from the parsed arguments, so that given values can be told from
+    defaults (resumed_config)."""
     group = parser.add_argument_group("run options (with --resume: the run's own unless given)")
     for field in dataclasses.fields(RunConfig):
         settings = dict(field.metadata["settings"], help=field.metadata["help"].format(default=field.default))
+        if field.name == "model":
+            settings["choices"] = models
+        if field.name in hidden:
+            settings["help"] = argparse.SUPPRESS
         if field.type is bool:
             settings.update(action="store_const", const=not field.default)
         elif "choices" not in settings:

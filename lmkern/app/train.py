@@ -15,7 +15,7 @@ import os
 import torch
 
 from lmkern.app.common import CommandError, add_device, add_quiet, check_kernels, is_rank_zero, output_folder
-from lmkern.app.models import CAUSAL, check_same_tokenizer, model_classes
+from lmkern.app.models import CAUSAL, MODELS, check_same_tokenizer, initial_model, model_classes, tokenizer_folder
 from lmkern.app.run_config import FLAGS, add_options, holds_run, resumed_config, write_options
 
 
@@ -32,12 +32,17 @@ def clear_run(out_dir):
 
 def build(config, vocab_size):
     """(model, task) of the run of `config` (a RunConfig): its model freshly initialised
-    (seeded by config.seed) for a vocabulary of vocab_size, and its pretraining task."""
+    (seeded by config.seed) for a vocabulary of vocab_size, or with config.init's weights,
+    and its pretraining task."""
     from lmkern.models import tasks
 
     torch.manual_seed(config.seed)  # the initial weights
-    _, model_class, _ = model_classes(config.model)
-    model = model_class(config.model_config(vocab_size))
+    if config.init is None:
+        _, model_class, _ = model_classes(config.model)
+        model = model_class(config.model_config(vocab_size))
+    else:
+        dropout = {} if config.dropout is None else dict(dropout=config.dropout)
+        model, _ = initial_model(config.init, config.model, kernels=config.kernels, **dropout)
     common = dict(batch_size=config.batch_size, seed=config.seed, eval_tokens=config.eval_tokens,
                   eval_batch_size=config.micro_batch_size)
     if config.model in CAUSAL:
@@ -48,6 +53,11 @@ def build(config, vocab_size):
         model.nsp.requires_grad_(False)
     seq_length = config.context_length or min(128, model.config.max_position)
     return model, tasks.MaskedLMTask(config.data, seq_length, nsp=config.nsp, **common)
+
+
+def origin(config):
+    """Where the run's model came from, in words."""
+    return f"preset {config.preset}" if config.init is None else f"from {config.init}"
 
 
 def checkpoint_writer(config, out_dir, model):
@@ -65,7 +75,8 @@ def train(args):
 
     config = resumed_config(args)  # checked before anything is written
     writes = is_rank_zero()
-    claim = output_folder(args.out, "lmkern train", inputs=[("--data", config.data)], overwrite=args.overwrite)
+    claim = output_folder(args.out, f"lmkern {args.command}", inputs=[("--data", config.data)],
+                          overwrite=args.overwrite)
     try:
         with claim if writes else contextlib.nullcontext():
             rows = run(args, config, writes)
@@ -75,7 +86,7 @@ def train(args):
         last = rows[-1] if rows else {}  # a resumed run that had already finished, its metrics removed
         shown = {name: value for name, value in last.items() if name not in (*BOOKKEEPING, "lr")}
         metrics = ", ".join(f"{name} {value:.4g}" for name, value in shown.items())
-        print(f"trained {config.model} (preset {config.preset}, kernels {config.kernels}) to step "
+        print(f"trained {config.model} ({origin(config)}, kernels {config.kernels}) to step "
               f"{last.get('step', config.steps)}: {metrics}")
         print(f"checkpoint {newest_checkpoint(args.out)}; metrics {os.path.join(args.out, METRICS)}, plot "
               f"{os.path.join(args.out, PLOT)}")
@@ -96,6 +107,8 @@ def run(args, config, writes):
     data = TokenData(config.data, "train")
     model, task = build(config, data.meta["vocab_size"])
     resumed = newest_checkpoint(args.out) if args.resume else None
+    if config.init is not None and resumed is None:
+        check_same_tokenizer(data, tokenizer_folder(config.init), model.config.vocab_size)
     state = None
     if resumed is not None:  # (a run killed before its first checkpoint starts again from step 0)
         check_same_tokenizer(data, resumed, model.config.vocab_size)
@@ -110,7 +123,7 @@ def run(args, config, writes):
         start = (f"resuming {config.model} at step {state['step']}" if state else
                  f"resuming {config.model} from the start (it had no complete checkpoint)" if args.resume else
                  f"training {config.model}")
-        print(f"{start} (preset {config.preset}, {parameters:.2f}M parameters) on {len(data):,} tokens of "
+        print(f"{start} ({origin(config)}, {parameters:.2f}M parameters) on {len(data):,} tokens of "
               f"{config.data} for {config.steps} steps of {config.batch_size} sequences; kernels {config.kernels}, "
               f"precision {config.precision}, device {args.device}; run in {args.out}", flush=True)
     try:
@@ -122,23 +135,32 @@ def run(args, config, writes):
                            "--skip-bad-steps N to skip up to N bad steps") from None
 
 
+def add_run_parser(commands, name, models, run_command, hidden=(), **descriptions):
+    """The parser of a training command `name` (train, finetune): --out, --resume or
+    --overwrite, --device, --quiet and RunConfig's options (those of the `hidden` fields
+    not in its help), the model one of `models`; descriptions: its help and description."""
+    parser = commands.add_parser(name, **descriptions)
+    parser.add_argument("--out", required=True, metavar="DIR", help="the run's folder")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start anew in an --out holding a run (its checkpoints and metrics are replaced) or "
+                       "other files (left as they are)")
+    add_device(parser)
+    add_quiet(parser)
+    add_options(parser, models, hidden)
+    parser.set_defaults(run=run_command, flags=FLAGS,
+                        interrupted=f"`lmkern {name} ... --resume` continues from the last checkpoint")
+    return parser
+
+
 def add_parser(commands):
-    train_parser = commands.add_parser(
-        "train", help="pretrain a GPT (causal LM) or BERT (MLM + NSP) on data from `lmkern prepare`",
+    add_run_parser(
+        commands, "train", MODELS, train,
+        help="pretrain a GPT (causal LM) or BERT (MLM + NSP) on data from `lmkern prepare`",
         description="Pretrains a GPT (causal language modelling) or a BERT (masked language modelling and "
         "next-sentence prediction) through models/train.py. OUT gets checkpoints/step-N folders (weights, config, "
         "tokenizer, training state, manifest) with a `checkpoint` link to the newest, metrics.jsonl, loss.png and "
         "options.json. With --resume the run continues exactly where its newest complete checkpoint left off, with "
         "its saved options unless given again. Under torchrun it trains on every process (DDP).",
     )
-    train_parser.add_argument("--out", required=True, metavar="DIR", help="the run's folder")
-    start = train_parser.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    start.add_argument("--overwrite", action="store_true",
-                       help="start anew in an --out holding a run (its checkpoints and metrics are replaced) or "
-                       "other files (left as they are)")
-    add_device(train_parser)
-    add_quiet(train_parser)
-    add_options(train_parser)
-    train_parser.set_defaults(run=train, flags=FLAGS,
-                              interrupted="`lmkern train ... --resume` continues from the last checkpoint")

@@ -11,7 +11,7 @@ asserts a time.
 
 import pytest
 import torch
-from conftest import BACKENDS, DEVICES, DTYPES, require
+from conftest import BACKENDS, DEVICES, DTYPES, assert_compiles_like_eager, require
 from numerics import assert_close_to_truth, truth_dtype
 from op_check import bad_call_test
 from test_attention import assert_matches_reference, attention_and_grads, make_mask
@@ -282,3 +282,39 @@ def test_kv_cache_window_split_across_programs(device, backend):
         truth = cache_reference(q.double(), k_cache.double(), v_cache.double(), totals, window_left)
         baseline = cache_reference(q, k_cache, v_cache, totals, window_left)
         assert_close_to_truth(out, truth, baseline, name=f"length {length}")
+
+
+# The torch.library registration of the native ops with a window, in a dtype and head dim
+# (64) that the native kernels of each device take; and torch.compile.
+NATIVE_TEST_DTYPE = {"cpu": torch.float32, "cuda": torch.float16}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_ops_pass_opcheck_with_a_window(device):
+    dtype = NATIVE_TEST_DTYPE[device]
+    require("native", device, dtype, "attention")
+    generator = torch.Generator().manual_seed(15)
+    q, k, v = torch.randn(3, 2, 2, 70, 64, generator=generator).to(device, dtype)
+    for is_causal, causal_shift, window_left in ((True, 0, 9), (True, 5, 12), (False, 0, 4)):
+        args = (None, is_causal, causal_shift, 0.125, 0.0, 0, window_left)
+        out, lse = torch.ops.lmkern.attention_fwd(q, k, v, *args)
+        torch.library.opcheck(torch.ops.lmkern.attention_fwd.default, (q, k, v, *args))
+        torch.library.opcheck(torch.ops.lmkern.attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, *args))
+    require("native", device, dtype, "attention_with_kv_cache")
+    k_cache, v_cache = torch.randn(2, 2, 2, 40, 64, generator=generator).to(device, dtype)
+    lengths = torch.tensor([3, 30], device=device)
+    torch.library.opcheck(
+        torch.ops.lmkern.attention_with_kv_cache_fwd.default,
+        (q[:2, :, :3], k_cache, v_cache, lengths, k[:2, :, :3], v[:2, :, :3], 0.125, 6),
+    )
+
+
+def test_window_compiles_with_fullgraph_on_cpu():
+    require("native", "cpu", torch.float32, "attention")
+    q, k, v, kwargs, _ = window_case("mistral_gqa", torch.float32, "cpu")
+    weight = torch.randn(q.shape[-1], q.shape[-1], generator=torch.Generator().manual_seed(16)) / 4
+
+    def step(x):
+        return lmkern.scaled_dot_product_attention(x @ weight, k, v, backend="native", **kwargs).square().sum()
+
+    assert_compiles_like_eager(step, q)

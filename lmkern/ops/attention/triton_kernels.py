@@ -88,9 +88,12 @@ def _tile_sizes(config, args):
 def _score_tiles(args, computed):
     """Tiles of the scores' shape live at once, in registers: `computed` fp32 tiles of the
     math; a full mask's int64 addresses and values (3), a key mask's selects (1); dropout's
-    int64 offsets, random numbers and keep factors (4); a causal shift's bounds (1), a window's (1)."""
+    int64 offsets, random numbers and keep factors (4); a causal shift's bounds (1); a
+    window's bounds (1, and 3 at head dims over 128, where 64-row tiles with a window spilled
+    at the estimate of 1: benchmarks/results/triton-check/)."""
     mask = {NO_MASK.value: 0, KEY_MASK.value: 1, FULL_MASK.value: 3}[args["MASK_KIND"]]
-    return computed + mask + 4 * bool(args["HAS_DROPOUT"]) + bool(args["CAUSAL_SHIFTED"]) + bool(args["WINDOWED"])
+    window = (1 if args["BLOCK_D"] <= 128 else 3) * bool(args["WINDOWED"])
+    return computed + mask + 4 * bool(args["HAS_DROPOUT"]) + bool(args["CAUSAL_SHIFTED"]) + window
 
 
 def _exact_fp32(size, m, n, largest=16 * 32):
@@ -197,7 +200,8 @@ def _mask_scores(
             s = tl.where(values != 0, s, float("-inf"))
         else:
             s = s + values.to(tl.float32) * LOG2E
-    if CAUSAL:  # in int32 (lengths fit): 64-bit bounds made small tiles spill on sm_80
+    # In int32 (lengths fit): 64-bit bounds made small tiles spill on sm_80.
+    if CAUSAL:
         s = tl.where(cols.to(tl.int32) <= rows.to(tl.int32) + causal_shift, s, float("-inf"))
     if WINDOWED:
         s = tl.where(cols.to(tl.int32) >= rows.to(tl.int32) + (causal_shift - window_left), s, float("-inf"))
@@ -226,12 +230,13 @@ def _key_blocks(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """(start, unchecked_stop, stop) for the query rows [start_m, start_m + BLOCK_M): the key
-    blocks from start to unchecked_stop are seen whole by every row (no causal or bounds
-    check; a window's bound is checked); those from there to stop need the checks. Under
-    is_causal the blocks after stop (above the diagonal, query i seeing keys
-    j <= i + causal_shift) are skipped, and with a window those before start (before
-    start_m + causal_shift - window_left)."""
+    """(start, unchecked_stop, checked_start, stop) for the query rows [start_m, start_m +
+    BLOCK_M): the key blocks from start to unchecked_stop are seen whole by every row (no
+    causal or bounds check; a window's bound is checked); those from checked_start to stop
+    need the checks. Under is_causal the blocks after stop (above the diagonal, query i
+    seeing keys j <= i + causal_shift) are skipped, and with a window those before start
+    (before start_m + causal_shift - window_left). Without a window the bounds are computed
+    as they were before windows existed: at head dim 256 one more operation spilled."""
     if IS_CAUSAL and CAUSAL_SHIFTED:  # the shift may make the bounds negative
         stop = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + causal_shift, 0))
         seen_by_all = tl.minimum(seqlen_k, tl.maximum(start_m + 1 + causal_shift, 0))
@@ -241,10 +246,13 @@ def _key_blocks(
     else:
         stop = seqlen_k
         seen_by_all = seqlen_k
+    unchecked_stop = seen_by_all // BLOCK_N * BLOCK_N
     start = 0
+    checked_start = unchecked_stop
     if WINDOWED:
         start = tl.minimum(tl.maximum(start_m + causal_shift - window_left, 0), stop) // BLOCK_N * BLOCK_N
-    return start, seen_by_all // BLOCK_N * BLOCK_N, stop
+        checked_start = tl.maximum(start, unchecked_stop)
+    return start, unchecked_stop, checked_start, stop
 
 
 @triton.jit
@@ -413,7 +421,7 @@ def attention_fwd_kernel(
 
     if not CAUSAL_SHIFTED:
         causal_shift = 0
-    start, unchecked_stop, stop = _key_blocks(
+    start, unchecked_stop, checked_start, stop = _key_blocks(
         start_m, seqlen_k, causal_shift, window_left, IS_CAUSAL, CAUSAL_SHIFTED, WINDOWED, BLOCK_M, BLOCK_N
     )
 
@@ -429,7 +437,7 @@ def attention_fwd_kernel(
     acc, m_i, l_i = _attend(
         acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
         rows, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed, dropout_rows, dropout_p, dropout_scale,
-        tl.maximum(start, unchecked_stop), stop,
+        checked_start, stop,
         IS_CAUSAL, WINDOWED, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM,
         HEAD_DIM_V,
     )
@@ -702,6 +710,7 @@ def attention_bwd_kernel(
         query_stop = seqlen_q
         if WINDOWED:
             query_stop = tl.minimum(seqlen_q, tl.maximum(start_n + BLOCK_N - causal_shift + window_left, 0))
+            checked_stop = tl.minimum(checked_stop, query_stop)
         for group_index in range(kv_group):
             h = kv_head * kv_group + group_index
             q_head_ptr = q_ptr + b * stride_qb + h * stride_qh
@@ -712,7 +721,7 @@ def attention_bwd_kernel(
                 dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
                 lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
                 window_left, qk_scale,
-                seed, row0, dropout_p, dropout_scale, start, tl.minimum(checked_stop, query_stop),
+                seed, row0, dropout_p, dropout_scale, start, checked_stop,
                 IS_CAUSAL, WINDOWED, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM,
                 HEAD_DIM_V,
             )
@@ -757,7 +766,7 @@ def attention_bwd_kernel(
         k_ptr += b * stride_kb + kv_head * stride_kh
         v_ptr += b * stride_vb + kv_head * stride_vh
         mask_ptr += b * stride_mb + h * stride_mh
-        start, unchecked_stop, stop = _key_blocks(
+        start, unchecked_stop, checked_start, stop = _key_blocks(
             start_m, seqlen_k, causal_shift, window_left, IS_CAUSAL, CAUSAL_SHIFTED, WINDOWED, BLOCK_M, BLOCK_N
         )
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -773,7 +782,7 @@ def attention_bwd_kernel(
             dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
             stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed, row0 + rows,
             dropout_p, dropout_scale,
-            tl.maximum(start, unchecked_stop), stop,
+            checked_start, stop,
             IS_CAUSAL, WINDOWED, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM,
             HEAD_DIM_V,
         )

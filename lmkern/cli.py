@@ -5,6 +5,8 @@
     lmkern train gpt|llama|bert --data DIR --preset NAME --out DIR [--kernels K] [--resume | --overwrite] [options]
     lmkern eval --checkpoint DIR --data DIR
     lmkern generate --checkpoint DIR --prompt TEXT [--greedy | --temperature T --top-k K --top-p P]
+    lmkern finetune bert --init DIR --train FILE [--validation FILE] --out DIR [--regression] [options]
+    lmkern predict --checkpoint DIR --input FILE|- [--output FILE]
     lmkern demo [--data PATH...] [--quick] [--out DIR] [--kernels K]
     lmkern check [--tokens N] [--vocab V] [--device cpu|cuda]
     lmkern bench [the benchmark runner's arguments]
@@ -16,7 +18,7 @@ errors as one line, its exit status). Here: the parser, made of the commands' ow
 
 import argparse
 
-from lmkern.app import data, demo, evaluate, generate, tools, train
+from lmkern.app import data, demo, evaluate, finetune, generate, tools, train
 from lmkern.app.common import run_command
 
 
@@ -29,7 +31,7 @@ def parser():
     top.add_argument("--version", action="version", version=f"lmkern {lmkern.__version__} (torch {torch.__version__})")
     top.set_defaults(flags={}, interrupted=None)  # a command's own: see run_command
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (data, train, evaluate, generate, demo, tools):
+    for module in (data, train, evaluate, generate, finetune, demo, tools):
         module.add_parser(commands)
     return top
 

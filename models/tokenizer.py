@@ -33,19 +33,47 @@ def train_tokenizer(texts, kind, vocab_size):
             show_progress=False,
         )
     else:
-        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tokenizer.decoder = decoders.WordPiece()
+        tokenizer = bert_tokenizer(models.WordPiece(unk_token="[UNK]"), lowercase=True)
         trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS), show_progress=False
         )
     tokenizer.train_from_iterator(texts, trainer)
     if kind == "wordpiece":
-        cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-        )
+        add_bert_template(tokenizer)
+    return tokenizer
+
+
+def bert_tokenizer(wordpiece, lowercase):
+    """A Tokenizer of a WordPiece model with BERT's normalisation (lower-cased and accents
+    stripped if `lowercase`, as BERT's uncased models) and pre-tokenization."""
+    tokenizer = Tokenizer(wordpiece)
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    return tokenizer
+
+
+def add_bert_template(tokenizer):
+    """Makes encode() add BERT's [CLS] A [SEP] (B [SEP], segment 1) around the text."""
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+
+
+def wordpiece_from_vocab(path, lowercase=True):
+    """BERT's tokenizer from a Hugging Face vocab.txt (one WordPiece token a line, with
+    [CLS], [SEP] and [UNK]), as transformers' BertTokenizer builds it: lowercase=True for the
+    uncased models, False for the cased."""
+    try:
+        wordpiece = models.WordPiece.from_file(path, unk_token="[UNK]")
+    except Exception as error:  # the tokenizers library raises a bare Exception
+        raise ValueError(f"{path} is not a readable WordPiece vocabulary: {error}") from None
+    tokenizer = bert_tokenizer(wordpiece, lowercase)
+    missing = [token for token in ("[CLS]", "[SEP]", "[UNK]") if tokenizer.token_to_id(token) is None]
+    if missing:
+        raise ValueError(f"{path} lacks BERT's special tokens {', '.join(missing)}")
+    add_bert_template(tokenizer)
     return tokenizer
 
 

@@ -1,5 +1,5 @@
 """The commands of the lmkern command line, one module each — data (`tokenizer train`,
-`prepare`), train, evaluate (`eval`), generate, demo, tools (`info`, `check`, `bench`) —
+`prepare`), train, evaluate (`eval`), generate, finetune (`finetune bert`, `predict`), demo, tools (`info`, `check`, `bench`) —
 over the library in lmkern.models. run_config holds a training run's options (RunConfig),
 models the models a command loads, common what the commands share: run_command runs one,
 saying the library's errors with the command's flags in one line. lmkern/cli.py builds

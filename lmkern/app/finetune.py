@@ -111,7 +111,7 @@ FLAGS = {**{field.name: flags(field)[0] for field in dataclasses.fields(Finetune
 # -- the starting model ---------------------------------------------------------------------------
 
 
-def load_init(config, num_labels):
+def load_init(config, num_labels, device):
     """(BertForSequenceClassification with num_labels outputs on the CPU, its tokenizer) from
     --init: an lmkern checkpoint (its encoder; the classifier fresh) or a Hugging Face
     directory (with its classifier if it has one of num_labels outputs, as transformers'
@@ -134,9 +134,9 @@ def load_init(config, num_labels):
     if kind not in ("bert", CLASSIFIER):
         raise CommandError(f"--init {path} holds a {kind} model: finetune bert starts from a BERT (a checkpoint of "
                            "`lmkern train bert` or a Hugging Face BERT directory)")
-    _, pretrained, folder = load_model(folder, config.kernels, "cpu", kinds=("bert", CLASSIFIER))
+    _, pretrained, folder = load_model(folder, config.kernels, device, kinds=("bert", CLASSIFIER))
     model = classifier(dataclasses.replace(pretrained.config, **overrides), num_labels)
-    model.bert.load_state_dict(pretrained.bert.state_dict())
+    model.bert.load_state_dict(pretrained.bert.cpu().state_dict())
     return model, load_checkpoint_tokenizer(folder)
 
 
@@ -219,7 +219,7 @@ def finetune(args):
     labels = None if config.regression else classify.label_names(train)
     train_targets = classify.label_targets(train, labels, "train")
     val_targets = classify.label_targets(val, labels, val_argument)
-    model, tokenizer = load_init(config, 1 if labels is None else len(labels))
+    model, tokenizer = load_init(config, 1 if labels is None else len(labels), args.device)
     max_length = check_max_length(config.max_length, model.config)
     flag = f"--train {config.train}"
     encoded_train = encode_examples(tokenizer, train, max_length, flag)

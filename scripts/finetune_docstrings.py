@@ -29,8 +29,8 @@ import torch
 from lmkern import cli
 from lmkern.models.corpus import write_docstring_task
 
-FULL = dict(per_package=200, vocab=4096, layers=2, pretrain_steps=400, seq_length=128, epochs=6, max_length=128,
-            lr=5e-4, patience=3)
+FULL = dict(per_package=200, vocab=4096, layers=2, pretrain_steps=400, seq_length=128, epochs=10, max_length=128,
+            lr=1e-3, patience=3)
 # A tiny model's loss stays flat for its first twenty steps or so: no early stopping.
 QUICK = dict(per_package=40, vocab=600, layers=1, pretrain_steps=20, seq_length=64, epochs=8, max_length=64, lr=2e-3,
              patience=0)
@@ -144,7 +144,7 @@ def markdown(result):
         "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
         *(f"| {name} | " + " | ".join(map(str, row)) + " |" for name, row in zip(names, result["confusion"])), "",
         "Seconds per command: " + ", ".join(f"{name} {value}" for name, value in result["seconds"].items()) + ".", "",
-        "Commands (after `python scripts/finetune_docstrings.py` wrote the task and its corpus):", "", "```sh",
+        "Commands (after `python -m scripts.finetune_docstrings` wrote the task and its corpus):", "", "```sh",
         *result["commands"], "```", "",
     ]
     return "\n".join(lines)

@@ -334,3 +334,11 @@ def test_examples_from_every_format_agree(tmp_path):
             for kind in ("csv", "tsv", "jsonl")]
     assert all(examples.texts == read[0].texts and examples.labels == read[0].labels for examples in read)
     assert read[0].texts == [row["text"] for row in rows]
+
+
+def test_a_classifier_checkpoint_starts_another_fine_tuning_and_eval_refuses_it(classifier_run, colours, tmp_path,
+                                                                                 capsys):
+    assert lmkern("finetune", "bert", "--init", classifier_run / "checkpoint", "--train", colours["train"], "--epochs",
+                  1, "--out", tmp_path / "again", *TINY) == 0
+    error = one_line_error(capsys, lmkern("eval", "--checkpoint", classifier_run, "--data", tmp_path, "--device", "cpu"))
+    assert "model 'bert-classifier' is neither of gpt, llama, bert" in error

@@ -4,8 +4,10 @@
     lmkern prepare --data PATH... --tokenizer DIR --out DIR [--val-fraction F]
     lmkern train gpt|llama|bert --data DIR --preset NAME --out DIR [--kernels K] [--resume | --overwrite] [options]
     lmkern finetune gpt|llama --init DIR --data DIR --out DIR [--resume | --overwrite] [train's options]
+    lmkern finetune bert --init DIR --train FILE [--validation FILE] --out DIR [--regression] [options]
     lmkern eval --checkpoint DIR --data DIR
     lmkern generate --checkpoint DIR --prompt TEXT [--greedy | --temperature T --top-k K --top-p P]
+    lmkern predict --checkpoint DIR --input FILE|- [--output FILE]
     lmkern embed --model DIR --input PATH --output PATH.npy|PATH.safetensors [--normalize]
     lmkern export --checkpoint DIR --hf DIR [--overwrite]
     lmkern demo [--data PATH...] [--quick] [--out DIR] [--kernels K]
@@ -19,7 +21,7 @@ errors as one line, its exit status). Here: the parser, made of the commands' ow
 
 import argparse
 
-from lmkern.app import data, demo, embed, evaluate, export, finetune_lm, generate, tools, train
+from lmkern.app import data, demo, embed, evaluate, export, finetune, generate, tools, train
 from lmkern.app.common import run_command
 
 
@@ -32,7 +34,7 @@ def parser():
     top.add_argument("--version", action="version", version=f"lmkern {lmkern.__version__} (torch {torch.__version__})")
     top.set_defaults(flags={}, interrupted=None)  # a command's own: see run_command
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (data, train, finetune_lm, evaluate, generate, embed, export, demo, tools):
+    for module in (data, train, finetune, evaluate, generate, embed, export, demo, tools):
         module.add_parser(commands)
     return top
 

@@ -4,6 +4,7 @@
         model.safetensors           the weights (tied weights stored once)
         config.json                 {"model": "gpt" | "bert" | ..., "config": the model's config}
         tokenizer.json              the tokenizer the model was trained with
+        labels.json, ...            what else the model needs, as JSON (a classifier's labels)
         state.pt                    the training loop's state: step, optimizer, ...
         manifest.json               each file above with its size and sha256, written last
     checkpoint -> checkpoints/step-00000500    a link to the newest, replaced atomically
@@ -50,13 +51,14 @@ def save_checkpoint(run_dir, step, model, state, **contents):
     return step_folder(run_dir, step)
 
 
-def save_stages(run_dir, step, model, state, *, kind, config, tokenizer_dir, keep):
+def save_stages(run_dir, step, model, state, *, kind, config, tokenizer_dir, keep, extras=None):
     """save_checkpoint's work, one durable change to the run folder per iteration: stopping
     the iteration after any of them, as a kill would, leaves a run that resumes from its
     newest complete checkpoint (the tests stop it at every one). Writes model's weights,
     kind and config (a dict), the tokenizer.json of tokenizer_dir (the model's tokenizer: a
-    folder of prepared token files holds a copy) and the training `state`, then keeps the
-    newest `keep` checkpoints. Yields what each stage did."""
+    folder of prepared token files holds a copy), the training `state` and `extras` ({file
+    name: value written as JSON}), then keeps the newest `keep` checkpoints. Yields what
+    each stage did."""
     bad = nonfinite_weights(model)
     if bad:
         raise ValueError(f"not saving the weights of step {step}: {', '.join(bad[:3])} hold non-finite values")
@@ -73,13 +75,17 @@ def save_stages(run_dir, step, model, state, *, kind, config, tokenizer_dir, kee
     with open(os.path.join(partial, CONFIG), "w") as file:
         json.dump({"model": kind, "config": config}, file, indent=1)
     shutil.copyfile(os.path.join(tokenizer_dir, TOKENIZER_FILE), os.path.join(partial, TOKENIZER_FILE))
+    extras = extras or {}
+    for name, value in extras.items():
+        with open(os.path.join(partial, name), "w") as file:
+            json.dump(value, file, indent=1)
     yield "wrote the config and tokenizer"
     write_weights(model, os.path.join(partial, WEIGHTS))
     yield "wrote the weights"
     with open(os.path.join(partial, STATE), "wb") as file:
         torch.save(state, file)  # to a Python file: a full disk raises OSError naming the file
     yield "wrote the training state"
-    names = (WEIGHTS, CONFIG, TOKENIZER_FILE, STATE)
+    names = (WEIGHTS, CONFIG, TOKENIZER_FILE, STATE, *extras)
     for name in names:
         sync(os.path.join(partial, name))
     manifest = {"step": step, "files": {name: describe_file(os.path.join(partial, name)) for name in names}}
@@ -224,13 +230,11 @@ def verified(folder, name):
 
 def load_config(folder):
     """(kind, config dict) of a checkpoint."""
-    path = verified(folder, CONFIG)
-    with open(path) as file:
-        try:
-            saved = json.load(file)
-            return saved["model"], saved["config"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path} is corrupted: {error}") from None
+    saved = load_json(folder, CONFIG)
+    try:
+        return saved["model"], saved["config"]
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{os.path.join(folder, CONFIG)} is corrupted: {error!r}") from None
 
 
 def load_weights(folder, model):
@@ -249,6 +253,16 @@ def load_weights(folder, model):
     if bad:
         raise ValueError(f"{path} holds non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
                          f"the run that saved it had diverged")
+
+
+def load_json(folder, name):
+    """The value of the checkpoint's JSON file `name` (one of its save's extras)."""
+    path = verified(folder, name)
+    with open(path) as file:
+        try:
+            return json.load(file)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is corrupted: {error}") from None
 
 
 def load_state(folder):

@@ -35,10 +35,7 @@ def train_tokenizer(texts, kind, vocab_size):
             show_progress=False,
         )
     else:
-        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tokenizer.decoder = decoders.WordPiece()
+        tokenizer = bert_tokenizer(models.WordPiece(unk_token="[UNK]"), lowercase=True)
         trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS), show_progress=False
         )
@@ -48,8 +45,18 @@ def train_tokenizer(texts, kind, vocab_size):
     return tokenizer
 
 
+def bert_tokenizer(wordpiece, lowercase):
+    """A Tokenizer of a WordPiece model with BERT's normalisation (lower-cased and accents
+    stripped if `lowercase`, as BERT's uncased models) and pre-tokenization."""
+    tokenizer = Tokenizer(wordpiece)
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    return tokenizer
+
+
 def add_bert_template(tokenizer):
-    """Makes a WordPiece tokenizer add BERT's [CLS] A [SEP] (B [SEP]) around what it encodes."""
+    """Makes encode() add BERT's [CLS] A [SEP] (B [SEP], segment 1) around the text."""
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -58,8 +65,9 @@ def add_bert_template(tokenizer):
 
 def load_hf_tokenizer(directory):
     """The tokenizer of a Hugging Face model directory: its tokenizer.json, else (a BERT's)
-    its vocab.txt as a WordPiece tokenizer with BERT's normalisation (lower-cased unless
-    tokenizer_config.json says do_lower_case false) and template."""
+    its vocab.txt as transformers' BertTokenizer builds it: WordPiece with BERT's
+    normalisation (lower-cased unless tokenizer_config.json says do_lower_case false) and
+    template."""
     if os.path.isfile(os.path.join(directory, FILE_NAME)):
         return load_tokenizer(directory)
     vocab = os.path.join(directory, VOCAB_FILE)
@@ -70,13 +78,15 @@ def load_hf_tokenizer(directory):
     if os.path.isfile(settings_path):
         with open(settings_path, encoding="utf-8") as file:
             settings = json.load(file)
-    tokenizer = Tokenizer(models.WordPiece.from_file(vocab, unk_token=settings.get("unk_token", "[UNK]")))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=settings.get("do_lower_case", True))
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    for special in ("[CLS]", "[SEP]"):
-        if tokenizer.token_to_id(special) is None:
-            raise ValueError(f"{vocab} has no {special} token, which BERT's inputs begin and end with")
+    unknown = settings.get("unk_token", "[UNK]")
+    try:
+        wordpiece = models.WordPiece.from_file(vocab, unk_token=unknown)
+    except Exception as error:  # the tokenizers library raises a bare Exception
+        raise ValueError(f"{vocab} is not a readable WordPiece vocabulary: {error}") from None
+    tokenizer = bert_tokenizer(wordpiece, settings.get("do_lower_case", True))
+    missing = [token for token in ("[CLS]", "[SEP]", unknown) if tokenizer.token_to_id(token) is None]
+    if missing:
+        raise ValueError(f"{vocab} lacks BERT's special tokens {', '.join(missing)}")
     add_bert_template(tokenizer)
     return tokenizer
 

@@ -1,5 +1,5 @@
-"""The pretraining loop GPT and BERT share: AdamW (fused where torch has it), linear
-warm-up then cosine decay, gradient clipping and accumulation, mixed precision (torch.autocast
+"""The training loop GPT and BERT share (pretraining, and fine-tuning by lmkern finetune):
+AdamW (fused where torch has it), linear warm-up then cosine (or linear) decay, gradient clipping and accumulation, mixed precision (torch.autocast
 over fp32 weights: bf16 by default on a GPU, fp16 with loss scaling),
 evaluation before the first step and every N steps, progress (a bar on a terminal, a line
 every N steps otherwise), metrics appended to DIR/metrics.jsonl (standard JSON: null for a
@@ -24,6 +24,8 @@ A task gives the loop its data and loss:
                                    other terms to log beside it, e.g. "mlm_loss"}
     task.tokens(batch)             how many tokens the micro-batch trains on
     task.evaluate(model)           {metric: value} on held-out data
+    task.finished()                optional: asked after each evaluation and checkpoint,
+                                   True ends the run there (early stopping; one process)
 """
 
 import contextlib
@@ -57,6 +59,7 @@ class TrainConfig:
     learning_rate: float = 6e-4  # GPT-2 small's peak (as nanoGPT)
     min_learning_rate: float = 6e-5  # reached at the last step by the cosine decay: a tenth of the peak
     warmup_steps: int = 100  # a tenth of the default run
+    schedule: str = "cosine"  # the decay after warm-up: cosine (GPT-3's), or linear (BERT's, fine-tuning's)
     weight_decay: float = 0.1  # on matrices and embeddings; biases and norms get none (as nanoGPT)
     betas: tuple = (0.9, 0.95)  # GPT-3's AdamW betas (as nanoGPT)
     grad_clip: float = 1.0  # GPT-3's clip of the global gradient norm
@@ -78,6 +81,8 @@ class TrainConfig:
             raise ArgumentValueError("{batch_size} {} must be a multiple of {micro_batch_size} {}", self.batch_size,
                                      self.micro_batch_size)
         check_at_least("warmup_steps", self.warmup_steps, 0)
+        if self.schedule not in SCHEDULES:
+            raise ArgumentValueError("{schedule} must be one of {}, got {!r}", ", ".join(SCHEDULES), self.schedule)
         if not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ArgumentValueError("{min_learning_rate} must be in [0, {learning_rate} {}], got {}",
                                      self.learning_rate, self.min_learning_rate)
@@ -89,6 +94,7 @@ class TrainConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear")
 
 
 def autocast_dtype(precision, device_type):
@@ -129,9 +135,9 @@ def learning_rate(config, step):
     """The learning rate of optimizer step `step` (0-based)."""
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return config.min_learning_rate + (config.learning_rate - config.min_learning_rate) * cosine
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps))
+    remaining = 1.0 - progress if config.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_learning_rate + (config.learning_rate - config.min_learning_rate) * remaining
 
 
 def optimizer_for(model, config, device):
@@ -411,5 +417,7 @@ def train(model, task, config, out_dir, *, save, device, state=None, progress=Tr
                                    "first_loss": first_loss, "bad_steps": bad_steps,
                                    "train_config": dataclasses.asdict(config)})
             last_saved = done
+        if evaluated and getattr(task, "finished", lambda: False)():
+            break
     log.close()
     return rows

@@ -20,12 +20,17 @@ def finetune(args):
     return train(args)
 
 
-def add_parser(commands):
-    return add_run_parser(
-        commands, "finetune", MODELS, finetune, hidden=FROM_INIT,
-        help="continue training a GPT or Llama from a checkpoint or a Hugging Face directory (--init) on your data",
-        description="Continued pretraining of a GPT or Llama on data from `lmkern prepare` made with the model's own "
-        "tokenizer (checked): the weights and sizes come from --init (an lmkern checkpoint or run folder, or a "
-        "Hugging Face directory with config.json, model.safetensors and tokenizer.json, read offline), the rest is "
-        "`lmkern train`'s: the same options, run folder and exact --resume from the run's own checkpoints.",
-    )
+def add_parsers(models):
+    """The `gpt` and `llama` parsers under `finetune`'s subcommands `models`
+    (lmkern/app/finetune.py makes them, beside `bert`)."""
+    for kind in MODELS:
+        add_run_parser(
+            models, kind, None, finetune, hidden=FROM_INIT, command=f"finetune {kind}",
+            help=f"continue training a {'GPT' if kind == 'gpt' else 'Llama'} from a checkpoint or a Hugging Face "
+            "directory (--init) on your data",
+            description=f"Continued pretraining of a {'GPT' if kind == 'gpt' else 'Llama'} on data from `lmkern "
+            "prepare` made with the model's own tokenizer (checked): the weights and sizes come from --init (an "
+            "lmkern checkpoint or run folder, or a Hugging Face directory with config.json, model.safetensors and "
+            "tokenizer.json, read offline), the rest is `lmkern train`'s: the same options, run folder and exact "
+            "--resume from the run's own checkpoints.",
+        )

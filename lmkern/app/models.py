@@ -1,4 +1,5 @@
-"""GPT, Llama and BERT for the commands: their classes, and a model loaded from a checkpoint."""
+"""GPT, Llama and BERT for the commands: their classes, and a model loaded from a checkpoint
+(also a BERT classifier from `lmkern finetune bert`)."""
 
 import os
 
@@ -6,10 +7,12 @@ from lmkern.app.common import check_kernels
 
 MODELS = ("gpt", "llama", "bert")
 CAUSAL = ("gpt", "llama")  # language models that predict the next token: perplexity, generation
+CLASSIFIER = "bert-classifier"  # a BertForSequenceClassification from `lmkern finetune bert`
+LABELS = "labels.json"  # a classifier checkpoint's {"labels": class names ([] for regression), ...}
 
 
 def model_classes(kind):
-    """(module, pretraining model class, config class) of one of MODELS."""
+    """(module, pretraining model class, config class) of one of MODELS (or CLASSIFIER's)."""
     if kind == "gpt":
         from lmkern.models import gpt
 
@@ -20,7 +23,7 @@ def model_classes(kind):
         return llama, llama.Llama, llama.LlamaConfig
     from lmkern.models import bert
 
-    return bert, bert.BertForPreTraining, bert.BertConfig
+    return bert, bert.BertForSequenceClassification if kind == CLASSIFIER else bert.BertForPreTraining, bert.BertConfig
 
 
 def is_checkpoint(path):
@@ -31,32 +34,34 @@ def is_checkpoint(path):
     return os.path.isfile(os.path.join(path, MANIFEST)) or newest_checkpoint(path) is not None
 
 
-def checkpoint_model(folder, **overrides):
-    """(kind, model) of the checkpoint folder, its config's fields overridden (kernels,
-    dropout), weights loaded and checked."""
-    from lmkern.models.checkpoint import CONFIG, load_config, load_weights
+def checkpoint_model(folder, kinds=(*MODELS, CLASSIFIER), **overrides):
+    """(kind, model) of the checkpoint folder, whose kind must be one of `kinds`, its
+    config's fields overridden (kernels, dropout), weights loaded and checked."""
+    from lmkern.models.checkpoint import CONFIG, load_config, load_json, load_weights
 
     kind, saved = load_config(folder)
-    if kind not in MODELS:
-        raise ValueError(f"{os.path.join(folder, CONFIG)}: model {kind!r} is neither of {', '.join(MODELS)}")
+    if kind not in kinds:
+        raise ValueError(f"{os.path.join(folder, CONFIG)}: model {kind!r} is neither of {', '.join(kinds)}")
     _, model_class, config_class = model_classes(kind)
     try:
         config = config_class(**{**saved, **overrides})
     except (TypeError, ValueError) as error:
         raise ValueError(f"{os.path.join(folder, CONFIG)} is corrupted: {error}") from None
-    model = model_class(config)
+    heads = dict(num_labels=max(1, len(load_json(folder, LABELS)["labels"]))) if kind == CLASSIFIER else {}
+    model = model_class(config, **heads)
     load_weights(folder, model)
     return kind, model
 
 
-def load_model(path, kernels, device):
+def load_model(path, kernels, device, kinds=MODELS):
     """(kind, model in eval mode on device, checkpoint folder) of the checkpoint at path (a
-    checkpoint folder, or a run folder: its newest complete checkpoint)."""
+    checkpoint folder, or a run folder: its newest complete checkpoint), whose kind must be
+    one of `kinds`."""
     from lmkern.models.checkpoint import find_checkpoint
 
     folder = find_checkpoint(path)
     check_kernels(kernels, device)
-    kind, model = checkpoint_model(folder, kernels=kernels)
+    kind, model = checkpoint_model(folder, kinds, kernels=kernels)
     return kind, model.to(device).eval(), folder
 
 

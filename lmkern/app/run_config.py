@@ -149,17 +149,23 @@ def flags(field):
 FLAGS = {**{field.name: flags(field)[0] for field in dataclasses.fields(RunConfig)}, "data_dir": "--data"}
 
 
-def add_options(parser, models=MODELS, hidden=()):
-    """Adds RunConfig's options to `parser`: `model` as its positional argument (one of
-    `models`), the others in a group, those of the `hidden` fields left out of the help
-    (but parsed, so that RunConfig can say why they do not apply). An option that is not
-    given is absent from the parsed arguments, so that given values can be told from
-    defaults (resumed_config)."""
-    group = parser.add_argument_group("run options (with --resume: the run's own unless given)")
-    for field in dataclasses.fields(RunConfig):
+def add_options(parser, config_class=RunConfig, title="run options (with --resume: the run's own unless given)", *,
+                models=None, hidden=(), model_positional=True):
+    """Adds the options of config_class (RunConfig, or another dataclass of option() fields)
+    to `parser`: `model` as its positional argument (one of `models`, default the field's
+    choices; none where model_positional is False: a subcommand names the model), the
+    others in a group, those of the `hidden` fields left out of the help (but parsed, so
+    that the config can say why they do not apply). An option that is not given is absent
+    from the parsed arguments, so that given values can be told from defaults
+    (resumed_config)."""
+    group = parser.add_argument_group(title)
+    for field in dataclasses.fields(config_class):
         settings = dict(field.metadata["settings"], help=field.metadata["help"].format(default=field.default))
         if field.name == "model":
-            settings["choices"] = models
+            if not model_positional:
+                continue
+            if models is not None:
+                settings["choices"] = models
         if field.name in hidden:
             settings["help"] = argparse.SUPPRESS
         if field.type is bool:
@@ -177,11 +183,17 @@ def holds_run(out_dir):
     return os.path.isfile(os.path.join(out_dir, OPTIONS_FILE)) or newest_checkpoint(out_dir) is not None
 
 
+def given_options(args, config_class=RunConfig):
+    """{field: value} of the options of config_class given on the command line (add_options)."""
+    return {field.name: getattr(args, field.name) for field in dataclasses.fields(config_class)
+            if hasattr(args, field.name)}
+
+
 def resumed_config(args):
     """The RunConfig of the parsed arguments of `lmkern train`: the options given, over (with
     --resume) the run's saved ones in --out, over the defaults."""
     names = [field.name for field in dataclasses.fields(RunConfig)]
-    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    given = given_options(args)
     saved = {}
     if args.resume:
         if not holds_run(args.out):
@@ -206,5 +218,6 @@ def read_options(path):
 
 
 def write_options(out_dir, config):
-    """Saves the run's options (a RunConfig) as out_dir/options.json, atomically."""
+    """Saves the run's options (a RunConfig, or another options dataclass) as
+    out_dir/options.json, atomically."""
     write_json(os.path.join(out_dir, OPTIONS_FILE), dataclasses.asdict(config))

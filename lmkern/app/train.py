@@ -135,10 +135,12 @@ def run(args, config, writes):
                            "--skip-bad-steps N to skip up to N bad steps") from None
 
 
-def add_run_parser(commands, name, models, run_command, hidden=(), **descriptions):
-    """The parser of a training command `name` (train, finetune): --out, --resume or
-    --overwrite, --device, --quiet and RunConfig's options (those of the `hidden` fields
-    not in its help), the model one of `models`; descriptions: its help and description."""
+def add_run_parser(commands, name, models, run_command, hidden=(), command=None, **descriptions):
+    """The parser of a training command `name` (train; finetune's gpt, llama): --out,
+    --resume or --overwrite, --device, --quiet and RunConfig's options (those of the
+    `hidden` fields not in its help), the model one of `models` (None: named by the
+    subcommand `name` itself); command: how a user calls it (default `name`);
+    descriptions: its help and description."""
     parser = commands.add_parser(name, **descriptions)
     parser.add_argument("--out", required=True, metavar="DIR", help="the run's folder")
     start = parser.add_mutually_exclusive_group()
@@ -148,9 +150,9 @@ def add_run_parser(commands, name, models, run_command, hidden=(), **description
                        "other files (left as they are)")
     add_device(parser)
     add_quiet(parser)
-    add_options(parser, models, hidden)
+    add_options(parser, models=models, hidden=hidden, model_positional=models is not None)
     parser.set_defaults(run=run_command, flags=FLAGS,
-                        interrupted=f"`lmkern {name} ... --resume` continues from the last checkpoint")
+                        interrupted=f"`lmkern {command or name} ... --resume` continues from the last checkpoint")
     return parser
 
 

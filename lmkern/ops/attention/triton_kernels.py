@@ -136,6 +136,10 @@ def _bwd_resources(config, args, target):
     fp32_tile = (16, 32) if args["DKDV"] else (16, 16)
     if resident < streamed or (size == 4 and (m, n) != fp32_tile):
         return float("inf"), float("inf")
+    if args["DKDV"] and args["WINDOWED"] and d > 128 and threads < 256:
+        # dK/dV of a window at head dims over 128: 16 x 16 tiles on 4 warps spilled under
+        # triton 3.6 (benchmarks/results/triton-check/); 8 warps hold them.
+        return float("inf"), float("inf")
     accumulators = n * (d + dv) if args["DKDV"] else m * d
     registers = (
         accumulators + _score_tiles(args, 3) * m * n + resident * (d + dv) * size / 4

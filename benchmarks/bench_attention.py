@@ -1,15 +1,21 @@
-"""Attention (B, H, L, D), causal and not, and with a sliding window: lmkern's backends
-against each SDPA backend of torch (flash, memory-efficient, cuDNN, math; each absent with
-its reason where it cannot run), torch.compile of the math, and flash-attn.
+"""Attention (B, H, L, D), causal and not, with a sliding window, with a key-padding mask
+(BERT's padded batches) and with grouped-query heads (GQA): lmkern's backends against each
+SDPA backend of torch (flash, memory-efficient, cuDNN, math; each absent with its reason
+where it cannot run a kind of case), torch.compile of the math, and flash-attn.
 
 Compute-bound, in TFLOP/s over the two matmuls of forward: 4 B H L^2 D, halved when
 causal; backward 2.5x forward (five matmuls, one of them recomputing the scores);
 forward+backward 3.5x. With a sliding window the work is 4 B H D times the (query, key)
 pairs inside it; its cases keep the window fixed over several L, so that kernels which
 skip the key blocks outside it show a time linear in L (a constant TFLOP/s), where torch's,
-given the window as a dense mask, stay quadratic.
+given the window as a dense mask, stay quadratic. With key padding (a boolean (B, 1, 1, L)
+mask, the same for every provider, about a quarter of each sequence padded) the work is
+counted over the real keys only, 4 H D L sum_b n_b for sequences of n_b real tokens: what
+a kernel that skips padded keys need not compute. GQA changes no count: every query head
+attends over L keys.
 """
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -27,6 +33,7 @@ SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "M
 
 
 NO_WINDOW = (-1, -1)
+PADDING = 0.25  # of each padded case's tokens, on average
 
 
 def window_cases(heads, head_dim, seqlens, left):
@@ -38,11 +45,21 @@ def window_cases(heads, head_dim, seqlens, left):
     ]
 
 
+def cpu_case(seqlen, head_dim, causal, heads=8, tokens=2048, **kind):
+    """A CPU case of `tokens` tokens per batch (2048: the batch shrinks as L grows, so that
+    the time grows linearly in L), `heads` query heads; kind: kv_heads (GQA), padding."""
+    return dict(batch=max(1, tokens // seqlen), heads=heads, seqlen=seqlen, head_dim=head_dim, causal=causal, **kind)
+
+
 def cases(device, quick):
     if quick:
         return [dict(batch=2, heads=4, seqlen=128, head_dim=64, causal=causal) for causal in (False, True)] + (
             window_cases(4, 64, (128, 256), 31)
-        )
+        ) + [
+            dict(batch=2, heads=4, seqlen=128, head_dim=80, causal=True),
+            dict(batch=4, heads=4, seqlen=128, head_dim=64, causal=False, padding=PADDING),
+            dict(batch=2, heads=8, kv_heads=2, seqlen=128, head_dim=64, causal=True),
+        ]
     if device == "cuda":  # 16k tokens per batch and model width 2048, as flash-attention's benchmarks
         return [
             dict(batch=16384 // seqlen, heads=2048 // head_dim, seqlen=seqlen, head_dim=head_dim, causal=causal)
@@ -50,29 +67,64 @@ def cases(device, quick):
             for seqlen in (512, 1024, 2048, 4096, 8192, 16384)
             for causal in (False, True)
         ] + window_cases(16, 128, (4096, 8192, 16384, 32768), 1023)
-    sizes = [(512, 64), (1024, 64), (2048, 64), (1024, 128)]
+    # What users' models run, kept to a few minutes on a small CPU: head dims 64 and 128
+    # causal and not over L; 32 (MiniLM's encoder, not causal), 80 and 96 (Phi-2's and
+    # Phi-3's decoders, causal), all at 8 heads to compare; BERT-base's padded batches (12
+    # heads, 32 x 128 and 4 x 512); Llama-3.2-1B's grouped heads (32 query heads over 8).
     return [
-        dict(batch=2, heads=8, seqlen=seqlen, head_dim=head_dim, causal=causal)
-        for seqlen, head_dim in sizes
-        for causal in (False, True)
-    ] + window_cases(8, 64, (1024, 2048, 4096), 127)
+        *(cpu_case(seqlen, 64, causal) for seqlen in (128, 512, 2048) for causal in (False, True)),
+        *(cpu_case(512, 128, causal) for causal in (False, True)),
+        cpu_case(512, 32, False),
+        cpu_case(512, 80, True),
+        cpu_case(512, 96, True),
+        cpu_case(128, 64, False, heads=12, tokens=4096, padding=PADDING),
+        cpu_case(512, 64, False, heads=12, padding=PADDING),
+        *(cpu_case(seqlen, 64, True, heads=32, tokens=seqlen, kv_heads=8) for seqlen in (512, 1024)),
+    ] + window_cases(8, 64, (512, 1024, 2048), 127)
 
 
 def label(case):
+    heads = f"{case['heads']}/{case['kv_heads']}" if "kv_heads" in case else case["heads"]
     causal = " causal" if case["causal"] else ""
     window = case.get("window", NO_WINDOW)
     windowed = f" window {window}" if window != NO_WINDOW else ""
-    return f"{case['batch']}x{case['heads']}x{case['seqlen']}x{case['head_dim']}{causal}{windowed}"
+    padded = f" padding {case['padding']:.0%}" if "padding" in case else ""
+    return f"{case['batch']}x{heads}x{case['seqlen']}x{case['head_dim']}{causal}{windowed}{padded}"
 
 
 def dtype(device):
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
+def padded_lengths(batch, seqlen, padding):
+    """Real tokens of each of `batch` sequences padded to seqlen: padded by fractions spread
+    evenly from 0.4x to 1.6x `padding` (their mean), so that the lengths vary as in a real
+    batch (bench_bert_infer.py's batches too)."""
+    fractions = torch.linspace(0.4 * padding, 1.6 * padding, batch) if batch > 1 else torch.tensor([padding])
+    return [seqlen - round(seqlen * float(fraction)) for fraction in fractions]
+
+
+def padding_mask(lengths, seqlen, device):
+    """(B, L) bool, True on each sequence's real tokens (its first n_b, for n_b in lengths)."""
+    return torch.arange(seqlen, device=device) < torch.tensor(lengths, device=device)[:, None]
+
+
+def real_lengths(case):
+    return padded_lengths(case["batch"], case["seqlen"], case["padding"])
+
+
+def key_padding_mask(case, device):
+    """(B, 1, 1, L) bool, True on each sequence's real tokens, or None for a case without padding."""
+    return padding_mask(real_lengths(case), case["seqlen"], device)[:, None, None, :] if "padding" in case else None
+
+
 def make_inputs(case, device, dtype):
-    shape = (case["batch"], case["heads"], case["seqlen"], case["head_dim"])
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    return q, k, v, case["causal"], case.get("window", NO_WINDOW)
+    """q (B, H, L, D), k and v (B, H_kv, L, D), causal, window, key padding (or None)."""
+    batch, seqlen, head_dim = case["batch"], case["seqlen"], case["head_dim"]
+    q = torch.randn(batch, case["heads"], seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)
+    kv_shape = (batch, case.get("kv_heads", case["heads"]), seqlen, head_dim)
+    k, v = (torch.randn(kv_shape, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    return q, k, v, case["causal"], case.get("window", NO_WINDOW), key_padding_mask(case, device)
 
 
 def window_pairs(seqlen, causal, window):
@@ -91,7 +143,8 @@ def work(case, dtype, pass_name):
         pairs = window_pairs(case["seqlen"], case["causal"], window)
         forward = 4 * case["batch"] * case["heads"] * pairs * case["head_dim"]
     else:
-        forward = 4 * case["batch"] * case["heads"] * case["seqlen"] ** 2 * case["head_dim"]
+        keys = sum(real_lengths(case)) if "padding" in case else case["batch"] * case["seqlen"]
+        forward = 4 * case["heads"] * case["seqlen"] * keys * case["head_dim"]
         if case["causal"]:
             forward //= 2
     return {"fwd": forward, "bwd": 2.5 * forward, "fwd+bwd": 3.5 * forward}[pass_name]
@@ -112,45 +165,90 @@ def visible_mask(seqlen, causal, window, device):
     return visible
 
 
-def math_attention(q, k, v, causal, window):
-    """softmax(q k^T / sqrt(D)) v written out in torch ops, as eager code would."""
+def is_gqa(q, k):
+    return q.shape[1] != k.shape[1]
+
+
+def math_attention(q, k, v, causal, window, key_padding):
+    """softmax(q k^T / sqrt(D)) v written out in torch ops, as eager code would (GQA's key
+    and value heads repeated, as transformers' repeat_kv)."""
+    if is_gqa(q, k):
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if causal or window != NO_WINDOW:
         scores = scores.masked_fill(~visible_mask(q.shape[-2], causal, window, q.device), float("-inf"))
+    if key_padding is not None:
+        scores = scores.masked_fill(~key_padding, float("-inf"))
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
-def lmkern_attention(q, k, v, causal, window, backend):
-    return lmkern.scaled_dot_product_attention(q, k, v, is_causal=causal, window_size=window, backend=backend)
+def lmkern_attention(q, k, v, causal, window, key_padding, backend):
+    return lmkern.scaled_dot_product_attention(q, k, v, attn_mask=key_padding, is_causal=causal, window_size=window,
+                                               enable_gqa=is_gqa(q, k), backend=backend)
+
+
+def case_kind(case):
+    """What decides whether an SDPA backend can run a case: its head dim, causal, window,
+    key padding and GQA."""
+    return (case["head_dim"], case["causal"], case.get("window", NO_WINDOW) != NO_WINDOW, "padding" in case,
+            "kv_heads" in case)
+
+
+def probe_case(case):
+    """A small case of the same kind: two sequences of 64 tokens, two key/value heads."""
+    window = case.get("window", NO_WINDOW)
+    kind = dict(kv_heads=2, heads=4) if "kv_heads" in case else dict(heads=2)
+    return dict(case, batch=2, seqlen=64, **kind, **({"window": (min(window[0], 31), window[1])}
+                                                      if window != NO_WINDOW else {}))
 
 
 def sdpa_provider(name, device, dtype):
-    """torch's SDPA restricted to one of its backends, absent if it cannot run a small
-    forward and backward here (the reason is torch's)."""
+    """torch's SDPA restricted to one of its backends, given the same key-padding mask
+    (combined with the window's, as a dense mask) and enable_gqa: absent if it cannot run a
+    small causal forward and backward here, and for the kinds of case (case_kind) that it
+    cannot run (the reason is torch's)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, name)
 
-    def run(q, k, v, causal, window=NO_WINDOW):
-        with sdpa_kernel(backend):  # a window as a dense mask: torch's SDPA has no window of its own
-            if window != NO_WINDOW:
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=visible_mask(q.shape[-2], causal, window, q.device))
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    def run(q, k, v, causal, window=NO_WINDOW, key_padding=None):
+        mask = key_padding
+        if window != NO_WINDOW or (causal and mask is not None):  # one dense mask: SDPA has no window
+            mask = visible_mask(q.shape[-2], causal, window, q.device) & (True if mask is None else mask)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                                  enable_gqa=is_gqa(q, k))
 
+    def cannot_run(inputs):
+        """torch's reason why the backend cannot run forward and backward on inputs, or None."""
+        try:
+            with warnings.catch_warnings():  # torch warns why each backend it skips cannot run
+                warnings.simplefilter("ignore")
+                run(*inputs).sum().backward()
+        except RuntimeError as error:
+            return f"cannot run here: {str(error).splitlines()[0]}"
+        return None
+
+    probed = {}  # case_kind -> reason or None
+
+    def reason(case):
+        kind = case_kind(case)
+        if kind not in probed:
+            probed[kind] = cannot_run(make_inputs(probe_case(case), device, dtype))
+        return probed[kind]
+
+    provider_name = f"sdpa {name.lower()}"
     probe = torch.randn(1, 1, 64, 64, device=device, dtype=dtype, requires_grad=True)
-    try:
-        with warnings.catch_warnings():  # torch warns why each backend it skips cannot run
-            warnings.simplefilter("ignore")
-            run(probe, probe, probe, True).sum().backward()
-    except RuntimeError as error:
-        return Provider(f"sdpa {name.lower()}", absent=f"cannot run here: {str(error).splitlines()[0]}")
-    return Provider(f"sdpa {name.lower()}", run)
+    absent = cannot_run((probe, probe, probe, True))
+    if absent:
+        return Provider(provider_name, absent=absent)
+    return Provider(provider_name, run, only_for=(lambda case: reason(case) is None, reason))
 
 
 def _flash_attn():
     from flash_attn import flash_attn_func
 
-    def run(q, k, v, causal, window):  # flash-attn's layout is (B, L, H, D)
+    def run(q, k, v, causal, window, key_padding):  # flash-attn's layout is (B, L, H, D); GQA as it is
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, window_size=window)
         return out.transpose(1, 2)
 
@@ -162,5 +260,7 @@ def providers(device, dtype):
         *(sdpa_provider(name, device, dtype) for name in SDPA_BACKENDS),
         compiled_provider(math_attention),
         *lmkern_providers(OP, device, dtype, lmkern_attention),
-        optional_provider("flash_attn", device, _flash_attn),
+        dataclasses.replace(optional_provider("flash_attn", device, _flash_attn), only_for=(
+            lambda case: "padding" not in case,
+            "flash_attn_func takes no mask: padded batches go through flash_attn_varlen_func, not timed here")),
     ]

@@ -1,13 +1,18 @@
 """GPT generation (lmkern.models.gpt, greedy, with its static KV cache) on each `kernels`
-value: GPT-2 small in bf16 weights on a GPU, the tiny preset in fp32 on CPU, at batch 1
-and 32. Forward only, two passes, decode (one step: the latency per token) and generate
+value, beside transformers' GPT2LMHeadModel with the same weights (greedy generate with its
+cache, "eager" and "sdpa" attention; absent when transformers is not importable): GPT-2
+small in bf16 weights on a GPU, the tiny preset in fp32 on CPU, at batch 1 and 32. The same
+prompts and number of new tokens for every provider (transformers' generate returns the
+prompts too; the rate counts the new tokens only). Forward only, two passes, decode (one step: the latency per token) and generate
 (the headline: tokens/s over the B N new tokens, peak memory with the cache); memory-bound,
 in GB/s over the minimal bytes: benchmarks/bench_models.py's CausalGenerate.
 """
 
+from lmkern.models import gpt_hf
 from lmkern.models.gpt import GPT, preset
 
-from .bench_models import GENERATE_PASSES, NOT_COMPILED, CausalGenerate, generate_dtype, model_providers
+from .bench_models import (GENERATE_PASSES, NOT_COMPILED, CausalGenerate, generate_dtype, model_providers,
+                           transformers_providers)
 
 OP = "gpt_generate"
 METRIC = "GB/s"
@@ -31,4 +36,5 @@ def cases(device, quick):
 
 
 def providers(device, dtype):
-    return model_providers(KERNELS, device, dtype, compile_absent=NOT_COMPILED)
+    return [*model_providers(KERNELS, device, dtype, compile_absent=NOT_COMPILED),
+            *transformers_providers("GPT2LMHeadModel", gpt_hf.config_to_hf)]

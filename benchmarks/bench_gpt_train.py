@@ -1,6 +1,8 @@
 """A GPT training step (lmkern.models.gpt) on each `kernels` value and on the reference
-ops under torch.compile: GPT-2 small (124M) at context 1024 in bf16 autocast on a GPU, the
-tiny preset in fp32 on CPU. Passes and what a step is: benchmarks/bench_models.py.
+ops under torch.compile, beside transformers' GPT2LMHeadModel with the same weights ("eager"
+and "sdpa" attention; absent when transformers is not importable; its loss over full logits,
+its labels shifted inside it): GPT-2 small (124M) at context 1024 in bf16 autocast on a
+GPU, the tiny preset in fp32 on CPU. Passes and what a step is: benchmarks/bench_models.py.
 
 Compute-bound, in TFLOP/s of model FLOPs: GPT.flops_per_token() (6 N + 12 L H Q T, PaLM's
 count, the backward's recomputations not counted) times B T tokens for forward+backward
@@ -8,9 +10,10 @@ and the step, a third of that for forward. Its % of the device's peak is the mod
 utilisation (MFU), as GPT.estimate_mfu gives it. Tokens/s beside it: B T per call.
 """
 
+from lmkern.models import gpt_hf
 from lmkern.models.gpt import GPT, preset
 
-from .bench_models import TRAIN_PASSES, CausalTrain, model_providers, train_dtype
+from .bench_models import TRAIN_PASSES, CausalTrain, model_providers, train_dtype, transformers_providers
 
 OP = "gpt_train"
 METRIC = "TFLOP/s"
@@ -33,5 +36,12 @@ def cases(device, quick):
     return [dict(preset="tiny", batch=4, length=256, vocab=None)]
 
 
+def transformers_call(model):
+    """GPT2LMHeadModel called as the training step calls GPT: input_ids and targets (its
+    labels, which it shifts by one itself) -> an output with .loss."""
+    return lambda input_ids, targets: model(input_ids=input_ids, labels=targets)
+
+
 def providers(device, dtype):
-    return model_providers(KERNELS, device, dtype)
+    return [*model_providers(KERNELS, device, dtype),
+            *transformers_providers("GPT2LMHeadModel", gpt_hf.config_to_hf, call=transformers_call)]

@@ -1,12 +1,14 @@
 """What the model-level benchmarks (bench_gpt_train.py, bench_gpt_generate.py,
-bench_llama_train.py, bench_llama_generate.py, bench_bert_train.py) share: a provider per
-`kernels` value of lmkern's models, torch.compile of the model on the reference ops, the
+bench_llama_train.py, bench_llama_generate.py, bench_bert_train.py, bench_bert_infer.py)
+share: a provider per `kernels` value of lmkern's models, torch.compile of the model on the
+reference ops, transformers' model of the same architecture with the same weights, the
 passes of a training step, and the case functions of a decoder's training and generation
 benchmarks (CausalTrain, CausalGenerate).
 
 A provider's run builds the model for a case: run(model_class, config, device) returns
 (model, the callable to run it: the model itself, or its torch.compile). Every provider
-builds its model from the same seed, so all start from the same weights.
+builds its model from the same seed, so all start from the same weights (transformers'
+models get lmkern's, through to_hf_state_dict).
 
 A training step is what lmkern.models.train takes per micro-batch: forward under bf16
 autocast on a GPU (fp32 weights), backward, gradient clipping, then the training loop's
@@ -55,6 +57,44 @@ def model_providers(ops, device, dtype, *, compile_absent=None):
     compiled = None if compile_absent else functools.partial(build, kernels="torch", compiled=True)
     providers.append(Provider("torch.compile", compiled, compile_absent, slow=COMPILE_SLOW))
     return providers
+
+
+def build_transformers(model_class, config, device, *, hf_class, hf_config, implementation, call=None,
+                       compiled=False):
+    """(transformers' model `hf_class` with the weights lmkern's model_class gets from seed 0
+    (exported with its to_hf_state_dict), the callable that runs it): its attention
+    `implementation` ("eager", "sdpa"), its config hf_config(config), a dict of Hugging
+    Face's config.json; call(hf_model) adapts the model to how the benchmark calls lmkern's
+    (default: the model itself)."""
+    import transformers
+
+    ours, _ = build(model_class, config, device, kernels="torch")
+    their_config = transformers.AutoConfig.for_model(**hf_config(ours.config), attn_implementation=implementation)
+    with torch.device(device):
+        theirs = getattr(transformers, hf_class)(their_config)
+    theirs.load_state_dict(ours.to_hf_state_dict())
+    run = theirs if call is None else call(theirs)
+    return theirs, (torch.compile(run, dynamic=False) if compiled else run)
+
+
+def transformers_providers(hf_class, hf_config, *, call=None, compiled=False):
+    """Providers "transformers eager" and "transformers sdpa" (build_transformers: the same
+    weights as lmkern's), and with `compiled` "transformers sdpa torch.compile" (left out of
+    --quick runs); each absent with the reason when transformers is not importable."""
+    implementations = [("eager", False), ("sdpa", False)] + ([("sdpa", True)] if compiled else [])
+    names = [f"transformers {name}{' torch.compile' if compile else ''}" for name, compile in implementations]
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # random configs' notes on special tokens
+    except ImportError as error:
+        return [Provider(name, absent=f"transformers is not importable ({error})") for name in names]
+    return [
+        Provider(name, functools.partial(build_transformers, hf_class=hf_class, hf_config=hf_config,
+                                         implementation=implementation, call=call, compiled=compile),
+                 slow=COMPILE_SLOW if compile else None)
+        for name, (implementation, compile) in zip(names, implementations)
+    ]
 
 
 def autocast(device):
@@ -208,6 +248,8 @@ class CausalGenerate:
         batch, prompt = case["batch"], case["prompt"]
         prompts = random_ids((batch, prompt), model.config.vocab_size, device)
         tokens = random_ids((batch, 1), model.config.vocab_size, device, seed=1)
+        if not isinstance(model, self.model_class):  # transformers' (transformers_providers)
+            return transformers_generate_passes(model, prompts, tokens, case["new"])
         cache = model.new_cache(batch, prompt + 1)  # in the weights' dtype, as model.to(dtype) set
         with torch.no_grad():
             model(prompts, cache=cache)  # the prompts' keys and values, written once
@@ -218,3 +260,25 @@ class CausalGenerate:
             return model.decode(tokens, cache)  # as generate runs each step: no input checks
 
         return {"decode": decode, "generate": lambda: model.generate(prompts, case["new"])}
+
+
+def transformers_generate_passes(model, prompts, tokens, new):
+    """CausalGenerate's passes for a transformers causal LM: decode, one step of `tokens`
+    over its cache (a DynamicCache) of the prompts, cropped back to them after each step;
+    generate, model.generate(prompts) greedy with its cache for exactly `new` tokens (no
+    end-of-sequence token is set), which returns the prompts before them."""
+    with torch.no_grad():
+        output = model(prompts, use_cache=True)
+    cache = output.cache if "cache" in output else output.past_key_values  # its name before transformers 5.2x
+
+    @torch.no_grad()
+    def decode():
+        logits = model(tokens, cache, use_cache=True).logits  # the cache's argument, by any name
+        cache.crop(-tokens.shape[1])  # back to the prompts
+        return logits
+
+    def generate():
+        return model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, do_sample=False,
+                              use_cache=True, pad_token_id=0)
+
+    return {"decode": decode, "generate": generate}

@@ -68,7 +68,8 @@ class Provider:
     absent: str = None  # why it cannot run here; run is None then
     slow: str = None  # why --quick leaves it out (too slow for a smoke test)
     # For a provider that only some cases concern (e.g. an unfused composition beside a
-    # fused option): (predicate on the case, why the other cases leave it out).
+    # fused option), or that cannot run some: (predicate on the case, why the other cases
+    # leave it out: a string, or a function of the case giving it).
     only_for: tuple = None
 
 
@@ -79,7 +80,8 @@ def absent_reason(provider, quick, case=None):
     if quick and provider.slow:
         return f"left out of --quick runs: {provider.slow}"
     if provider.only_for is not None and case is not None and not provider.only_for[0](case):
-        return provider.only_for[1]
+        reason = provider.only_for[1]
+        return reason(case) if callable(reason) else reason
     return None
 
 

@@ -24,6 +24,7 @@ from . import (
     bench_apply_rotary,
     bench_attention,
     bench_attention_with_kv_cache,
+    bench_bert_infer,
     bench_bert_train,
     bench_cross_entropy,
     bench_ffn,
@@ -59,6 +60,7 @@ OPS = {
         bench_llama_train,
         bench_llama_generate,
         bench_bert_train,
+        bench_bert_infer,
     )
 }
 

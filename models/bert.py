@@ -168,10 +168,11 @@ class HFInterop:
         same name (the query, key and value are views of our qkv)."""
         return bert_hf.to_hf_state_dict(self.config, self.state_dict(), self.HF_TIED)
 
-    def save_hf(self, directory):
+    def save_hf(self, directory, **config):
         """Writes a directory that transformers' from_pretrained reads (config.json and
-        model.safetensors, tied copies left out as save_pretrained does)."""
-        hf.write_directory(directory, self.to_hf_state_dict(), self.hf_config(), self.HF_TIED)
+        model.safetensors, tied copies left out as save_pretrained does); config: the
+        arguments of hf_config (a classifier's label_names)."""
+        hf.write_directory(directory, self.to_hf_state_dict(), self.hf_config(**config), self.HF_TIED)
 
     def hf_config(self):
         """This model's config as the dict of Hugging Face's config.json."""
@@ -295,6 +296,15 @@ class BertForSequenceClassification(HFInterop, torch.nn.Module):
         classifier = checkpoint.get("classifier.weight")
         return cls(config, num_labels=2 if classifier is None else classifier.shape[0])
 
-    def hf_config(self):
-        labels = {i: f"LABEL_{i}" for i in range(self.num_labels)}
-        return {**super().hf_config(), "id2label": labels, "label2id": {name: i for i, name in labels.items()}}
+    def hf_config(self, label_names=None):
+        """config.json's dict, with id2label and label2id of label_names (a list, one per
+        class; default LABEL_0, LABEL_1, ... as transformers names them) and, for one
+        output, problem_type "regression"."""
+        names = label_names or [f"LABEL_{i}" for i in range(self.num_labels)]
+        if len(names) != self.num_labels:
+            raise ValueError(f"label_names must name the {self.num_labels} classes, got {len(names)}")
+        labels = dict(enumerate(names))
+        regression = {"problem_type": "regression"} if self.num_labels == 1 else {}
+        return {**super().hf_config(), "id2label": labels, "label2id": {name: i for i, name in labels.items()},
+                **regression}
+

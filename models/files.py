@@ -12,6 +12,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 
@@ -62,10 +63,22 @@ def atomic_file(path, mode="w", **open_args):
     sync(os.path.dirname(os.path.abspath(path)))
 
 
+def standard_json(value):
+    """value with every non-finite float (NaN, infinities), in lists and dicts too, as
+    None: what standard JSON can hold (json.dumps would write NaN, which parsers reject)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {name: standard_json(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [standard_json(item) for item in value]
+    return value
+
+
 def write_json(path, value):
-    """Writes value as JSON to path, atomically (atomic_file)."""
+    """Writes value as standard JSON (standard_json) to path, atomically (atomic_file)."""
     with atomic_file(path) as file:
-        json.dump(value, file, indent=1)
+        json.dump(standard_json(value), file, indent=1, allow_nan=False)
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lmkern.models.errors import ArgumentValueError, check_at_least
-from lmkern.models.files import atomic_file
+from lmkern.models.files import atomic_file, standard_json
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
@@ -212,9 +212,7 @@ def read_metrics(out_dir, up_to_step=None):
 
 def metrics_line(row):
     """A row as a line of standard JSON: non-finite values (NaN, infinities) as null."""
-    finite = {name: None if isinstance(value, float) and not math.isfinite(value) else value
-              for name, value in row.items()}
-    return json.dumps(finite, allow_nan=False) + "\n"
+    return json.dumps(standard_json(row), allow_nan=False) + "\n"
 
 
 def write_metrics(out_dir, rows):

@@ -128,6 +128,20 @@ def test_predict_writes_labels_and_probabilities_in_input_order(classifier_run, 
     assert accuracy > 0.6
 
 
+def test_export_writes_a_classifier_transformers_loads_with_its_labels(classifier_run, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    assert lmkern("export", "--checkpoint", classifier_run, "--hf", tmp_path / "hf") == 0
+    assert "BertForSequenceClassification" in capsys.readouterr().out
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.config.id2label == {0: "blue", 1: "green", 2: "red"}
+    _, ours, folder = load_model(str(classifier_run), "torch", "cpu", kinds=("bert-classifier",))
+    ids = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(["a red ball", "the green sea is big"],
+                                                                       padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = ours(ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+        torch.testing.assert_close(theirs(**ids).logits, expected)
+
+
 def test_predict_from_stdin_to_stdout(classifier_run, monkeypatch, capsys):
     import io
 

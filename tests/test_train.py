@@ -294,3 +294,16 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_dir):
     load_weights(newest_checkpoint(distributed), model)
     for name, parameter in model.state_dict().items():
         torch.testing.assert_close(parameter, single_model.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+def test_json_files_hold_standard_json_where_a_value_is_not_finite(tmp_path):
+    """A constant predictor's Pearson correlation is NaN: eval.json (write_json) and the
+    metrics rows write null there, which strict parsers read."""
+    from lmkern.models.files import write_json
+
+    value = {"pearson": math.nan, "rows": [[1, math.inf], {"loss": -math.inf, "ok": 0.5}]}
+    write_json(tmp_path / "eval.json", value)
+    strict = dict(parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert json.loads((tmp_path / "eval.json").read_text(), **strict) == {
+        "pearson": None, "rows": [[1, None], {"loss": None, "ok": 0.5}]}
+    assert json.loads(metrics_line({"step": 3, "val_pearson": math.nan}), **strict) == {"step": 3, "val_pearson": None}

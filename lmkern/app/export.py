@@ -8,7 +8,7 @@ import os
 import shutil
 
 from lmkern.app.common import CommandError, output_folder
-from lmkern.app.models import load_model
+from lmkern.app.models import CLASSIFIER, LABELS, MODELS, load_model
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
@@ -33,12 +33,14 @@ def tokenizer_config(tokenizer, max_length):
 
 def export(args):
     from lmkern.models import hf
-    from lmkern.models.checkpoint import find_checkpoint, load_checkpoint_tokenizer
+    from lmkern.models.checkpoint import find_checkpoint, load_checkpoint_tokenizer, load_json
     from lmkern.models.files import write_json
     from lmkern.models.tokenizer import FILE_NAME
 
     folder = find_checkpoint(args.checkpoint)
-    kind, model, _ = load_model(folder, "torch", "cpu")
+    kind, model, _ = load_model(folder, "torch", "cpu", kinds=(*MODELS, CLASSIFIER))
+    # A classifier's classes keep their names (its labels.json) in config.json's id2label.
+    names = dict(label_names=load_json(folder, LABELS)["labels"] or None) if kind == CLASSIFIER else {}
     if not hasattr(model, "save_hf"):
         raise CommandError(f"--checkpoint {folder} holds a {kind} model, which has no Hugging Face form to export")
     tokenizer = load_checkpoint_tokenizer(folder)  # checked against the manifest
@@ -47,7 +49,7 @@ def export(args):
                           flag="--hf")
     with claim:
         try:
-            model.save_hf(args.hf)
+            model.save_hf(args.hf, **names)
         except ValueError as error:  # a model Hugging Face's classes cannot hold (ALBERT's options, say)
             raise CommandError(f"--checkpoint {folder}: {error}") from None
         shutil.copyfile(os.path.join(folder, FILE_NAME), os.path.join(args.hf, FILE_NAME))

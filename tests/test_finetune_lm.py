@@ -127,3 +127,31 @@ def test_a_model_with_more_embeddings_than_tokens_finetunes_and_resumes(trained,
     assert finetune("gpt", tmp_path / "padded", data, tmp_path / "ft", "--steps", 2) == 0
     assert lmkern("finetune", "gpt", "--out", tmp_path / "ft", "--resume", "--steps", 3, "--quiet") == 0
     assert newest_checkpoint(str(tmp_path / "ft")).endswith("step-00000003")
+
+
+def test_finetune_llama_from_its_run_and_from_a_mistral_directory(trained, tmp_path):
+    """A Llama trained by `lmkern train llama` fine-tunes from its run (step 0 evaluates its
+    last weights); a Mistral directory written by transformers (a sliding window, GQA) with
+    the same tokenizer fine-tunes from the loss transformers computes on the first batch."""
+    text, data, run = trained
+    assert train_run("llama", data, tmp_path / "llama", "--steps", 10, "--eval-every", 10) == 0
+    assert finetune("llama", tmp_path / "llama", data, tmp_path / "ft", "--steps", 6) == 0
+    rows = read_metrics(str(tmp_path / "ft"))
+    assert rows[0]["val_loss"] == pytest.approx(read_metrics(str(tmp_path / "llama"))[-1]["val_loss"], rel=1e-5)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+
+    _, gpt_model, folder = load_model(str(run), "torch", "cpu")
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=gpt_model.config.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=16,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    theirs = transformers.MistralForCausalLM(config).eval()
+    theirs.save_pretrained(tmp_path / "mistral")
+    shutil.copyfile(f"{folder}/tokenizer.json", tmp_path / "mistral" / "tokenizer.json")
+    assert finetune("llama", tmp_path / "mistral", data, tmp_path / "ft-mistral", "--steps", 6,
+                    "--context-length", 32) == 0
+    rows = [row for row in read_metrics(str(tmp_path / "ft-mistral")) if "loss" in row]
+    assert rows[0]["loss"] == pytest.approx(first_batch_loss_of_transformers(theirs, data, 32), rel=1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"]

@@ -10,7 +10,9 @@ from lmkern.app.run_config import resumed_config
 from lmkern.app.train import add_run_parser, train
 
 MODELS = CAUSAL  # `finetune bert` (a classifier) is lmkern/app/finetune.py's
-FROM_INIT = ("preset", "layers", "heads", "width", "context_length", "nsp")  # --init gives these (nsp: BERT's)
+# --init gives these (nsp: BERT's); a Llama's rotary positions train at any --context-length.
+FROM_INIT = {"gpt": ("preset", "layers", "heads", "width", "context_length", "nsp"),
+             "llama": ("preset", "layers", "heads", "width", "nsp")}
 
 
 def finetune(args):
@@ -25,7 +27,7 @@ def add_parsers(models):
     (lmkern/app/finetune.py makes them, beside `bert`)."""
     for kind in MODELS:
         add_run_parser(
-            models, kind, None, finetune, hidden=FROM_INIT, command=f"finetune {kind}",
+            models, kind, None, finetune, hidden=FROM_INIT[kind], command=f"finetune {kind}",
             help=f"continue training a {'GPT' if kind == 'gpt' else 'Llama'} from a checkpoint or a Hugging Face "
             "directory (--init) on your data",
             description=f"Continued pretraining of a {'GPT' if kind == 'gpt' else 'Llama'} on data from `lmkern "

@@ -93,8 +93,10 @@ class RunConfig:
         self.data = os.path.abspath(self.data)  # so that --resume works from any folder
         if self.init is not None:
             self.init = os.path.abspath(self.init)
-            given = [name for name in ("preset", "layers", "heads", "width", "context_length")
-                     if getattr(self, name) is not None]
+            # A Llama's rotary positions can train on sequences of any length; GPT's learned
+            # positions and BERT's fix theirs.
+            sizes = ("preset", "layers", "heads", "width") + (() if self.model == "llama" else ("context_length",))
+            given = [name for name in sizes if getattr(self, name) is not None]
             if given:
                 fields = ", ".join("{" + name + "}" for name in given)  # each named as its flag
                 raise ArgumentValueError("{init} gives the model and its sizes: " + fields + " cannot be given with it")

@@ -41,8 +41,9 @@ def build(config, vocab_size):
         _, model_class, _ = model_classes(config.model)
         model = model_class(config.model_config(vocab_size))
     else:
-        dropout = {} if config.dropout is None else dict(dropout=config.dropout)
-        model, _ = initial_model(config.init, config.model, kernels=config.kernels, **dropout)
+        given = dict(dropout=config.dropout, context_length=config.context_length)
+        overrides = {name: value for name, value in given.items() if value is not None}
+        model, _ = initial_model(config.init, config.model, kernels=config.kernels, **overrides)
     common = dict(batch_size=config.batch_size, seed=config.seed, eval_tokens=config.eval_tokens,
                   eval_batch_size=config.micro_batch_size)
     if config.model in CAUSAL:

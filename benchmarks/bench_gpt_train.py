@@ -13,7 +13,7 @@ utilisation (MFU), as GPT.estimate_mfu gives it. Tokens/s beside it: B T per cal
 from lmkern.models import gpt_hf
 from lmkern.models.gpt import GPT, preset
 
-from .bench_models import TRAIN_PASSES, CausalTrain, model_providers, train_dtype, transformers_providers
+from .bench_models import TRAIN_PASSES, CausalTrain, labels_call, model_providers, train_dtype, transformers_providers
 
 OP = "gpt_train"
 METRIC = "TFLOP/s"
@@ -36,12 +36,6 @@ def cases(device, quick):
     return [dict(preset="tiny", batch=4, length=256, vocab=None)]
 
 
-def transformers_call(model):
-    """GPT2LMHeadModel called as the training step calls GPT: input_ids and targets (its
-    labels, which it shifts by one itself) -> an output with .loss."""
-    return lambda input_ids, targets: model(input_ids=input_ids, labels=targets)
-
-
 def providers(device, dtype):
     return [*model_providers(KERNELS, device, dtype),
-            *transformers_providers("GPT2LMHeadModel", gpt_hf.config_to_hf, call=transformers_call)]
+            *transformers_providers("GPT2LMHeadModel", gpt_hf.config_to_hf, call=labels_call)]

@@ -1,13 +1,17 @@
 """Llama generation (lmkern.models.llama, greedy, with its static grouped-query KV cache and
 rotary embeddings fused into the cache's attention) on each `kernels` value: the
 Llama-3.2-1B-shaped preset in bf16 weights on a GPU, the tiny preset in fp32 on CPU, at
-batch 1 and 32; beside gpt_generate, with the same passes and metric
+batch 1 and 32, beside transformers' LlamaForCausalLM with the same weights (greedy generate
+with its cache, "eager" and "sdpa" attention; absent when transformers is not importable);
+beside gpt_generate, with the same passes and metric
 (benchmarks/bench_models.py's CausalGenerate).
 """
 
+from lmkern.models import llama_hf
 from lmkern.models.llama import Llama, preset
 
-from .bench_models import GENERATE_PASSES, NOT_COMPILED, CausalGenerate, generate_dtype, model_providers
+from .bench_models import (GENERATE_PASSES, NOT_COMPILED, CausalGenerate, generate_dtype, model_providers,
+                           transformers_providers)
 
 OP = "llama_generate"
 METRIC = "GB/s"
@@ -31,4 +35,5 @@ def cases(device, quick):
 
 
 def providers(device, dtype):
-    return model_providers(KERNELS, device, dtype, compile_absent=NOT_COMPILED)
+    return [*model_providers(KERNELS, device, dtype, compile_absent=NOT_COMPILED),
+            *transformers_providers("LlamaForCausalLM", llama_hf.config_to_hf)]

@@ -1,12 +1,15 @@
 """A Llama training step (lmkern.models.llama) on each `kernels` value and on the reference
-ops under torch.compile: the Llama-3.2-1B-shaped preset at context 2048 in bf16 autocast on
+ops under torch.compile, beside transformers' LlamaForCausalLM with the same weights ("eager"
+and "sdpa" attention; absent when transformers is not importable; its loss over full
+logits): the Llama-3.2-1B-shaped preset at context 2048 in bf16 autocast on
 a GPU, the tiny preset in fp32 on CPU; beside gpt_train, with the same passes and metric
 (benchmarks/bench_models.py's CausalTrain: TFLOP/s of Llama.flops_per_token() times B T).
 """
 
+from lmkern.models import llama_hf
 from lmkern.models.llama import Llama, preset
 
-from .bench_models import TRAIN_PASSES, CausalTrain, model_providers, train_dtype
+from .bench_models import TRAIN_PASSES, CausalTrain, labels_call, model_providers, train_dtype, transformers_providers
 
 OP = "llama_train"
 METRIC = "TFLOP/s"
@@ -30,4 +33,5 @@ def cases(device, quick):
 
 
 def providers(device, dtype):
-    return model_providers(KERNELS, device, dtype)
+    return [*model_providers(KERNELS, device, dtype),
+            *transformers_providers("LlamaForCausalLM", llama_hf.config_to_hf, call=labels_call)]

@@ -21,6 +21,7 @@ fused AdamW and zero_grad(set_to_none=True). Its passes:
 
 import dataclasses
 import functools
+import inspect
 import math
 
 import torch
@@ -75,6 +76,12 @@ def build_transformers(model_class, config, device, *, hf_class, hf_config, impl
     theirs.load_state_dict(ours.to_hf_state_dict())
     run = theirs if call is None else call(theirs)
     return theirs, (torch.compile(run, dynamic=False) if compiled else run)
+
+
+def labels_call(model):
+    """A transformers causal LM called as the training step calls lmkern's: input_ids and
+    targets (its labels, which it shifts by one itself) -> an output with .loss."""
+    return lambda input_ids, targets: model(input_ids=input_ids, labels=targets)
 
 
 def transformers_providers(hf_class, hf_config, *, call=None, compiled=False):
@@ -269,11 +276,13 @@ def transformers_generate_passes(model, prompts, tokens, new):
     end-of-sequence token is set), which returns the prompts before them."""
     with torch.no_grad():
         output = model(prompts, use_cache=True)
-    cache = output.cache if "cache" in output else output.past_key_values  # its name before transformers 5.2x
+    # The cache's name: "cache" in transformers 5.2x, "past_key_values" before.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = output[name]
 
     @torch.no_grad()
     def decode():
-        logits = model(tokens, cache, use_cache=True).logits  # the cache's argument, by any name
+        logits = model(tokens, use_cache=True, **{name: cache}).logits
         cache.crop(-tokens.shape[1])  # back to the prompts
         return logits
 

@@ -51,10 +51,12 @@ def run(out, quick=False):
     """Runs the whole task in the folder `out` (made; it must not hold an earlier run);
     returns the result (a dict, as finetune.json)."""
     size = QUICK if quick else FULL
+    out = os.path.abspath(out)
     commands, seconds = [], {}
 
     def step(name, *argv):
-        commands.append("lmkern " + shlex.join(str(a) for a in argv))
+        # As recorded, the run's folder reads OUT: no path of the machine that ran it.
+        commands.append("lmkern " + shlex.join(str(a) for a in argv).replace(out, "OUT"))
         seconds[name] = round(lmkern(*argv), 1)
 
     task_dir = os.path.join(out, "task")
@@ -144,7 +146,8 @@ def markdown(result):
         "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
         *(f"| {name} | " + " | ".join(map(str, row)) + " |" for name, row in zip(names, result["confusion"])), "",
         "Seconds per command: " + ", ".join(f"{name} {value}" for name, value in result["seconds"].items()) + ".", "",
-        "Commands (after `python -m scripts.finetune_docstrings` wrote the task and its corpus):", "", "```sh",
+        "Commands (after `python -m scripts.finetune_docstrings --out OUT` wrote the task and its corpus):", "",
+        "```sh",
         *result["commands"], "```", "",
     ]
     return "\n".join(lines)

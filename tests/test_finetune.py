@@ -181,6 +181,7 @@ def test_the_docstring_task_end_to_end(tmp_path):
     assert result["classes"] == ["asyncio", "email", "importlib", "logging", "tkinter", "xml"]
     assert result["majority_baseline"] < 0.25
     assert result["accuracy"] > result["majority_baseline"] + 0.15, result
+    assert all(str(tmp_path) not in command for command in result["commands"])  # recorded with OUT for the folder
     with open(tmp_path / "run" / "predictions.csv") as file:
         assert sum(1 for _ in csv.DictReader(file)) == result["examples"]["val"]
 

@@ -32,7 +32,7 @@ from lmkern.models.corpus import write_docstring_task
 FULL = dict(per_package=200, vocab=4096, layers=2, pretrain_steps=400, seq_length=128, epochs=10, max_length=128,
             lr=1e-3, patience=3)
 # A tiny model's loss stays flat for its first twenty steps or so: no early stopping.
-QUICK = dict(per_package=40, vocab=600, layers=1, pretrain_steps=20, seq_length=64, epochs=8, max_length=64, lr=2e-3,
+QUICK = dict(per_package=40, vocab=600, layers=1, pretrain_steps=20, seq_length=64, epochs=16, max_length=64, lr=2e-3,
              patience=0)
 
 

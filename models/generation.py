@@ -7,8 +7,9 @@ cache and generate.
 
 What the loop needs of the model: config.context_length, check_input_ids(input_ids)
 (raises for ids outside the vocabulary or the context), new_cache(batch, length) (a cache
-with `lengths`, (B,) int64) and decode(input_ids, cache) (the logits (B, T, V), advancing
-the cache by T; cache None: no cache). CausalLM gives all four."""
+with `lengths`, (B,) int64) and decode(input_ids, cache, last) (the logits (B, T, V), or
+(B, V) at the positions `last`, advancing the cache by T; cache None: no cache). CausalLM
+gives all four."""
 
 import typing
 
@@ -61,16 +62,20 @@ class CausalLM(torch.nn.Module):
             check_ids("targets", targets, self.config.vocab_size, input_ids.shape, ignore_index=-100)
         return self.run(input_ids, targets, return_logits, cache)
 
-    def decode(self, input_ids, cache=None):
+    def decode(self, input_ids, cache=None, last=None):
         """forward(input_ids, cache=cache).logits without forward's input checks, which wait
         on the device: for generation loops that checked their prompts and total length once
-        and feed back the model's own tokens."""
-        return self.run(input_ids, None, True, cache).logits
+        and feed back the model's own tokens. last: None, or (B,) int64, the one position of
+        each row whose logits are wanted: then (B, V), the LM head run on those rows only
+        (a prompt's last token; the others' logits are never formed)."""
+        return self.run(input_ids, None, True, cache, last).logits
 
-    def run(self, input_ids, targets, return_logits, cache):
-        """forward without its checks."""
+    def run(self, input_ids, targets, return_logits, cache, last=None):
+        """forward without its checks (last: as decode's)."""
         with lmkern.use_backend(self.config.kernels):
             h = self.hidden_states(input_ids, cache)  # (B, T, C)
+            if last is not None:
+                h = h[torch.arange(h.shape[0], device=h.device), last]  # (B, C)
             loss = None if targets is None else lmkern.linear_cross_entropy(h, self.lm_head.weight, targets)
         if cache is not None:
             cache.lengths += input_ids.shape[1]
@@ -152,9 +157,9 @@ def new_tokens(model, input_ids, max_new_tokens, *, attention_mask=None, tempera
     try:
         for step in range(max_new_tokens):
             if cache is None:  # every position again
-                logits = model.decode(tokens[:, : width + step], None)[rows, lengths - 1]  # (B, V)
+                logits = model.decode(tokens[:, : width + step], None, last=lengths - 1)  # (B, V)
             elif step == 0:  # the prompts into the cache; each sequence then continues after its own
-                logits = model.decode(prompts, cache)[rows, lengths - 1]
+                logits = model.decode(prompts, cache, last=lengths - 1)
                 cache.lengths.copy_(lengths)
             else:  # each sequence's newest token over its cache
                 logits = model.decode(tokens[rows, lengths - 1][:, None], cache)[:, -1]

@@ -305,7 +305,10 @@ def test_end_of_text_is_a_document_break_and_min_new_tokens_holds_it_back(gpt_ru
         "The cat sees the ball."
     preference = torch.zeros(model.config.vocab_size)  # the greedy choice: end of text first, then token 7
     preference[end], preference[7] = 2.0, 1.0
-    monkeypatch.setattr(gpt.GPT, "decode", lambda self, input_ids, cache: preference.expand(1, input_ids.shape[1], -1))
+    def decode(self, input_ids, cache, last=None):  # the logits of one row, at `last` or every position
+        return preference.expand(1, -1) if last is not None else preference.expand(1, input_ids.shape[1], -1)
+
+    monkeypatch.setattr(gpt.GPT, "decode", decode)
     assert list(stream_tokens(model, ids, 8, eos_token_id=end)) == [end]
     assert list(stream_tokens(model, ids, 8, eos_token_id=end, min_new_tokens=3)) == [7, 7, 7, end]
     command = ("generate", "--checkpoint", gpt_run, "--prompt", "The cat", "--greedy", "--max-new-tokens", 4,

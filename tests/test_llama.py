@@ -130,6 +130,15 @@ def test_greedy_generation_matches_transformers(device, family, backend, use_cac
     assert torch.equal(actual, expected)
 
 
+def test_decode_at_given_positions_gives_those_rows_logits():
+    """What generation's prefill asks: the logits of each prompt's last token only."""
+    model = llama.Llama(dataclasses.replace(CONFIG, kernels="torch")).eval()
+    input_ids, _ = batch_of_tokens(CONFIG, 2, 9)
+    last = torch.tensor([3, 8])
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode(input_ids, last=last), model.decode(input_ids)[torch.arange(2), last])
+
+
 def test_the_cache_holds_key_value_heads_only():
     model = llama.Llama(CONFIG)
     cache = model.new_cache(3, 10)

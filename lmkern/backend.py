@@ -46,9 +46,10 @@ CHOICES = (*BACKENDS, "auto")
 # torch reference the slowest: cross_entropy.json and linear_cross_entropy.json (native
 # faster than torch eager); layer_norm.json, add_layer_norm.json, linear_gelu.json and
 # ffn.json (native forward+backward within a few per cent of torch eager, inside this
-# shared 2-thread machine's run-to-run noise); attention.json (native forward+backward
-# within 1.4x of torch's CPU flash SDPA, O(L D) memory; the reference forms the whole score
-# matrix) and attention_with_kv_cache.json; amd-epyc-2-threads/rms_norm.json and
+# shared 2-thread machine's run-to-run noise); amd-epyc-2-threads/attention.json (native
+# forward+backward faster than torch's CPU flash SDPA in every case: head dims 32 to 128,
+# causal or not, key padding, GQA, windows; O(L D) memory; the reference forms the whole
+# score matrix); amd-epyc-2-threads/rms_norm.json and
 # apply_rotary.json (native faster than torch eager and torch.compile in every case;
 # add_rms_norm runs rms_norm's kernels); amd-epyc-2-threads/swiglu.json (native forward+backward
 # within a few per cent of torch eager and ahead of the torch reference: 1.00x and 1.04x of

@@ -428,9 +428,11 @@ __device__ __forceinline__ int key_blocks_begin(const AttentionParams& p, int fi
 
 // Decoding with rotary caches: a warp turns the pairs of its 16 rows of a shared query tile in
 // place, row r at position position_of(r) (-1: a row past the queries, left as it is). Each lane
-// owns both elements of its pairs, so no lane reads what another writes.
+// owns both elements of its pairs, so no lane reads what another writes. Not inlined: inside
+// the forward kernel's key loop its registers made attention_fwd_kernel<half|bf16, 64, 8>
+// spill on sm_80 (scripts/check_cuda.py); the call is made once per program, not per key block.
 template <typename T, int D, typename PositionOf>
-__device__ __forceinline__ void rotate_query_rows(const AttentionParams& p, T* rows, const PositionOf& position_of) {
+__device__ __noinline__ void rotate_query_rows(const AttentionParams& p, T* rows, const PositionOf& position_of) {
   const int half = static_cast<int>(p.rotary_half);
   for (int item = threadIdx.x % 32; item < 16 * half; item += 32) {
     const int r = item / half;

@@ -305,7 +305,8 @@ def test_native_ops_pass_opcheck_with_a_window(device):
     lengths = torch.tensor([3, 30], device=device)
     torch.library.opcheck(
         torch.ops.lmkern.attention_with_kv_cache_fwd.default,
-        (q[:2, :, :3], k_cache, v_cache, lengths, k[:2, :, :3], v[:2, :, :3], 0.125, 6),
+        (q[:2, :, :3], k_cache, v_cache, lengths, k[:2, :, :3], v[:2, :, :3], 0.125),
+        {"window_left": 6},
     )
 
 

@@ -528,15 +528,15 @@ class T5(torch.nn.Module):
         tied head; v1.1 / Flan-T5: gated GELU, untied head): a transformers model, a state
         dict, or a local directory with config.json and model.safetensors (or
         pytorch_model.bin), read offline. The config is `config`, else the model's or the
-        directory's config, else a state dict's shapes (heads of 64 unless d_kv or
-        num_heads are among the overrides); `overrides` set fields (kernels). Raises
+        directory's config, else a state dict's shapes (the heads from the position-bias
+        table; relative_attention_max_distance, which no shape shows, 128 unless
+        overridden); `overrides` set fields (kernels). Raises
         ValueError naming the keys that are missing, unexpected or misshapen, and for the
         variants this model does not build."""
         if hasattr(source, "state_dict") and hasattr(source, "config"):  # a transformers model
             source, config = source.state_dict(), config or T5Config(**t5_hf.config_from_hf(source.config.to_dict()))
-        checkpoint, config = hf.checkpoint_and_config(
-            source, config, overrides, T5Config, t5_hf.config_from_hf,
-            lambda state: t5_hf.config_from_state(state, overrides), "T5")
+        checkpoint, config = hf.checkpoint_and_config(source, config, overrides, T5Config, t5_hf.config_from_hf,
+                                                      t5_hf.config_from_state, "T5")
         model = cls(config)
         model.load_state_dict(t5_hf.from_hf_state_dict(checkpoint, config, model.state_dict()))
         return model

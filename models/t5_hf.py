@@ -75,7 +75,7 @@ def tied_in_hf(hf_config):
     return bool(hf_config.get("scale_decoder_outputs", hf_config.get("tie_word_embeddings", True)))
 
 
-def config_from_state(state, overrides):
+def config_from_state(state):
     """T5Config's fields from a state dict's shapes (the heads from the position-bias
     table, the feed-forward from its weights' names)."""
     table = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"

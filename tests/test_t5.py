@@ -11,7 +11,6 @@ import pytest
 import torch
 from causal_lm import assert_step_close, require_model
 from conftest import BACKENDS
-from numerics import truth_dtype
 
 from lmkern.backend import BackendUnavailableError, Call
 from lmkern.models import t5, t5_hf
@@ -128,32 +127,57 @@ def takes_bias_gradient(backend):
     return ATTENTION.unavailable(backend, call) is None
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "torch"])
-def test_kernels_match_the_reference_model(backend, version):
-    """One training step of kernels=backend against kernels="torch" (truth in fp64). Where
-    the backend does not compute the position bias's gradient, forcing it must say so, and
-    the step is compared with the position-bias tables frozen (every other gradient)."""
-    require_model(MODEL_OPS, backend, "cpu", torch.float32)
+def check_step_matches_the_reference(backend, version, autocast=None):
+    """One training step of kernels=backend against kernels="torch" (truth: the reference
+    in fp64; with autocast, a half dtype, the baseline runs under the same autocast over
+    fp32 weights). Where the backend does not compute the position bias's gradient,
+    forcing it must say so, and the steps are compared with the position-bias tables
+    frozen (every other gradient)."""
     state = t5.T5(config_of(version)).state_dict()
     inputs = batch()
-
     frozen = not takes_bias_gradient(backend)
 
-    def model(kernels, dtype=torch.float32, frozen=frozen):
+    def run(kernels, dtype=torch.float32, autocast=None, frozen=frozen):
         model = t5.T5(config_of(version, kernels=kernels))
         model.load_state_dict(state)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(not (frozen and "relative_attention_bias" in name))
-        return model.to(dtype)
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            return step(model.to(dtype), inputs)
 
     if frozen:
         with pytest.raises(BackendUnavailableError, match="attn_mask"):
-            step(model(backend, frozen=False), inputs)
-    actual, truth, baseline = (step(model(kernels, dtype), inputs)
-                               for kernels, dtype in ((backend, torch.float32), ("torch", truth_dtype(torch.float32)),
-                                                      ("torch", torch.float32)))
+            run(backend, frozen=False)
+    actual = run(backend, autocast=autocast)
+    truth = run("torch", torch.float64)
+    baseline = run("torch", autocast=autocast)
+    if autocast is not None:
+        assert actual[0].dtype == autocast and actual[1].dtype == torch.float32
+        assert all(grad.dtype == torch.float32 for grad in actual[2].values())
     assert_step_close(actual, truth, baseline, inputs[2])
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "torch"])
+def test_kernels_match_the_reference_model(backend, version):
+    require_model(MODEL_OPS, backend, "cpu", torch.float32)
+    check_step_matches_the_reference(backend, version)
+
+
+@pytest.mark.parametrize("backend, half", [("torch", torch.bfloat16), ("native", torch.bfloat16)],
+                         ids=["torch-bfloat16", "native-bfloat16"])
+def test_kernels_under_autocast_match_the_reference_model(backend, half):
+    require_model(MODEL_OPS, backend, "cpu", half)
+    check_step_matches_the_reference(backend, "v1.1", autocast=half)
+
+
+def test_a_query_that_sees_no_key_gives_zeros_not_nan():
+    """An encoder row of padding only (which T5.forward refuses): -inf on every key."""
+    model = t5.T5(config_of("v1.1", kernels="torch"))
+    input_ids = batch()[0]
+    padding = torch.zeros_like(input_ids, dtype=torch.bool)
+    padding[1] = True
+    assert torch.isfinite(model.encoder(input_ids, padding)).all()
 
 
 # -- Generation ------------------------------------------------------------------------------

@@ -27,16 +27,19 @@ def tied_names(config):
 def from_hf_state_dict(checkpoint, config, state):
     """The tensors of a T5ForConditionalGeneration state dict (name -> tensor) under the
     names of our state dict `state` (of a model with this config), the copies of the shared
-    embedding filled in where the checkpoint leaves them out. Raises ValueError naming the
-    keys that are missing, unexpected or misshapen, and a copy that differs from
-    shared.weight (an untied LM head that the config ties)."""
-    tied = tied_names(config)
-    tensors = hf.take_tensors(checkpoint, state, optional=tied, ignored=UNUSED, what=WHAT)
+    embedding filled in where the checkpoint leaves them out: the stacks' embed_tokens and
+    lm_head.weight, also where the config does not tie it (transformers 5 ties the head of
+    every T5 it builds, and leaves it out of the files of those whose head is still
+    `shared`). Raises ValueError naming the keys that are missing, unexpected or
+    misshapen, and a copy that differs from shared.weight where the config ties it."""
+    copies = EMBEDDING_COPIES + ("lm_head.weight",)
+    tensors = hf.take_tensors(checkpoint, state, optional=copies, ignored=UNUSED, what=WHAT)
     shared = tensors["shared.weight"]
-    for name in tied:
+    for name in tied_names(config):
         if name in tensors and not torch.equal(tensors[name], shared):
             raise ValueError(f"the checkpoint's {name} differs from its shared.weight, but this model ties them"
                              + (": load it with tie_word_embeddings=False" if name == "lm_head.weight" else ""))
+    for name in copies:
         tensors.setdefault(name, shared)
     return tensors
 

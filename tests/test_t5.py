@@ -249,6 +249,20 @@ def test_save_hf_writes_a_directory_transformers_reads(tmp_path, version):
     assert t5.T5.from_hf(tmp_path / "theirs", kernels="torch").config == ours.config
 
 
+def test_reads_an_untied_config_whose_head_transformers_left_tied(tmp_path):
+    """transformers 5 ties the head of a T5 it builds whatever the config says (without
+    scaling its input where the config unties it), and its files then leave the head out."""
+    hf_config = transformers.T5Config(**t5_hf.config_to_hf(config_of("v1.1")))
+    theirs = transformers.T5ForConditionalGeneration(hf_config).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = t5.T5.from_hf(tmp_path, kernels="torch")
+    assert not ours.config.tie_word_embeddings
+    input_ids, attention_mask, labels = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids, attention_mask, labels=labels, return_logits=True).logits,
+                                   theirs(input_ids, attention_mask=attention_mask, labels=labels).logits)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_loads_a_bare_state_dict_by_its_shapes(version):
     theirs = hf_model(version)

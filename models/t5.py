@@ -3,7 +3,7 @@ attention, feed-forward, blocks, stacks, model, generation. The same module serv
 (ReLU feed-forward, LM head tied to the embedding) and v1.1 / Flan-T5 (gated tanh-GELU
 feed-forward, untied LM head).
 
-    encoder:  x = shared(input_ids)                   h: the normalised stream, x: the residual stream
+    encoder:  branch, x = shared(input_ids), None     h: the normalised stream, x: the residual stream
               for each block:
                   h, x = layer[0].layer_norm(branch, x)    lmkern.add_rms_norm: the residual add and T5's
                   branch = SelfAttention(h, bias + padding)  RMSNorm in one pass (the first adds nothing)
@@ -53,7 +53,9 @@ class T5Config:
     feed_forward: str = "relu"  # "relu" (v1.0) or "gated-gelu" (v1.1, Flan-T5: tanh GELU gate * up)
     layer_norm_epsilon: float = 1e-6
     tie_word_embeddings: bool = True  # the LM head is `shared`, its input scaled by d_model**-0.5 (v1.0)
-    dropout_rate: float = 0.0  # on each sub-layer's output and the attention probabilities
+    # On the embeddings, each sub-layer's output and the attention probabilities (fused into
+    # the ops); transformers also drops the ReLU/GELU units and the final norm's output.
+    dropout_rate: float = 0.0
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0  # the decoder's first input: T5 starts from the pad token

@@ -122,7 +122,10 @@ def test_position_buckets_match_transformers():
 
 
 def takes_bias_gradient(backend):
-    """Whether `backend`'s attention computes the gradient of a float attn_mask."""
+    """Whether `backend`'s attention computes the gradient of a float attn_mask ("auto"
+    runs such a call on a backend that does)."""
+    if backend == "auto":
+        return True
     call = Call("cpu", torch.float32, head_dims=(CONFIG.d_kv, CONFIG.d_kv), mask=None, mask_grad=True, dropout_p=0.0)
     return ATTENTION.unavailable(backend, call) is None
 
@@ -158,9 +161,10 @@ def check_step_matches_the_reference(backend, version, autocast=None):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "torch"])
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "torch"] + ["auto"])
 def test_kernels_match_the_reference_model(backend, version):
-    require_model(MODEL_OPS, backend, "cpu", torch.float32)
+    if backend != "auto":
+        require_model(MODEL_OPS, backend, "cpu", torch.float32)
     check_step_matches_the_reference(backend, version)
 
 
@@ -220,6 +224,16 @@ def test_generation_stops_at_eos_and_pads_after_it_as_transformers_does():
     assert expected.shape[1] < 32 and (expected == CONFIG.eos_token_id).any(1).all()
     assert len({int(row.eq(CONFIG.eos_token_id).nonzero()[0, 0]) for row in expected}) > 1
     assert torch.equal(ours.generate(input_ids, 32, attention_mask=attention_mask), expected)
+
+
+def test_generation_under_autocast_caches_in_the_autocast_dtype():
+    model = t5.T5(config_of("v1.1", kernels="torch"))
+    input_ids, attention_mask, _ = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(model.encode(input_ids, attention_mask == 0), 4)
+        tokens = model.generate(input_ids, 4, attention_mask=attention_mask)
+    assert cache.keys.dtype == cache.cross[0][0].dtype == torch.bfloat16
+    assert tokens.shape == (3, 4) and tokens.dtype == torch.int64
 
 
 def test_sampling_is_seeded_and_cache_independent():

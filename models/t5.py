@@ -358,9 +358,10 @@ class Decoder(torch.nn.Module):
 
 class DecoderCache:
     """The decoder's caches for generation: every block's self-attention keys and values,
-    preallocated, (layers, B, H, length, d_kv) each, of which the first `length` (a Python
-    int: every sequence of a batch decodes in step) are filled; and each block's
-    cross-attention (k, v) of the encoder output, computed once per sequence.
+    preallocated for `length` tokens, (layers, B, H, length, d_kv) each, of which the first
+    self.length positions are filled (a Python int: the sequences of a batch decode in
+    step); and each block's cross-attention (k, v) of the encoder output, (B, H, L, d_kv)
+    each, computed once per sequence.
 
     Attention runs over the whole preallocated cache, one shape at every step: the keys
     not yet written are masked out with -inf by the causal part of the mask (position_mask),

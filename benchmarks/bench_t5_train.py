@@ -1,6 +1,7 @@
 """A T5 span-corruption training step (lmkern.models.t5.T5: encoder inputs of L tokens,
 decoder targets of T, as span corruption makes them: 114 for 512) on each `kernels` value
-and on the reference ops under torch.compile, beside transformers'
+that trains the position bias ("auto" runs attention on the reference ops for it; "native"
+and "triton" are absent, saying why) and on the reference ops under torch.compile, beside transformers'
 T5ForConditionalGeneration with the same weights (its "eager" and "sdpa" attention; absent
 when transformers is not importable; its loss over full logits): Flan-T5-small in bf16
 autocast on a GPU, the tiny preset in fp32 on CPU. Passes and what a step is:
@@ -19,11 +20,14 @@ import functools
 
 import torch
 
+from lmkern.backend import Call
 from lmkern.models import t5_hf
 from lmkern.models.t5 import T5, preset
+from lmkern.ops.attention.backends import ATTENTION
 
 from .bench_models import (TRAIN_PASSES, case_config, model_providers, random_ids, train_dtype, train_work,
                            training_passes, transformers_providers, vocab_label)
+from .harness import Provider
 
 OP = "t5_train"
 METRIC = "TFLOP/s"
@@ -85,8 +89,17 @@ def work(case, dtype, pass_name):
 
 
 def providers(device, dtype):
-    return [*model_providers(KERNELS, device, dtype),
-            *transformers_providers("T5ForConditionalGeneration", t5_hf.config_to_hf)]
+    """model_providers, those whose attention cannot compute the gradient of the position
+    bias (which T5 trains through the attention mask) absent, then transformers'."""
+    # flan-t5-small's heads; the tiny preset's differ, but no backend's limit on that gradient reads them
+    bias_gradient = Call(device, dtype, head_dims=(64, 64), mask=None, mask_grad=True, dropout_p=0.0)
+    ours = []
+    for provider in model_providers(KERNELS, device, dtype):
+        kernels = provider.name.removeprefix("lmkern ")
+        reason = None if provider.absent or kernels not in ATTENTION.backends else (
+            ATTENTION.unavailable(kernels, bias_gradient))
+        ours.append(Provider(provider.name, absent=reason) if reason else provider)
+    return [*ours, *transformers_providers("T5ForConditionalGeneration", t5_hf.config_to_hf)]
 
 
 def pass_functions(case, provider, device, dtype):

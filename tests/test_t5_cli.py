@@ -19,7 +19,7 @@ from lmkern.models.train import read_metrics
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 T5_RUN = (*SMALL_RUN, "--width", 64, "--heads", 2, "--steps", 8, "--eval-every", 4, "--checkpoint-every", 4,
-          "--kernels", "native", "--dropout", 0.1)
+          "--kernels", "auto", "--dropout", 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_train_learns_evaluates_and_resumes_exactly(prepared, t5_run, tmp_path, 
     straight, resumed = weights(t5_run), weights(tmp_path / "crashed")
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
     capsys.readouterr()
-    assert lmkern("eval", "--checkpoint", t5_run, "--data", prepared, "--max-tokens", 512, "--json", "--quiet",
-                  "--device", "cpu") == 0
+    assert lmkern("eval", "--checkpoint", t5_run, "--data", prepared, "--context-length", 32, "--max-tokens", 512,
+                  "--json", "--quiet", "--device", "cpu") == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["loss"] == pytest.approx(rows[-1]["val_loss"],
                                                                                          rel=1e-5)
 
@@ -92,7 +92,7 @@ def test_finetune_from_a_checkpoint_then_generate(t5_run, pairs, tmp_path, capsy
     assert result["examples"] == {"train": 29, "validation": 3}  # a tenth held out
     rows = read_metrics(str(run))
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
-    _, model, folder = load_model(str(run), "native", "cpu")
+    _, model, folder = load_model(str(run), "auto", "cpu")
     tokenizer = load_tokenizer(folder)
     expected = model.generate(torch.tensor([tokenizer.encode("a dog sees the ball").ids]), 6)[0].tolist()
     capsys.readouterr()

@@ -41,8 +41,8 @@ def encode_pairs(tokenizer, examples, max_length, max_target_length, eos_token_i
         encoded[name] = tokenizer.encode_batch(texts)
     tokenizer.no_truncation()
     if encoded["inputs"][0].ids[-1:] != [eos_token_id]:
-        raise ArgumentValueError("{tokenizer} does not end a text with the model's end-of-sequence token (id {}), as "
-                                 "T5's tokenizers do", eos_token_id, tokenizer="tokenizer")
+        raise ArgumentValueError("{tokenizer}'s tokenizer does not end a text with the model's end-of-sequence token "
+                                 "(id {}), as T5's tokenizers do", eos_token_id, tokenizer="tokenizer")
     truncated = sum(1 for e in encoded["inputs"] + encoded["targets"] if e.overflowing)
     return Pairs([e.ids for e in encoded["inputs"]], [e.ids for e in encoded["targets"]], truncated)
 

@@ -10,8 +10,8 @@ span; each span is replaced in the input by a sentinel, <extra_id_0> for the fir
 target is each sentinel followed by the tokens it replaced:
 
     window   Thank you for inviting me to your party last week
-    input    Thank you <extra_id_0> me to your party <extra_id_1> week </s>
-    target   <extra_id_0> for inviting <extra_id_1> last </s>
+    input    Thank you <extra_id_0> me to your party last <extra_id_1> </s>
+    target   <extra_id_0> for inviting <extra_id_1> week </s>
 
 Everything random takes a torch.Generator, so an example depends only on how that
 generator was seeded (models/tasks.py seeds one per step and sequence: resumable, and the
@@ -104,22 +104,6 @@ def corrupt(window, mask, specials):
     inputs = torch.where(starts, sentinel, window)[kept]
     targets = torch.stack([sentinel, window], dim=1).flatten()[torch.stack([starts, mask], dim=1).flatten()]
     return torch.cat([inputs, eos]), torch.cat([targets, eos])
-
-
-def uncorrupt(inputs, targets, specials):
-    """The window that corrupt() made inputs and targets (1-D, each ending with </s>) from:
-    each sentinel of the input replaced by what follows it in the target."""
-    sentinels, spans, sentinel = set(specials.sentinels.tolist()), {}, None
-    for token in targets[:-1].tolist():
-        if token in sentinels:
-            sentinel = token
-            spans[sentinel] = []
-        else:
-            spans[sentinel].append(token)
-    window = []
-    for token in inputs[:-1].tolist():
-        window += spans[token] if token in spans else [token]
-    return torch.tensor(window, dtype=torch.int64)
 
 
 class SpanCorruption:

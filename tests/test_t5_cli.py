@@ -83,6 +83,14 @@ def test_train_learns_evaluates_and_resumes_exactly(prepared, t5_run, tmp_path, 
                                                                                          rel=1e-5)
 
 
+def test_training_under_bf16_autocast_on_cpu(prepared, tmp_path):
+    """--precision bf16: the path a GPU run takes by default, here on CPU."""
+    assert lmkern("train", "t5", "--data", prepared, "--out", tmp_path / "run", *T5_RUN, "--precision", "bf16",
+                  "--steps", 6) == 0
+    losses = [row["loss"] for row in read_metrics(str(tmp_path / "run"))[1:]]
+    assert losses[-1] < losses[0], losses
+
+
 def test_finetune_from_a_checkpoint_then_generate(t5_run, pairs, tmp_path, capsys):
     run = tmp_path / "tuned"
     assert lmkern("finetune", "t5", "--init", t5_run, "--train", pairs, "--epochs", 3, "--batch-size", 8, "--lr",
@@ -126,6 +134,7 @@ def test_finetune_from_the_exported_hugging_face_directory(t5_run, pairs, tmp_pa
      "--text-column 'text' is not a column of --train"),
     (["finetune", "t5", "--init", "{run}", "--train", "{pairs}", "--regression", "--out", "{tmp}/r"],
      "--regression does not apply to T5"),
+    (["generate", "--checkpoint", "{run}", "--prompt", "a dog", "--ignore-eos"], "a T5 answers a prompt"),
 ])
 def test_bad_input_is_a_one_line_error(prepared, t5_run, pairs, tmp_path, capsys, argv, message):
     places = dict(text=str(pairs), data=prepared, pairs=str(pairs), run=str(t5_run), tmp=str(tmp_path))

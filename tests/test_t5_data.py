@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmkern.models import t5_data
-from lmkern.models.t5_data import SpanCorruption, T5SpecialIds, corrupt, noise_mask, uncorrupt
+from lmkern.models.t5_data import SpanCorruption, T5SpecialIds, corrupt, noise_mask
 from lmkern.models.tokenizer import SENTINEL, train_tokenizer
 
 SENTINELS = 20
@@ -17,6 +17,22 @@ SPECIALS = T5SpecialIds(pad=0, eos=1, sentinels=torch.arange(999, 999 - SENTINEL
 def counting_stream(length):
     """Tokens 100, 101, ...: any window shows where it came from."""
     return (100 + np.arange(length)).astype(np.uint16)
+
+
+def uncorrupt(inputs, targets, specials):
+    """The window that corrupt() made inputs and targets (1-D, each ending with </s>) from:
+    each sentinel of the input replaced by what follows it in the target."""
+    sentinels, spans, sentinel = set(specials.sentinels.tolist()), {}, None
+    for token in targets[:-1].tolist():
+        if token in sentinels:
+            sentinel = token
+            spans[sentinel] = []
+        else:
+            spans[sentinel].append(token)
+    window = []
+    for token in inputs[:-1].tolist():
+        window += spans[token] if token in spans else [token]
+    return torch.tensor(window, dtype=torch.int64)
 
 
 def spans_of(mask):

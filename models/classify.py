@@ -250,7 +250,8 @@ class EpochTask:
     finished() is True once `patience` evaluations in a row have not (None: never)."""
 
     def __init__(self, examples, batch_size, metric, seed=0, patience=None):
-        self.examples, self.batch_size, self.metric, self.seed, self.patience = examples, batch_size, metric, seed, patience
+        self.examples, self.batch_size, self.metric = examples, batch_size, metric
+        self.seed, self.patience = seed, patience
         self.steps_per_epoch = math.ceil(examples / batch_size)
         self.last = self.best = None
         self.best_step, self.evaluations_without_progress = None, 0

@@ -1,5 +1,6 @@
 """`lmkern eval`: a checkpoint's perplexity (GPT, Llama), MLM and NSP accuracy (BERT) or
-span-corruption loss and accuracy (T5) on prepared data, computed as the training run's evaluations are (models/tasks.py)."""
+span-corruption loss and accuracy (T5) on prepared data, computed as the training run's
+evaluations are (models/tasks.py)."""
 
 import json
 import math

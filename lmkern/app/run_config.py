@@ -46,7 +46,8 @@ class RunConfig:
     width: int = option(None, "overrides the preset's hidden size (BERT's feed-forward: 4 x width; Llama's: 8/3 x "
                        "width)", metavar="N")
     context_length: int = option(None, "tokens per training sequence (default: GPT and Llama the preset's context, "
-                                 "BERT 128; T5: of the span-corrupted input, 128)", flags=("--context-length", "--seq-length"), metavar="N")
+                                 "BERT 128; T5: of the span-corrupted input, 128)",
+                                 flags=("--context-length", "--seq-length"), metavar="N")
     dropout: float = option(None, "dropout probability (default: the preset's)", metavar="P")
     nsp: bool = option(True, "BERT: masked language modelling alone, on single spans (RoBERTa's full sentences)",
                        flags=("--no-nsp",))  # BERT's pretraining has next-sentence prediction

@@ -9,7 +9,7 @@ import sys
 
 from lmkern.app.common import CommandError, add_device, add_quiet, check_kernels
 from lmkern.app.finetune import FLAGS, FinetuneConfig, read_splits, run_in_out
-from lmkern.app.run_config import add_options, given_options, option
+from lmkern.app.run_config import add_options, flags, given_options, option
 from lmkern.models.errors import ArgumentValueError, check_at_least
 
 
@@ -23,8 +23,10 @@ class T5FinetuneConfig(FinetuneConfig):
     init: str = option(None, "the model to start from: an lmkern T5 checkpoint (a run's folder or a checkpoint folder "
                        "of `lmkern train t5` or `finetune t5`) or a Hugging Face T5 directory (config.json, "
                        "model.safetensors, tokenizer.json)", metavar="DIR")  # required
-    text_column: str = option("input", "the column of the input texts (default {default})", metavar="NAME")
-    label_column: str = option("target", "the column of the target texts (default {default})", metavar="NAME")
+    text_column: str = option("input", "the column of the input texts (default {default})", metavar="NAME",
+                              flags=("--input-column", "--text-column"))
+    label_column: str = option("target", "the column of the target texts (default {default})", metavar="NAME",
+                               flags=("--target-column", "--label-column"))
     learning_rate: float = option(3e-4, "peak learning rate (default {default})", flags=("--lr",), metavar="LR")
     patience: int = option(3, "stop after N evaluations in a row without a better validation exact match; 0 never "
                            "stops early (default {default})", metavar="N")
@@ -41,7 +43,9 @@ class T5FinetuneConfig(FinetuneConfig):
         super().__post_init__()
 
 
-T5_FLAGS = {**FLAGS, "max_target_length": "--max-target-length", "tokenizer": "--init"}
+# FinetuneConfig's FLAGS, with this config's flags for its fields and --init for the tokenizer's folder.
+T5_FLAGS = {**FLAGS, **{field.name: flags(field)[0] for field in dataclasses.fields(T5FinetuneConfig)},
+            "tokenizer": "--init", "tokenizer_dir": "--init"}
 
 
 def load_init(config):

@@ -31,6 +31,8 @@ MEAN_NOISE_SPAN_LENGTH = 3.0  # T5's: tokens per corrupted span, on average
 
 @dataclasses.dataclass(frozen=True)
 class T5SpecialIds:
+    """The ids span corruption and its batches use: <pad>, </s> and the sentinels."""
+
     pad: int
     eos: int
     sentinels: torch.Tensor  # (N,) int64: sentinels[i] is the id of <extra_id_i>

@@ -213,9 +213,9 @@ def cases():
     found.append(("attention", "B2 H16 L2048 D64 additive mask bf16",
                   attention_case(64, torch.bfloat16, False, "additive")))
     # A learned bias's gradient: T5's (1, H, Lq, Lk), summed over the batch, at head dims
-    # 64 (T5's) and 128, with a causal window and dropout; and a per-key bias summed over
-    # heads and queries too.
-    for head_dim, name in ((64, "bf16"), (64, "fp16"), (64, "fp32"), (128, "bf16"), (128, "fp32")):
+    # 64 (T5's) to 256 (fp32 to 128: at 256 no backward config fits beside a full mask),
+    # with a causal window and dropout; and a per-key bias summed over heads and queries too.
+    for head_dim, name in ((64, "bf16"), (64, "fp16"), (64, "fp32"), (128, "bf16"), (128, "fp32"), (256, "bf16")):
         found.append(("attention", f"B2 H16 L2048 D{head_dim} bias (1, H, Lq, Lk) with its gradient {name}",
                       attention_case(head_dim, DTYPES[name], False, "bias")))
     found.append(("attention", "B2 H16 L2048 D64 bias (1, H, Lq, Lk) with its gradient, causal window (255, 0), "

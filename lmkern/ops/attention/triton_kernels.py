@@ -155,10 +155,16 @@ def _bwd_resources(config, args, target):
 
 
 def _mask_bwd_resources(config, args, target):
-    """As the dQ role of _bwd_resources (queries and dO stay, keys and values stream past,
-    and fp32 tiles only 16 x 16), with the fp32 mask tile in place of the dQ accumulator."""
+    """As the dQ role of _bwd_resources (queries and dO stay, keys and values stream past:
+    query blocks at least as wide as key blocks), with the fp32 mask tile in place of the
+    dQ accumulator. Exact fp32 (see _exact_fp32) takes 16 queries x 32 keys on 8 warps:
+    16 x 16 spilled at head dim 128 on sm_90 on 4 and on 8 warps; and without wgmma, at
+    head dims over 128, 16-query tiles only: 64 x 32 spilled at 256 on sm_80 (triton 3.9,
+    benchmarks/results/triton-check/)."""
     size, m, n, d, dv, threads, stages = _tile_sizes(config, args)
-    if m < n or (size == 4 and (m, n) != (16, 16)):
+    if (size == 4 and (m, n, threads) != (16, 32, 256)) or (size < 4 and m < n):
+        return float("inf"), float("inf")
+    if not target.wgmma and max(d, dv) > 128 and m > 16:
         return float("inf"), float("inf")
     registers = (
         m * n + _score_tiles(args, 3) * m * n + m * (d + dv) * size / 4
@@ -907,7 +913,7 @@ def attention_bwd_mask_kernel(
                 lse = tl.load(lse_ptr + row0 + rows, mask=rows_ok, other=float("inf"))
                 delta = tl.load(delta_ptr + row0 + rows, mask=rows_ok, other=0.0)
                 # Only the key blocks some row of the block sees (causal, window).
-                start, _, _, stop = _key_blocks(
+                start, _unchecked_stop, _checked_start, stop = _key_blocks(
                     start_m, seqlen_k, causal_shift, window_left, IS_CAUSAL, CAUSAL_SHIFTED, WINDOWED, BLOCK_M,
                     BLOCK_N,
                 )
@@ -1028,11 +1034,10 @@ def _backward(
     grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    grads = (grad_q, grad_k, grad_v)
     grad_mask = torch.empty(mask.shape, dtype=mask.dtype, device=mask.device) if mask_grad else None
+    grads = (grad_q, grad_k, grad_v, grad_mask) if mask_grad else (grad_q, grad_k, grad_v)
     if seqlen_q == 0 or seqlen_k == 0 or head_dim == 0 or v.shape[3] == 0:
-        grads = tuple(grad.zero_() for grad in (*grads, grad_mask) if grad is not None)
-        return grads
+        return tuple(grad.zero_() for grad in grads)
     full_mask, strides, sizes, constants = _common_args(
         q, k, v, mask, is_causal, causal_shift, dropout_p, window_left
     )
@@ -1043,16 +1048,17 @@ def _backward(
         HEAD_DIM_V=constants["HEAD_DIM_V"], BLOCK_DV=constants["BLOCK_DV"], BLOCK_M=delta_rows,
     )
     args = (q, k, v, full_mask, grad_out, lse, delta, grad_q, grad_k, grad_v)
-    scalars = (scale * LOG2E.value, scale, dropout_p, dropout_scale(dropout_p), seed)
+    dropout = (dropout_p, dropout_scale(dropout_p), seed)
     strides = (*strides, *grad_out.stride())
     attention_bwd_kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), kv_heads, batch)](
-        *args, *strides, *sizes, *scalars, DKDV=True, **constants
+        *args, *strides, *sizes, scale * LOG2E.value, scale, *dropout, DKDV=True, **constants
     )
     attention_bwd_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)](
-        *args, *strides, *sizes, *scalars, DKDV=False, **constants
+        *args, *strides, *sizes, scale * LOG2E.value, scale, *dropout, DKDV=False, **constants
     )
     if not mask_grad:
         return grads
+    # The mask's gradient: one program per tile of it (see attention_bwd_mask_kernel).
     mask_batch, mask_heads, mask_queries, mask_keys = mask.shape
     sum_queries, sum_keys = mask_queries == 1, mask_keys == 1
 
@@ -1061,9 +1067,10 @@ def _backward(
         query_tiles = 1 if sum_queries else triton.cdiv(seqlen_q, meta["BLOCK_M"])
         return key_tiles, query_tiles, mask_batch * mask_heads
 
+    # Each program gathers the batches and heads that the mask broadcasts over.
     loops = (mask_heads, batch if mask_batch == 1 else 1, heads if mask_heads == 1 else 1)
     attention_bwd_mask_kernel[grid](
         q, k, v, full_mask, grad_out, lse, delta, grad_mask, *strides, *grad_mask.stride(), *sizes, *loops,
-        *scalars[:1], *scalars[2:], SUM_QUERIES=sum_queries, SUM_KEYS=sum_keys, **constants,
+        scale * LOG2E.value, *dropout, SUM_QUERIES=sum_queries, SUM_KEYS=sum_keys, **constants,
     )
-    return (*grads, grad_mask)
+    return grads

@@ -142,9 +142,11 @@ def _bwd_resources(config, args, target):
     fp32_tile = (16, 32) if args["DKDV"] else (16, 16)
     if resident < streamed or (size == 4 and (m, n) != fp32_tile):
         return float("inf"), float("inf")
-    if args["DKDV"] and args["WINDOWED"] and d > 128 and threads < 256:
-        # dK/dV of a window at head dims over 128: 16 x 16 tiles on 4 warps spilled under
-        # triton 3.6 (benchmarks/results/triton-check/); 8 warps hold them.
+    full_mask = args["MASK_KIND"] == FULL_MASK.value
+    if args["DKDV"] and (args["WINDOWED"] or full_mask) and d > 128 and threads < 256:
+        # dK/dV of a window, or with a full mask (a learned bias), at head dims over 128:
+        # 16 x 16 tiles on 4 warps spilled under triton 3.6 on sm_90
+        # (benchmarks/results/triton-check/); 8 warps hold them.
         return float("inf"), float("inf")
     accumulators = n * (d + dv) if args["DKDV"] else m * d
     registers = (
@@ -157,14 +159,17 @@ def _bwd_resources(config, args, target):
 def _mask_bwd_resources(config, args, target):
     """As the dQ role of _bwd_resources (queries and dO stay, keys and values stream past:
     query blocks at least as wide as key blocks), with the fp32 mask tile in place of the
-    dQ accumulator. Exact fp32 (see _exact_fp32) takes 16 queries x 32 keys on 8 warps:
-    16 x 16 spilled at head dim 128 on sm_90 on 4 and on 8 warps; and without wgmma, at
-    head dims over 128, 16-query tiles only: 64 x 32 spilled at 256 on sm_80 (triton 3.9,
-    benchmarks/results/triton-check/)."""
+    dQ accumulator. What spilled (benchmarks/results/triton-check/) is left out: exact fp32
+    (see _exact_fp32) takes 16 x 16 tiles on 4 warps up to head dim 64 (16 x 32 on 8 warps
+    spilled there on sm_80, triton 3.6) and 16 x 32 on 8 warps above (16 x 16 spilled at 128
+    on sm_90, triton 3.9); without wgmma, 64-query tiles need 8 warps (4 spilled at head
+    dim 64 on sm_80, triton 3.6), and head dims over 128 16-query tiles (64 x 32 spilled
+    at 256 on sm_80, triton 3.9)."""
     size, m, n, d, dv, threads, stages = _tile_sizes(config, args)
-    if (size == 4 and (m, n, threads) != (16, 32, 256)) or (size < 4 and m < n):
+    fp32_tile = (16, 16, 128) if max(d, dv) <= 64 else (16, 32, 256)
+    if (size == 4 and (m, n, threads) != fp32_tile) or (size < 4 and m < n):
         return float("inf"), float("inf")
-    if not target.wgmma and max(d, dv) > 128 and m > 16:
+    if not target.wgmma and ((m >= 64 and threads < 256) or (max(d, dv) > 128 and m > 16)):
         return float("inf"), float("inf")
     registers = (
         m * n + _score_tiles(args, 3) * m * n + m * (d + dv) * size / 4

@@ -63,8 +63,7 @@ inline void check_attention_args(
 // grad_out and out (B, H, Lq, Dv) like q's dtype; lse (B, H, Lq) float32, contiguous.
 inline void check_attention_bwd_args(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse) {
-  const char* op = "attention_bwd";
+    const at::Tensor& lse, const char* op = "attention_bwd") {
   const std::array<int64_t, 4> out_shape_values{q.size(0), q.size(1), q.size(2), v.size(3)};
   const at::IntArrayRef out_shape(out_shape_values);
   check_attention_tensor(op, "grad_out", grad_out, q);

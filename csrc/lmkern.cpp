@@ -98,6 +98,16 @@ TORCH_LIBRARY(lmkern, m) {
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
       "bool is_causal, SymInt causal_shift, float scale, float dropout_p, SymInt seed, int window_left=-1) "
       "-> (Tensor, Tensor, Tensor)");
+  // The gradient of an additive (float) mask, from the same arguments as attention_bwd's
+  // but the mask: here the mask as the caller holds it, 4-D (B | 1, H | 1, Lq | 1, Lk | 1),
+  // broadcast over the dimensions where it has size 1, any strides. Returns dmask = P (dP -
+  // delta), the scores' gradient, summed over those dimensions, in the mask's shape (contiguous)
+  // and dtype: deterministic, no (B, H, Lq, Lk) buffer. CPU only (the CUDA kernels take
+  // boolean key-padding masks only).
+  m.def(
+      "attention_mask_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor mask, "
+      "bool is_causal, SymInt causal_shift, float scale, float dropout_p, SymInt seed, int window_left=-1) "
+      "-> Tensor");
   // Rotary position embeddings of x (B, H, L, D), any strides, float32/float16/bfloat16.
   // cos and sin (P, R / 2), contiguous, one float dtype, R <= D: row p holds cos(p theta_i)
   // and sin(p theta_i). positions (B, L) int64, any strides: token l of sequence b sits at

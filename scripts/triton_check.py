@@ -72,6 +72,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # The cases: (op, shape label, function calling the op's host launchers on CPU tensors).
 def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0, causal_shift=0, window_left=-1):
+    """mask: None, "key padding", "additive", or, with the additive mask's gradient
+    (attention_bwd_mask_kernel), "bias" (T5's (1, H, Lq, Lk)) or "key bias" (B, 1, 1, Lk)."""
+
     def run():
         q, k, v = (torch.empty(2, 16, 2048, head_dim, dtype=dtype) for _ in range(3))
         full_mask = None
@@ -79,9 +82,14 @@ def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0, causal_shi
             full_mask = torch.ones(2, 1, 1, 2048, dtype=torch.bool).expand(2, 16, 2048, 2048)
         elif mask == "additive":
             full_mask = torch.empty(2048, 2048, dtype=dtype).expand(2, 16, 2048, 2048)
+        elif mask == "bias":
+            full_mask = torch.empty(1, 16, 2048, 2048, dtype=dtype)
+        elif mask == "key bias":
+            full_mask = torch.empty(2, 1, 1, 2048, dtype=dtype)
         args = (full_mask, causal, causal_shift, head_dim**-0.5, dropout_p, 0, window_left)
         out, lse = attention.attention_fwd(q, k, v, *args)
-        attention.attention_bwd(torch.empty_like(out), q, k, v, out, lse, *args)
+        backward = attention.attention_bwd_with_mask_grad if mask in ("bias", "key bias") else attention.attention_bwd
+        backward(torch.empty_like(out), q, k, v, out, lse, *args)
 
     return run
 
@@ -184,7 +192,8 @@ def swiglu_case(width, ffn_width, dtype, activation):
 def cases():
     """Every case: attention at head dims 64/128/256 in bf16 and fp32 (fp16, whose code and
     tiles are bf16's, at 64), causal or not (and BERT's padding mask with dropout, an
-    additive mask, and causal aligned bottom-right; sliding windows), decoding with and without a split cache (and
+    additive mask, a learned bias with its gradient, and causal aligned bottom-right;
+    sliding windows), decoding with and without a split cache (and
     a window); cross-entropy at GPT-2's,
     Llama 2's and Llama 3's vocabularies; LayerNorm at widths 768 to 32768 (fp32 to 16384,
     the kernels' 64 KiB row limit), RMSNorm at 4096 to 16384; the FFN matmuls at GPT-2 and
@@ -203,6 +212,16 @@ def cases():
                       attention_case(64, DTYPES[name], False, "key padding", 0.1)))
     found.append(("attention", "B2 H16 L2048 D64 additive mask bf16",
                   attention_case(64, torch.bfloat16, False, "additive")))
+    # A learned bias's gradient: T5's (1, H, Lq, Lk), summed over the batch, at head dims
+    # 64 (T5's) to 256 (fp32 to 128: at 256 no backward config fits beside a full mask),
+    # with a causal window and dropout; and a per-key bias summed over heads and queries too.
+    for head_dim, name in ((64, "bf16"), (64, "fp16"), (64, "fp32"), (128, "bf16"), (128, "fp32"), (256, "bf16")):
+        found.append(("attention", f"B2 H16 L2048 D{head_dim} bias (1, H, Lq, Lk) with its gradient {name}",
+                      attention_case(head_dim, DTYPES[name], False, "bias")))
+    found.append(("attention", "B2 H16 L2048 D64 bias (1, H, Lq, Lk) with its gradient, causal window (255, 0), "
+                  "dropout 0.1 bf16", attention_case(64, torch.bfloat16, True, "bias", 0.1, window_left=255)))
+    found.append(("attention", "B2 H16 L2048 D64 key bias (B, 1, 1, Lk) with its gradient bf16",
+                  attention_case(64, torch.bfloat16, False, "key bias")))
     for head_dim, name in ((64, "bf16"), (128, "bf16"), (256, "bf16"), (64, "fp32"), (128, "fp32")):
         # A causal shift other than 0 (torch's lower-right CausalBias) compiles a variant of its own.
         found.append(("attention", f"B2 H16 L2048 D{head_dim} causal bottom-right {name}",

@@ -245,23 +245,6 @@ def test_dropout_masks_are_the_same_on_every_backend():
     assert torch.equal(masks[0], dropout_keep(draw_seed(), offsets, 0.5))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_additive_mask_gradient_runs_on_torch(backend):
-    require(backend, "cpu", torch.float32, "attention")
-    q, k, v, kwargs = make_case("additive_mask")
-    bias = kwargs["attn_mask"].clone().requires_grad_()
-    if backend == "torch":
-        out = lmkern.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend=backend)
-    else:
-        with pytest.raises(lmkern.BackendUnavailableError, match="gradient of attn_mask"):
-            lmkern.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend=backend)
-        out = lmkern.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # auto picks torch
-    out.sum().backward()
-    expected = bias.detach().clone().requires_grad_()
-    F.scaled_dot_product_attention(q, k, v, attn_mask=expected).sum().backward()
-    torch.testing.assert_close(bias.grad, expected.grad)
-
-
 def test_auto_picks_native_on_cpu_and_the_reference_for_float64():
     require("native", "cpu", torch.float32, "attention")
     q, k, v, _ = make_case("basic")

@@ -122,6 +122,18 @@ def window_attention(device, dtype):
     return op, (q, k, v), ["out", "grad_q", "grad_k", "grad_v"]
 
 
+def biased_attention(device, dtype):
+    """T5's learned bias (1, H, Lq, Lk), shared by the batch, with its gradient (the mask
+    gradient kernel, summing over the batch)."""
+    q, k, v = (randn(2, 4, 80, 64, device=device, dtype=dtype) for _ in range(3))
+    bias = randn(1, 4, 80, 80, device=device, dtype=dtype)
+
+    def op(q, k, v, bias, backend):
+        return lmkern.scaled_dot_product_attention(q, k, v, bias, backend=backend)
+
+    return op, (q, k, v, bias), ["out", "grad_q", "grad_k", "grad_v", "grad_bias"]
+
+
 def apply_rotary(device, dtype):
     """Partial rotary of queries sliced from a packed qkv, at per-sequence offsets."""
     qkv = randn(2, 40, 3, 4, 64, device=device, dtype=dtype, grad=False)
@@ -150,11 +162,12 @@ def swiglu(device, dtype):
 OPS = {
     fn.__name__: fn
     for fn in (cross_entropy, linear_cross_entropy, add_layer_norm, wide_layer_norm, add_rms_norm, wide_rms_norm, ffn,
-               swiglu, attention, padded_attention, window_attention, apply_rotary)
+               swiglu, attention, padded_attention, window_attention, biased_attention, apply_rotary)
 }
 KERNEL_OP = {"linear_cross_entropy": "cross_entropy", "add_layer_norm": "layer_norm", "wide_layer_norm": "layer_norm",
              "wide_rms_norm": "rms_norm",
-             "ffn": "linear_gelu", "padded_attention": "attention", "window_attention": "attention"}
+             "ffn": "linear_gelu", "padded_attention": "attention", "window_attention": "attention",
+             "biased_attention": "attention"}
 
 
 # The one backend, a parameter so that test ids (and the GPU check's summary) name it.

@@ -75,7 +75,10 @@ AttentionProblem make_attention_problem(
     bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed, int64_t window_left);
 
 // The kernels of one instruction set. forward writes out (B, H, Lq, Dv) and lse (B, H, Lq),
-// both contiguous; backward writes dq, dk, dv, contiguous and shaped like q, k, v.
+// both contiguous; backward writes dq, dk, dv, contiguous and shaped like q, k, v;
+// mask_backward writes the gradient of the additive mask, dmask (B | 1, H | 1, Lq | 1,
+// Lk | 1), contiguous, summed over the dimensions where it has size 1 (the mask's own
+// shape, which the problem's mask broadcasts from).
 struct AttentionKernels {
   void (*forward)(
       const AttentionProblem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -84,6 +87,9 @@ struct AttentionKernels {
       const AttentionProblem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
       const at::Tensor& dk, const at::Tensor& dv);
+  void (*mask_backward)(
+      const AttentionProblem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dmask);
 };
 
 // Whether this compiler builds the AVX2 and AVX-512 kernels: they are compiled with GCC's

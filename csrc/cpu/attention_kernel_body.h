@@ -564,12 +564,12 @@ struct PairBuffers {
         dropout(p.dropout_p > 0 ? shape.block_queries : 0) {}
 };
 
-// One (key block, query block) pair of head h: adds to the key block's dK and dV (at
-// dk, dv) and to the query block's dQ^T (dq_t, rows padded_queries apart).
-void backward_pair(
+// One (key block, query block) pair of head h, keys as rows: P^T into buf.s ((P Z)^T into
+// buf.pz with dropout) and ds_scale dS^T into buf.dp, zero for keys the block's queries do
+// not see and for padding. k (N x D) and v (N x Dv) are the key block's rows.
+void pair_score_grads(
     const AttentionProblem& p, const BackwardShape& shape, int64_t b, int64_t h, int64_t n0, int64_t i0,
-    const QuerySide& qs, const float* k, const float* k_t, const float* v, float* dk, float* dv, float* dq_t,
-    PairBuffers& buf) {
+    const QuerySide& qs, const float* k, const float* v, float ds_scale, PairBuffers& buf) {
   const int64_t d = p.head_dim, d_v = p.head_dim_v;
   const int64_t n = shape.block_keys, m = shape.block_queries, ld = shape.padded_queries;
   // S^T = K Q^T and dP^T = V dO^T, keys as rows.
@@ -608,11 +608,46 @@ void backward_pair(
       multiply_row(dp, z, m);
       at::vec::map2([](Vec a, Vec b) { return a * b; }, pz, s, z, m);
     }
-    softmax_grad_row(s, dp, delta, m, p.scale);  // dp now holds scale dS^T
+    softmax_grad_row(s, dp, delta, m, ds_scale);
   }
+}
+
+// One (key block, query block) pair of head h: adds to the key block's dK and dV (at
+// dk, dv) and to the query block's dQ^T (dq_t, rows padded_queries apart).
+void backward_pair(
+    const AttentionProblem& p, const BackwardShape& shape, int64_t b, int64_t h, int64_t n0, int64_t i0,
+    const QuerySide& qs, const float* k, const float* k_t, const float* v, float* dk, float* dv, float* dq_t,
+    PairBuffers& buf) {
+  const int64_t d = p.head_dim, d_v = p.head_dim_v;
+  const int64_t n = shape.block_keys, m = shape.block_queries, ld = shape.padded_queries;
+  pair_score_grads(p, shape, b, h, n0, i0, qs, k, v, p.scale, buf);  // buf.dp: scale dS^T
   matmul(n, d_v, m, p.dropout_p > 0 ? buf.pz.data() : buf.s.data(), m, qs.g.data() + i0 * d_v, d_v, dv, d_v, true);
   matmul(n, d, m, buf.dp.data(), m, qs.q.data() + i0 * d, d, dk, d, true);
   matmul(d, m, n, k_t, n, buf.dp.data(), m, dq_t + i0, ld, true);
+}
+
+// The rows of keys and values [n0, n0 + N) of (b, kv_head) into k (N x D) and v (N x Dv),
+// fp32 and zero past the keys sequence b's queries may see.
+template <typename scalar_t>
+void load_key_block(
+    const AttentionProblem& p, const BackwardShape& shape, int64_t b, int64_t kv_head, int64_t n0,
+    const scalar_t* k_in, Strides k_strides, const scalar_t* v_in, Strides v_strides, float* k, float* v) {
+  const int64_t n = shape.block_keys;
+  const int64_t keys = std::clamp<int64_t>(p.seen_keys(b) - n0, 0, n);
+  load_rows(k_in + k_strides.at(b, kv_head, n0), k_strides.row, keys, p.head_dim, k, p.head_dim, n);
+  load_rows(v_in + v_strides.at(b, kv_head, n0), v_strides.row, keys, p.head_dim_v, v, p.head_dim_v, n);
+}
+
+// [begin, end): the query blocks of sequence b (begin a multiple of block_queries) that
+// may see keys [n0, n0 + N); empty where a key-padding mask hides them all. Queries before
+// begin (causal) or from end on (a sliding window) see none of them.
+std::pair<int64_t, int64_t> queries_seeing(const AttentionProblem& p, const BackwardShape& shape, int64_t b, int64_t n0) {
+  const int64_t keys = std::min(shape.block_keys, p.seqlen_k - n0);
+  if (keys_hidden(p, b, n0, keys)) {
+    return {0, 0};
+  }
+  const int64_t first_query = p.causal ? std::clamp<int64_t>(n0 - p.shift[b], 0, p.seqlen_q) : 0;
+  return {first_query / shape.block_queries * shape.block_queries, p.seeing_queries(b, n0 + keys - 1)};
 }
 
 void attention_backward(
@@ -650,26 +685,18 @@ void attention_backward(
         }
         KeySide ks(p, blocks.size() * n);
         for (size_t x = 0; x < blocks.size(); ++x) {
-          const int64_t n0 = blocks[x] * n;
-          const int64_t keys = std::clamp<int64_t>(p.seen_keys(b) - n0, 0, n);
-          load_rows(k_ptr + k_strides.at(b, kv_head, n0), k_strides.row, keys, d, ks.k.data() + x * n * d, d, n);
+          load_key_block(
+              p, shape, b, kv_head, blocks[x] * n, k_ptr, k_strides, v_ptr, v_strides, ks.k.data() + x * n * d,
+              ks.v.data() + x * n * d_v);
           transpose(ks.k.data() + x * n * d, n, d, ks.k_t.data() + x * n * d, n);
-          load_rows(v_ptr + v_strides.at(b, kv_head, n0), v_strides.row, keys, d_v, ks.v.data() + x * n * d_v, d_v, n);
         }
         for (int64_t h = kv_head * p.group(); h < (kv_head + 1) * p.group(); ++h) {
           qs.pack(p, shape, b, h, q_ptr, Strides(q), g_ptr, Strides(grad_out), out_ptr, Strides(out), lse_ptr);
           float* dq_head = dq_t_ptr + ((chunk * p.batch + b) * p.heads + h) * d * shape.padded_queries;
           for (size_t x = 0; x < blocks.size(); ++x) {
             const int64_t n0 = blocks[x] * n;
-            if (keys_hidden(p, b, n0, std::min(n, p.seqlen_k - n0))) {
-              continue;  // a key-padding mask hides them all: their gradients stay zero
-            }
-            // Queries before first_query (causal) or from query_end on (a sliding window) see
-            // none of these keys: their blocks are skipped.
-            const int64_t first_query = p.causal ? std::clamp<int64_t>(n0 - p.shift[b], 0, p.seqlen_q) : 0;
-            const int64_t query_end = p.seeing_queries(b, std::min(n0 + n, p.seqlen_k) - 1);
-            for (int64_t i0 = first_query / shape.block_queries * shape.block_queries; i0 < query_end;
-                 i0 += shape.block_queries) {
+            const auto [query_begin, query_end] = queries_seeing(p, shape, b, n0);  // the others' blocks are skipped
+            for (int64_t i0 = query_begin; i0 < query_end; i0 += shape.block_queries) {
               backward_pair(
                   p, shape, b, h, n0, i0, qs, ks.k.data() + x * n * d, ks.k_t.data() + x * n * d,
                   ks.v.data() + x * n * d_v, ks.dk.data() + x * n * d, ks.dv.data() + x * n * d_v, dq_head, buf);
@@ -691,6 +718,92 @@ void attention_backward(
   dq.copy_(total.narrow(3, 0, p.seqlen_q).transpose(2, 3));
 }
 
+// The gradient of an additive mask, dmask = dS = P (dP - delta), summed over the
+// dimensions of (B, H, Lq, Lk) where dmask (fp32, contiguous) has size 1: the mask's own
+// shape, e.g. T5's relative position bias (1, H, Lq, Lk), shared by the batch.
+//
+// A pass of its own, after the backward, so that the sum needs no (B, H, Lq, Lk) buffer
+// and no two threads add into one element: at::parallel_for over the tiles of dmask, one
+// per (batch, head) of dmask and, where it spans the keys, per key block. A task recomputes
+// P^T and dS^T (pair_score_grads, keys as rows) for every (batch, head, query block) its
+// tile gathers, in a fixed order, into its own fp32 accumulator: the tile's keys x Lq, or
+// one row or column of sums where dmask spans one key or one query. Each element so has
+// one writer and one order of additions, whatever the thread count. The price is the two
+// matmuls of S^T and dP^T again per pair of blocks; memory beyond dmask is O(L D) per thread.
+void attention_mask_backward(
+    const AttentionProblem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dmask) {
+  const BackwardShape shape(p);
+  const int64_t n = shape.block_keys, m = shape.block_queries;
+  const int64_t mask_batch = dmask.size(0), mask_heads = dmask.size(1);
+  const int64_t mask_queries = dmask.size(2), mask_keys = dmask.size(3);
+  const int64_t key_tiles = mask_keys > 1 ? shape.key_blocks : 1;
+  // The accumulator, keys as rows (n, or 1 summing them) and queries as columns (padded_queries, or 1).
+  const int64_t acc_rows = mask_keys > 1 ? n : 1;
+  const int64_t acc_cols = mask_queries > 1 ? shape.padded_queries : 1;
+  LMKERN_DISPATCH_ATTENTION_TYPES(q.scalar_type(), "attention_mask_bwd_cpu", [&] {
+    const scalar_t* q_ptr = q.const_data_ptr<scalar_t>();
+    const scalar_t* k_ptr = k.const_data_ptr<scalar_t>();
+    const scalar_t* v_ptr = v.const_data_ptr<scalar_t>();
+    const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* out_ptr = out.const_data_ptr<scalar_t>();
+    const float* lse_ptr = lse.const_data_ptr<float>();
+    float* dmask_ptr = dmask.data_ptr<float>();
+    const Strides k_strides(k), v_strides(v);
+    at::parallel_for(0, mask_batch * mask_heads * key_tiles, 1, [&](int64_t begin, int64_t end) {
+      QuerySide qs(p, shape);
+      PairBuffers buf(p, shape);
+      std::vector<float> keys(n * p.head_dim), values(n * p.head_dim_v), acc(acc_rows * acc_cols);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t key_tile = task % key_tiles;
+        const int64_t mask_head = task / key_tiles % mask_heads;
+        const int64_t mask_b = task / (key_tiles * mask_heads);
+        // What the tile gathers: every batch, head and key block that dmask spans with one.
+        const int64_t b_begin = mask_batch > 1 ? mask_b : 0, b_end = mask_batch > 1 ? mask_b + 1 : p.batch;
+        const int64_t h_begin = mask_heads > 1 ? mask_head : 0, h_end = mask_heads > 1 ? mask_head + 1 : p.heads;
+        const int64_t block_begin = mask_keys > 1 ? key_tile : 0;
+        const int64_t block_end = mask_keys > 1 ? key_tile + 1 : shape.key_blocks;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t b = b_begin; b < b_end; ++b) {
+          for (int64_t h = h_begin; h < h_end; ++h) {
+            qs.pack(p, shape, b, h, q_ptr, Strides(q), g_ptr, Strides(grad_out), out_ptr, Strides(out), lse_ptr);
+            for (int64_t block = block_begin; block < block_end; ++block) {
+              const int64_t n0 = block * n;
+              const auto [query_begin, query_end] = queries_seeing(p, shape, b, n0);
+              if (query_begin >= query_end) {
+                continue;  // no query sees these keys: dS is 0
+              }
+              load_key_block(
+                  p, shape, b, h / p.group(), n0, k_ptr, k_strides, v_ptr, v_strides, keys.data(), values.data());
+              for (int64_t i0 = query_begin; i0 < query_end; i0 += m) {
+                pair_score_grads(p, shape, b, h, n0, i0, qs, keys.data(), values.data(), 1.0f, buf);  // buf.dp: dS^T
+                for (int64_t r = 0; r < n; ++r) {
+                  const float* ds = buf.dp.data() + r * m;
+                  float* row = acc.data() + (acc_rows > 1 ? r : 0) * acc_cols;
+                  if (acc_cols > 1) {
+                    at::vec::map2([](Vec x, Vec y) { return x + y; }, row + i0, row + i0, ds, m);
+                  } else {
+                    row[0] += at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, ds, m);
+                  }
+                }
+              }
+            }
+          }
+        }
+        // The tile, transposed into dmask's (query, key) rows.
+        float* tile = dmask_ptr + (mask_b * mask_heads + mask_head) * mask_queries * mask_keys;
+        const int64_t key0 = mask_keys > 1 ? key_tile * n : 0;
+        const int64_t tile_keys = mask_keys > 1 ? std::min(n, p.seqlen_k - key0) : 1;
+        for (int64_t i = 0; i < mask_queries; ++i) {
+          for (int64_t r = 0; r < tile_keys; ++r) {
+            tile[i * mask_keys + key0 + r] = acc[r * acc_cols + i];
+          }
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 }  // namespace lmkern
 
@@ -700,7 +813,7 @@ void attention_backward(
 
 namespace lmkern {
 namespace {
-constexpr AttentionKernels kAttentionKernels{&attention_forward, &attention_backward};
+constexpr AttentionKernels kAttentionKernels{&attention_forward, &attention_backward, &attention_mask_backward};
 }  // namespace
 
 #if defined(LMKERN_ATTENTION_AVX512)

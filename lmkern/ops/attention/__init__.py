@@ -166,9 +166,11 @@ def _is_plain_tensor(tensor):
 
 
 def _check_mask(attn_mask, query, shape, is_causal):
-    """attn_mask as a (B, H, Lq, Lk) view, B = prod(batch_shape) (a copy where several
-    batch dimensions it broadcasts over merge), or None. shape: (*batch_shape, H, Lq, Lk),
-    what it must broadcast to."""
+    """attn_mask as 4-D (B | 1, H | 1, Lq | 1, Lk | 1), B = prod(batch_shape), or None:
+    the mask as the caller holds it, so that its gradient needs no reduction outside the
+    backends. A view, with leading dimensions of 1 where it has fewer; a copy where it
+    broadcasts over some of several batch dimensions that merge. shape: (*batch_shape, H,
+    Lq, Lk), what it must broadcast to."""
     if attn_mask is None:
         return None
     if is_causal:
@@ -191,7 +193,11 @@ def _check_mask(attn_mask, query, shape, is_causal):
     if trailing is None or any(size != 1 and size != wanted for size, wanted in zip(attn_mask.shape, trailing)):
         dims = "(B, H, Lq, Lk)" if len(shape) == 4 else "(..., H, Lq, Lk)"
         raise ArgumentError(f"attn_mask must broadcast to {dims} = {tuple(shape)}, got shape {tuple(attn_mask.shape)}")
-    return attn_mask.expand(shape).reshape(-1, *shape[-3:])
+    mask = attn_mask[(None,) * (len(shape) - attn_mask.dim())]  # as many dimensions as shape
+    if mask.dim() != 4:  # no batch dimension, or several: merged into one
+        batch = shape[:-3] if any(size != 1 for size in mask.shape[:-3]) else mask.shape[:-3]
+        mask = mask.expand(*batch, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
+    return mask
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -214,8 +220,8 @@ class AttentionFunction(torch.autograd.Function):
                 lambda *inputs: reference.attention_fwd(*inputs, *ctx.args)[0], (q, k, v, mask),
                 ctx.needs_input_grad[:4], (grad_out,),
             )
-        elif ctx.needs_input_grad[3]:  # an additive mask's gradient: the reference (the backends' limits)
-            grads = reference.attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, *ctx.args)
+        elif ctx.needs_input_grad[3]:  # an additive mask's gradient, in its own shape: see _check_mask
+            grads = ctx.impl.attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, *ctx.args)
         else:
             grads = (*ctx.impl.attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.args), None)
         return *grads, None, None, None, None, None, None, None
@@ -239,8 +245,12 @@ def scaled_dot_product_attention(
             or a torch.nn.attention.bias.CausalBias (causal_upper_left, causal_lower_right),
             run as causal attention aligned top-left or bottom-right. A key-padding mask
             (B, 1, 1, Lk) is read once per key block by the kernels; other masks are read
-            element by element. Only the torch backend computes a float mask's gradient
-            ("auto" picks it when the mask requires grad).
+            element by element. A float mask that requires grad (a learned bias, as T5's
+            relative position bias (1, H, Lq, Lk)) gets its gradient, summed over the
+            dimensions it broadcasts over, from every backend but native on CUDA, whose
+            kernels take boolean key-padding masks only ("auto" then picks Triton): the
+            native CPU and Triton kernels sum it in a pass of their own, deterministically
+            and without a (B, H, Lq, Lk) buffer.
         dropout_p: dropout on the attention probabilities; the mask is drawn from a seed
             taken from torch's default generator (torch.manual_seed makes it reproducible)
             and regenerated in backward, never stored. Apply it only in training, as with torch.

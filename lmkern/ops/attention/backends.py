@@ -1,6 +1,6 @@
 """The backends of lmkern.scaled_dot_product_attention (see lmkern.backend). Its calls carry
-head_dims (q's and v's), mask (the (B, H, Lq, Lk) view, or None), mask_grad (whether the
-gradient of an additive mask is wanted) and dropout_p."""
+head_dims (q's and v's), mask (4-D, broadcastable to (B, H, Lq, Lk), or None), mask_grad
+(whether the gradient of an additive mask is wanted) and dropout_p."""
 
 import torch
 
@@ -11,19 +11,18 @@ TRITON_MAX_HEAD_DIM = 256
 # What the native CUDA kernels take (csrc/cuda/attention.cpp).
 NATIVE_CUDA_DTYPES = (torch.float16, torch.bfloat16)
 NATIVE_CUDA_HEAD_DIMS = (64, 128)
-MASK_GRAD = "the gradient of attn_mask is computed by the torch backend only"
 
 
 def is_key_padding_mask(mask):
-    """Whether a (B, H, Lq, Lk) mask view is a boolean (B, 1, 1, Lk) mask broadcast."""
+    """Whether a 4-D mask is a boolean (B, 1, 1, Lk) mask, or a view broadcast from one."""
     return mask.dtype == torch.bool and all(mask.shape[d] == 1 or mask.stride(d) == 0 for d in (1, 2))
 
 
 def triton_limit(call):
-    """Head dims up to 256; no gradient of an additive mask."""
+    """Head dims up to 256."""
     if max(call.head_dims) > TRITON_MAX_HEAD_DIM:
         return f"its kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {max(call.head_dims)}"
-    return MASK_GRAD if call.mask_grad else None
+    return None
 
 
 def native_cuda_limit(dtype, head_dims, mask=None, dropout_p=0.0):
@@ -40,13 +39,14 @@ def native_cuda_limit(dtype, head_dims, mask=None, dropout_p=0.0):
 
 
 def native_limit(call):
-    """No gradient of an additive mask; on CUDA, fp16/bf16 at head dims 64 and 128, no mask
-    or a boolean key-padding one, no dropout (the other calls go to Triton under auto)."""
+    """On CUDA, fp16/bf16 at head dims 64 and 128, no mask or a boolean key-padding one
+    (and so no mask gradient), no dropout (the other calls go to Triton under auto). On CPU
+    none: the C++ kernels take any mask and compute an additive one's gradient."""
+    if call.device_type != "cuda":
+        return None
     if call.mask_grad:
-        return MASK_GRAD
-    if call.device_type == "cuda":
-        return native_cuda_limit(call.dtype, call.head_dims, call.mask, call.dropout_p)
-    return None
+        return "its CUDA kernels take no additive mask, and so compute no gradient of attn_mask"
+    return native_cuda_limit(call.dtype, call.head_dims, call.mask, call.dropout_p)
 
 
 PACKAGE = "lmkern.ops.attention"

@@ -1,9 +1,11 @@
-"""Attention through the compiled extension: torch.ops.lmkern.attention_fwd and attention_bwd.
+"""Attention through the compiled extension: torch.ops.lmkern.attention_fwd, attention_bwd
+and attention_mask_bwd (an additive mask's gradient; CPU only).
 
 The schemas live in csrc/lmkern.cpp, the ops in csrc/cpu/attention.cpp (on the kernel of
 csrc/cpu/attention_kernel.h) and csrc/cuda/attention.cpp; here are the fake
 implementations that let torch.compile trace the ops, and the wrappers with the backend
-contract (the kernels read rows contiguous in the last dimension).
+contract (the kernels read rows contiguous in the last dimension, and attention_fwd and
+attention_bwd a mask broadcast to (B, H, Lq, Lk)).
 """
 
 import torch
@@ -25,20 +27,42 @@ def _(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.register_fake("lmkern::attention_mask_bwd")
+def _(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
+    return mask.new_empty(mask.shape)
+
+
 def rows_contiguous(x):
     """x, or a copy contiguous in its last dimension, which the kernels read rows of."""
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def broadcast_mask(mask, q, k):
+    """A 4-D mask (or None) as the (B, H, Lq, Lk) view that attention_fwd and attention_bwd read."""
+    return None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
 def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
     """Same contract as reference.attention_fwd."""
     q, k, v = map(rows_contiguous, (q, k, v))
     args = (is_causal, causal_shift, scale, dropout_p, seed, window_left)
-    return torch.ops.lmkern.attention_fwd(q, k, v, mask, *args)
+    return torch.ops.lmkern.attention_fwd(q, k, v, broadcast_mask(mask, q, k), *args)
 
 
 def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
     """Same contract as reference.attention_bwd."""
     grad_out, q, k, v, out = map(rows_contiguous, (grad_out, q, k, v, out))
     args = (is_causal, causal_shift, scale, dropout_p, seed, window_left)
-    return torch.ops.lmkern.attention_bwd(grad_out, q, k, v, out, lse, mask, *args)
+    return torch.ops.lmkern.attention_bwd(grad_out, q, k, v, out, lse, broadcast_mask(mask, q, k), *args)
+
+
+def attention_bwd_with_mask_grad(
+    grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1
+):
+    """Same contract as reference.attention_bwd_with_mask_grad, for an additive mask: the
+    mask's gradient comes from attention_mask_bwd, a pass of its own after attention_bwd
+    (csrc/cpu/attention_kernel_body.h says why and how it sums)."""
+    grad_out, q, k, v, out = map(rows_contiguous, (grad_out, q, k, v, out))
+    args = (is_causal, causal_shift, scale, dropout_p, seed, window_left)
+    grads = torch.ops.lmkern.attention_bwd(grad_out, q, k, v, out, lse, broadcast_mask(mask, q, k), *args)
+    return *grads, torch.ops.lmkern.attention_mask_bwd(grad_out, q, k, v, out, lse, mask, *args)

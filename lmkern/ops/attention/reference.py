@@ -8,7 +8,8 @@ error that the kernels may not exceed by more than the tolerance rule allows.
 Shapes (the contract of every backend, after lmkern.scaled_dot_product_attention has
 broadcast its arguments): q (B, H, Lq, D), k (B, H_kv, Lk, D), v (B, H_kv, Lk, Dv) with
 H a multiple of H_kv (query head h reads key/value head h // (H // H_kv)); mask None or
-(B, H, Lq, Lk) boolean (True takes part) or additive float, usually a broadcast view; with
+4-D, broadcastable to (B, H, Lq, Lk) (each dimension equal or 1), boolean (True takes part)
+or additive float; with
 is_causal, query i sees key j when j <= i + causal_shift (0: torch's top-left alignment,
 Lk - Lq: bottom-right); with window_left >= 0 (a sliding window; -1: none), only when
 j >= i + causal_shift - window_left too. A window's right bound reaches the backends as a
@@ -100,12 +101,14 @@ def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed
 def attention_bwd_with_mask_grad(
     grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1
 ):
-    """Gradients of attention_fwd's output: (dq, dk, dv, dmask), dmask (B, H, Lq, Lk) for
-    an additive mask (None for a boolean one or none). With P the probabilities, Z the
-    dropout factor (keep / (1 - p), 1 without dropout) and delta_i = sum_d dO_id O_id:
+    """Gradients of attention_fwd's output: (dq, dk, dv, dmask), dmask shaped like an
+    additive mask and in its dtype (None for a boolean one or none). With P the
+    probabilities, Z the dropout factor (keep / (1 - p), 1 without dropout) and
+    delta_i = sum_d dO_id O_id:
 
         dV = (P Z)^T dO,   dP = (dO V^T) Z,   dS = P (dP - delta),
-        dQ = scale dS K,   dK = scale dS^T Q,   dmask = dS.
+        dQ = scale dS K,   dK = scale dS^T Q,   dmask = dS summed over the dimensions
+                                                        where the mask has size 1.
     """
     heads, kv_heads = q.shape[1], k.shape[1]
     _, probs, _ = _probabilities(q, k, mask, is_causal, causal_shift, scale, window_left)
@@ -117,7 +120,8 @@ def attention_bwd_with_mask_grad(
     grad_scores = probs * (grad_probs - delta)
     grad_q = scale * (grad_scores @ _repeat_kv(k, heads))
     grad_k = _sum_kv_groups(scale * (grad_scores.transpose(-1, -2) @ q), kv_heads)
-    grad_mask = grad_scores if mask is not None and mask.dtype != torch.bool else None
+    additive = mask is not None and mask.dtype != torch.bool
+    grad_mask = grad_scores.sum_to_size(mask.shape).to(mask.dtype) if additive else None
     return grad_q, grad_k, grad_v, grad_mask
 
 

@@ -23,6 +23,12 @@ looping over the query blocks (and over the query heads that share a key/value h
 GQA), once with a program per query block computing dQ. Every gradient element has one
 writer: no atomics, and the results are deterministic.
 
+An additive mask that requires grad gets dmask = dS, summed over the dimensions it
+broadcasts over (T5's bias (1, H, Lq, Lk) over the batch), from a third kernel: one program
+per tile of the mask as the caller holds it, which recomputes dS for every (batch, head)
+the tile gathers and adds them in a fixed order. One writer per element again, and no
+(B, H, Lq, Lk) buffer; the price is the two matmuls of S and dP once more.
+
 Dropout regenerates its mask from (seed, offset) with tl.rand, in forward and in backward;
 the offsets number the (B, H, Lq, Lk) probabilities in row-major order, as in
 lmkern.philox and the other backends.
@@ -136,9 +142,11 @@ def _bwd_resources(config, args, target):
     fp32_tile = (16, 32) if args["DKDV"] else (16, 16)
     if resident < streamed or (size == 4 and (m, n) != fp32_tile):
         return float("inf"), float("inf")
-    if args["DKDV"] and args["WINDOWED"] and d > 128 and threads < 256:
-        # dK/dV of a window at head dims over 128: 16 x 16 tiles on 4 warps spilled under
-        # triton 3.6 (benchmarks/results/triton-check/); 8 warps hold them.
+    full_mask = args["MASK_KIND"] == FULL_MASK.value
+    if args["DKDV"] and (args["WINDOWED"] or full_mask) and d > 128 and threads < 256:
+        # dK/dV of a window, or with a full mask (a learned bias), at head dims over 128:
+        # 16 x 16 tiles on 4 warps spilled under triton 3.6 on sm_90
+        # (benchmarks/results/triton-check/); 8 warps hold them.
         return float("inf"), float("inf")
     accumulators = n * (d + dv) if args["DKDV"] else m * d
     registers = (
@@ -146,6 +154,28 @@ def _bwd_resources(config, args, target):
         + _operand_registers(streamed * (d + dv), size, target)
     )
     return size * (resident + stages * streamed) * (d + dv), registers / threads
+
+
+def _mask_bwd_resources(config, args, target):
+    """As the dQ role of _bwd_resources (queries and dO stay, keys and values stream past:
+    query blocks at least as wide as key blocks), with the fp32 mask tile in place of the
+    dQ accumulator. What spilled (benchmarks/results/triton-check/) is left out: exact fp32
+    (see _exact_fp32) takes 16 x 16 tiles on 4 warps up to head dim 64 (16 x 32 on 8 warps
+    spilled there on sm_80, triton 3.6) and 16 x 32 on 8 warps above (16 x 16 spilled at 128
+    on sm_90, triton 3.9); without wgmma, 64-query tiles need 8 warps (4 spilled at head
+    dim 64 on sm_80, triton 3.6), and head dims over 128 16-query tiles (64 x 32 spilled
+    at 256 on sm_80, triton 3.9)."""
+    size, m, n, d, dv, threads, stages = _tile_sizes(config, args)
+    fp32_tile = (16, 16, 128) if max(d, dv) <= 64 else (16, 32, 256)
+    if (size == 4 and (m, n, threads) != fp32_tile) or (size < 4 and m < n):
+        return float("inf"), float("inf")
+    if not target.wgmma and ((m >= 64 and threads < 256) or (max(d, dv) > 128 and m > 16)):
+        return float("inf"), float("inf")
+    registers = (
+        m * n + _score_tiles(args, 3) * m * n + m * (d + dv) * size / 4
+        + _operand_registers(n * (d + dv), size, target)
+    )
+    return size * (m + stages * n) * (d + dv), registers / threads
 
 
 # Autotuning keys: lengths are bucketed to powers of two so that varying lengths do not
@@ -797,16 +827,148 @@ def attention_bwd_kernel(
         )
 
 
+@autotune(BWD_CONFIGS, [*ATTENTION_KEY, "SUM_QUERIES", "SUM_KEYS"], _mask_bwd_resources,
+          do_not_specialize=[*LENGTHS, "batch_loop", "head_loop", "mask_heads"])
+def attention_bwd_mask_kernel(
+    q_ptr,  # (B, H, Lq, D)
+    k_ptr,  # (B, H_kv, Lk, D)
+    v_ptr,  # (B, H_kv, Lk, Dv)
+    mask_ptr,  # the additive mask broadcast to (B, H, Lq, Lk), as in attention_fwd_kernel
+    grad_out_ptr,  # (B, H, Lq, Dv)
+    lse_ptr,  # (B, H, Lq) fp32, contiguous
+    delta_ptr,  # (B, H, Lq) fp32, contiguous
+    dmask_ptr,  # (B | 1, H | 1, Lq | 1, Lk | 1) out, the mask as the caller holds it, in its dtype
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_db, stride_dh, stride_dm, stride_dn,
+    heads,
+    kv_group,
+    seqlen_q,
+    seqlen_k,
+    causal_shift,
+    window_left,
+    seqlen_bucket,
+    mask_heads,  # H | 1: dmask's heads
+    batch_loop,  # the batches a program gathers: B where dmask has one, else 1
+    head_loop,  # the heads a program gathers: H where dmask has one, else 1
+    qk_scale,
+    dropout_p,
+    dropout_scale,
+    seed,
+    IS_CAUSAL: tl.constexpr,
+    CAUSAL_SHIFTED: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    SUM_QUERIES: tl.constexpr,  # dmask has one query: its programs sum over the query blocks
+    SUM_KEYS: tl.constexpr,  # dmask has one key: its programs sum over the key blocks
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dmask = dS = P (dP - delta), summed where dmask has size 1. One program per
+    (key block, query block, batch x head) of dmask (one block where it sums that
+    dimension) adds the tile's dS over the batches, heads, query blocks and key blocks it
+    gathers, in that fixed order, into one fp32 tile; rows or columns summed are reduced
+    once, at the end."""
+    if not CAUSAL_SHIFTED:
+        causal_shift = 0
+    # int64, and so the loops' batch and head indices, which multiply strides.
+    mask_b = (tl.program_id(2) // mask_heads).to(tl.int64)
+    mask_h = (tl.program_id(2) % mask_heads).to(tl.int64)
+    if SUM_QUERIES:
+        query_begin, query_end = 0, seqlen_q
+    else:
+        query_begin = tl.program_id(1) * BLOCK_M
+        query_end = query_begin + BLOCK_M
+    if SUM_KEYS:
+        key_begin, key_end = 0, seqlen_k
+    else:
+        key_begin = tl.program_id(0) * BLOCK_N
+        key_end = key_begin + BLOCK_N
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for b in range(mask_b, mask_b + batch_loop):
+        for h in range(mask_h, mask_h + head_loop):
+            kv_head = h // kv_group
+            k_head_ptr = k_ptr + b * stride_kb + kv_head * stride_kh
+            v_head_ptr = v_ptr + b * stride_vb + kv_head * stride_vh
+            mask_head_ptr = mask_ptr + b * stride_mb + h * stride_mh
+            row0 = (b * heads + h) * seqlen_q
+            for start_m in range(query_begin, query_end, BLOCK_M):
+                rows = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+                rows_ok = rows < seqlen_q
+                q = _load_tile(
+                    q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    rows_ok[:, None], offs_d[None, :] < HEAD_DIM, True, HEAD_DIM != BLOCK_D,
+                )
+                grad_out = _load_tile(
+                    grad_out_ptr + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm
+                    + offs_dv[None, :] * stride_gd,
+                    rows_ok[:, None], offs_dv[None, :] < HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV,
+                )
+                lse = tl.load(lse_ptr + row0 + rows, mask=rows_ok, other=float("inf"))
+                delta = tl.load(delta_ptr + row0 + rows, mask=rows_ok, other=0.0)
+                # Only the key blocks some row of the block sees (causal, window).
+                start, _unchecked_stop, _checked_start, stop = _key_blocks(
+                    start_m, seqlen_k, causal_shift, window_left, IS_CAUSAL, CAUSAL_SHIFTED, WINDOWED, BLOCK_M,
+                    BLOCK_N,
+                )
+                for start_n in range(tl.maximum(key_begin, start), tl.minimum(key_end, stop), BLOCK_N):
+                    cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+                    s, _ = _block_scores(
+                        q, k_head_ptr, stride_kn, stride_kd, mask_head_ptr, stride_mm, stride_mn, rows, cols,
+                        seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, IS_CAUSAL, WINDOWED, True, MASK_KIND,
+                        MASK_IS_BOOL, BLOCK_D, HEAD_DIM,
+                    )
+                    v_t = _load_tile(  # (BLOCK_DV, BLOCK_N)
+                        v_head_ptr + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                        cols[None, :] < seqlen_k, offs_dv[:, None] < HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV,
+                    )
+                    p = tl.exp2(s - lse[:, None] * LOG2E)
+                    dp = tl.dot(grad_out, v_t, input_precision="ieee")
+                    if HAS_DROPOUT:
+                        dp = dp * _dropout_factor(
+                            seed, row0 + rows[:, None], cols[None, :], seqlen_k, dropout_p, dropout_scale
+                        )
+                    acc += p * (dp - delta[:, None])
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    dmask_ptr += mask_b * stride_db + mask_h * stride_dh
+    if SUM_QUERIES and SUM_KEYS:
+        tl.store(dmask_ptr, tl.sum(tl.sum(acc, 1), 0).to(dmask_ptr.dtype.element_ty))
+    elif SUM_QUERIES:
+        tl.store(dmask_ptr + cols * stride_dn, tl.sum(acc, 0).to(dmask_ptr.dtype.element_ty), mask=cols < seqlen_k)
+    elif SUM_KEYS:
+        tl.store(dmask_ptr + rows * stride_dm, tl.sum(acc, 1).to(dmask_ptr.dtype.element_ty), mask=rows < seqlen_q)
+    else:
+        tl.store(
+            dmask_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
+            acc.to(dmask_ptr.dtype.element_ty),
+            mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
+        )
+
+
 def _block_dim(head_dim):
     """The power of two (at least 16, the smallest tl.dot size) that holds a head dim (up
     to TRITON_MAX_HEAD_DIM, which lmkern.scaled_dot_product_attention checks)."""
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _mask_args(mask, like):
-    """(tensor, its 4 strides, MASK_KIND, whether boolean) for a (B, H, Lq, Lk) mask or None."""
+def _mask_args(mask, like, seqlen_k):
+    """(tensor, its 4 strides, MASK_KIND, whether boolean) for a 4-D mask, broadcast to
+    (B, H, Lq, Lk) (like: q), or None."""
     if mask is None:
         return like, (0, 0, 0, 0), NO_MASK.value, False
+    mask = mask.expand(*like.shape[:3], seqlen_k)
     kind = KEY_MASK.value if mask.stride(2) == 0 or mask.shape[2] == 1 else FULL_MASK.value
     is_bool = mask.dtype == torch.bool
     return (mask.view(torch.uint8) if is_bool else mask), mask.stride(), kind, is_bool
@@ -816,7 +978,7 @@ def _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p, window_left)
     """The launch arguments that the forward and both backward kernels share, after the pointers."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    mask, mask_strides, mask_kind, mask_is_bool = _mask_args(mask, q)
+    mask, mask_strides, mask_kind, mask_is_bool = _mask_args(mask, q, seqlen_k)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides)
     bucket = triton.next_power_of_2(max(seqlen_q, seqlen_k))
     windowed = window_left >= 0
@@ -854,27 +1016,66 @@ def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed
 
 def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
     """Same contract as reference.attention_bwd."""
+    args = (is_causal, causal_shift, scale, dropout_p, seed, window_left)
+    return _backward(grad_out, q, k, v, out, lse, mask, *args, mask_grad=False)
+
+
+def attention_bwd_with_mask_grad(
+    grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1
+):
+    """Same contract as reference.attention_bwd_with_mask_grad, for an additive mask: its
+    gradient from attention_bwd_mask_kernel, after dQ, dK and dV."""
+    args = (is_causal, causal_shift, scale, dropout_p, seed, window_left)
+    return _backward(grad_out, q, k, v, out, lse, mask, *args, mask_grad=True)
+
+
+def _backward(
+    grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left, mask_grad
+):
+    """(dq, dk, dv), and with mask_grad the additive mask's gradient, shaped like the mask
+    (B | 1, H | 1, Lq | 1, Lk | 1) and in its dtype."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    grad_mask = torch.empty(mask.shape, dtype=mask.dtype, device=mask.device) if mask_grad else None
+    grads = (grad_q, grad_k, grad_v, grad_mask) if mask_grad else (grad_q, grad_k, grad_v)
     if seqlen_q == 0 or seqlen_k == 0 or head_dim == 0 or v.shape[3] == 0:
-        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
-    mask, strides, sizes, constants = _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p, window_left)
+        return tuple(grad.zero_() for grad in grads)
+    full_mask, strides, sizes, constants = _common_args(
+        q, k, v, mask, is_causal, causal_shift, dropout_p, window_left
+    )
     delta = torch.empty_like(lse)
     delta_rows = 64
     attention_bwd_delta_kernel[(triton.cdiv(seqlen_q, delta_rows), heads, batch)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q,
         HEAD_DIM_V=constants["HEAD_DIM_V"], BLOCK_DV=constants["BLOCK_DV"], BLOCK_M=delta_rows,
     )
-    args = (q, k, v, mask, grad_out, lse, delta, grad_q, grad_k, grad_v)
-    scalars = (scale * LOG2E.value, scale, dropout_p, dropout_scale(dropout_p), seed)
+    args = (q, k, v, full_mask, grad_out, lse, delta, grad_q, grad_k, grad_v)
+    dropout = (dropout_p, dropout_scale(dropout_p), seed)
     strides = (*strides, *grad_out.stride())
     attention_bwd_kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), kv_heads, batch)](
-        *args, *strides, *sizes, *scalars, DKDV=True, **constants
+        *args, *strides, *sizes, scale * LOG2E.value, scale, *dropout, DKDV=True, **constants
     )
     attention_bwd_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)](
-        *args, *strides, *sizes, *scalars, DKDV=False, **constants
+        *args, *strides, *sizes, scale * LOG2E.value, scale, *dropout, DKDV=False, **constants
     )
-    return grad_q, grad_k, grad_v
+    if not mask_grad:
+        return grads
+    # The mask's gradient: one program per tile of it (see attention_bwd_mask_kernel).
+    mask_batch, mask_heads, mask_queries, mask_keys = mask.shape
+    sum_queries, sum_keys = mask_queries == 1, mask_keys == 1
+
+    def grid(meta):
+        key_tiles = 1 if sum_keys else triton.cdiv(seqlen_k, meta["BLOCK_N"])
+        query_tiles = 1 if sum_queries else triton.cdiv(seqlen_q, meta["BLOCK_M"])
+        return key_tiles, query_tiles, mask_batch * mask_heads
+
+    # Each program gathers the batches and heads that the mask broadcasts over.
+    loops = (mask_heads, batch if mask_batch == 1 else 1, heads if mask_heads == 1 else 1)
+    attention_bwd_mask_kernel[grid](
+        q, k, v, full_mask, grad_out, lse, delta, grad_mask, *strides, *grad_mask.stride(), *sizes, *loops,
+        scale * LOG2E.value, *dropout, SUM_QUERIES=sum_queries, SUM_KEYS=sum_keys, **constants,
+    )
+    return grads

@@ -387,6 +387,20 @@ def write_predictions(file, rows, kind):
 # -- parsers ---------------------------------------------------------------------------------------
 
 
+def add_file_finetune_parser(models, name, config_class, run, run_flags, hidden=(), **descriptions):
+    """The parser of `lmkern finetune NAME` for a fine-tuning on examples from a file (bert,
+    t5): --out, --overwrite, --device, --quiet and config_class's fields (less `hidden`)."""
+    tune = models.add_parser(name, **descriptions)
+    tune.add_argument("--out", required=True, metavar="DIR", help="the run's folder")
+    tune.add_argument("--overwrite", action="store_true",
+                      help="start anew in an --out holding a fine-tuning run (its checkpoints and metrics are "
+                      "replaced) or other files (left as they are)")
+    add_device(tune)
+    add_quiet(tune)
+    add_options(tune, config_class, "fine-tuning options", model_positional=False, hidden=hidden)
+    tune.set_defaults(run=run, flags=run_flags, interrupted="the best checkpoint so far is in --out")
+
+
 def add_parser(commands):
     models = commands.add_parser(
         "finetune", help="fine-tune a model: a BERT classifier or regressor (bert), a T5 on text-to-text pairs (t5), "
@@ -395,8 +409,9 @@ def add_parser(commands):
         "`lmkern finetune t5`: text to text, inputs and targets from a CSV/TSV/JSONL file. "
         "`lmkern finetune gpt|llama`: continued pretraining on prepared data, `lmkern train`'s options.",
     ).add_subparsers(dest="model", required=True, metavar="MODEL")
-    tune = models.add_parser(
-        "bert", help="fine-tune a BERT for sequence classification or regression on a CSV/TSV/JSONL file",
+    add_file_finetune_parser(
+        models, "bert", FinetuneConfig, finetune, FLAGS,
+        help="fine-tune a BERT for sequence classification or regression on a CSV/TSV/JSONL file",
         description="Fine-tunes a BERT (an lmkern checkpoint or a Hugging Face directory) to classify texts or pairs "
         "of texts, or to score them (--regression), through the training loop of `lmkern train`: AdamW, warm-up then "
         "linear decay, batches padded to their longest example, evaluation after each epoch (or --eval-every), "
@@ -404,14 +419,6 @@ def add_parser(commands):
         "checkpoint (checkpoints/step-N with labels.json, and the `checkpoint` link: `lmkern predict` reads it) and "
         "eval.json (accuracy, macro-F1, confusion matrix, majority baseline; regression: MSE, Pearson).",
     )
-    tune.add_argument("--out", required=True, metavar="DIR", help="the run's folder")
-    tune.add_argument("--overwrite", action="store_true",
-                      help="start anew in an --out holding a fine-tuning run (its checkpoints and metrics are "
-                      "replaced) or other files (left as they are)")
-    add_device(tune)
-    add_quiet(tune)
-    add_options(tune, FinetuneConfig, "fine-tuning options", model_positional=False)
-    tune.set_defaults(run=finetune, flags=FLAGS, interrupted="the best checkpoint so far is in --out")
     finetune_lm.add_parsers(models)
     from lmkern.app import finetune_t5  # which builds on this module
 

@@ -7,9 +7,9 @@ checkpoint is a plain T5's: `lmkern generate` continues a prompt with it."""
 import dataclasses
 import sys
 
-from lmkern.app.common import CommandError, add_device, add_quiet, check_kernels
-from lmkern.app.finetune import FLAGS, FinetuneConfig, read_splits, run_in_out
-from lmkern.app.run_config import add_options, flags, given_options, option
+from lmkern.app.common import CommandError, check_kernels
+from lmkern.app.finetune import FLAGS, FinetuneConfig, add_file_finetune_parser, read_splits, run_in_out
+from lmkern.app.run_config import flags, given_options, option
 from lmkern.models.errors import ArgumentValueError, check_at_least
 
 
@@ -102,8 +102,9 @@ def finetune(args):
 
 def add_parser(models):
     """The `t5` parser under `finetune`'s subcommands `models` (lmkern/app/finetune.py makes them)."""
-    tune = models.add_parser(
-        "t5", help="fine-tune a T5 on input and target texts of a CSV/TSV/JSONL file",
+    add_file_finetune_parser(
+        models, "t5", T5FinetuneConfig, finetune, T5_FLAGS, hidden=("text_pair_column", "regression"),
+        help="fine-tune a T5 on input and target texts of a CSV/TSV/JSONL file",
         description="Fine-tunes a T5 (an lmkern checkpoint or a Hugging Face directory) to produce each example's "
         "target text from its input text, through the training loop of `lmkern train`: AdamW, warm-up then linear "
         "decay, batches padded to their longest input and target, evaluation after each epoch (or --eval-every): "
@@ -111,12 +112,3 @@ def add_parser(models):
         "options.json, metrics.jsonl, loss.png, the best evaluation's checkpoint (checkpoints/step-N and the "
         "`checkpoint` link: `lmkern generate` reads it) and eval.json.",
     )
-    tune.add_argument("--out", required=True, metavar="DIR", help="the run's folder")
-    tune.add_argument("--overwrite", action="store_true",
-                      help="start anew in an --out holding a fine-tuning run (its checkpoints and metrics are "
-                      "replaced) or other files (left as they are)")
-    add_device(tune)
-    add_quiet(tune)
-    add_options(tune, T5FinetuneConfig, "fine-tuning options", model_positional=False,
-                hidden=("text_pair_column", "regression"))
-    tune.set_defaults(run=finetune, flags=T5_FLAGS, interrupted="the best checkpoint so far is in --out")

@@ -12,7 +12,9 @@ given the window as a dense mask, stay quadratic. With key padding (a boolean (B
 mask, the same for every provider, about a quarter of each sequence padded) the work is
 counted over the real keys only, 4 H D L sum_b n_b for sequences of n_b real tokens: what
 a kernel that skips padded keys need not compute. GQA changes no count: every query head
-attends over L keys.
+attends over L keys. With a learned bias (T5's relative position bias: a float (1, H, L, L)
+mask that requires grad, broadcast over the batch, not causal) backward also computes the
+bias's gradient, summed over the batch; the work counted is the same.
 """
 
 import dataclasses
@@ -59,6 +61,7 @@ def cases(device, quick):
             dict(batch=2, heads=4, seqlen=128, head_dim=80, causal=True),
             dict(batch=4, heads=4, seqlen=128, head_dim=64, causal=False, padding=PADDING),
             dict(batch=2, heads=8, kv_heads=2, seqlen=128, head_dim=64, causal=True),
+            dict(batch=2, heads=4, seqlen=128, head_dim=64, causal=False, bias=True),
         ]
     if device == "cuda":  # 16k tokens per batch and model width 2048, as flash-attention's benchmarks
         return [
@@ -66,11 +69,15 @@ def cases(device, quick):
             for head_dim in (64, 128)
             for seqlen in (512, 1024, 2048, 4096, 8192, 16384)
             for causal in (False, True)
-        ] + window_cases(16, 128, (4096, 8192, 16384, 32768), 1023)
+        ] + window_cases(16, 128, (4096, 8192, 16384, 32768), 1023) + [
+            dict(batch=16384 // seqlen, heads=16, seqlen=seqlen, head_dim=64, causal=False, bias=True)
+            for seqlen in (512, 2048)  # T5's learned position bias, at t5-large's heads
+        ]
     # What users' models run, kept to a few minutes on a small CPU: head dims 64 and 128
     # causal and not over L; 32 (MiniLM's encoder, not causal), 80 and 96 (Phi-2's and
     # Phi-3's decoders, causal), all at 8 heads to compare; BERT-base's padded batches (12
-    # heads, 32 x 128 and 4 x 512); Llama-3.2-1B's grouped heads (32 query heads over 8).
+    # heads, 32 x 128 and 4 x 512); Llama-3.2-1B's grouped heads (32 query heads over 8);
+    # t5-small's encoder with its learned position bias (8 heads, 16 x 128 and 4 x 512).
     return [
         *(cpu_case(seqlen, 64, causal) for seqlen in (128, 512, 2048) for causal in (False, True)),
         *(cpu_case(512, 128, causal) for causal in (False, True)),
@@ -80,6 +87,7 @@ def cases(device, quick):
         cpu_case(128, 64, False, heads=12, tokens=4096, padding=PADDING),
         cpu_case(512, 64, False, heads=12, padding=PADDING),
         *(cpu_case(seqlen, 64, True, heads=32, tokens=seqlen, kv_heads=8) for seqlen in (512, 1024)),
+        *(cpu_case(seqlen, 64, False, bias=True) for seqlen in (128, 512)),
     ] + window_cases(8, 64, (512, 1024, 2048), 127)
 
 
@@ -89,7 +97,8 @@ def label(case):
     window = case.get("window", NO_WINDOW)
     windowed = f" window {window}" if window != NO_WINDOW else ""
     padded = f" padding {case['padding']:.0%}" if "padding" in case else ""
-    return f"{case['batch']}x{heads}x{case['seqlen']}x{case['head_dim']}{causal}{windowed}{padded}"
+    bias = " bias" if case.get("bias") else ""
+    return f"{case['batch']}x{heads}x{case['seqlen']}x{case['head_dim']}{causal}{windowed}{padded}{bias}"
 
 
 def dtype(device):
@@ -119,12 +128,17 @@ def key_padding_mask(case, device):
 
 
 def make_inputs(case, device, dtype):
-    """q (B, H, L, D), k and v (B, H_kv, L, D), causal, window, key padding (or None)."""
-    batch, seqlen, head_dim = case["batch"], case["seqlen"], case["head_dim"]
-    q = torch.randn(batch, case["heads"], seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)
-    kv_shape = (batch, case.get("kv_heads", case["heads"]), seqlen, head_dim)
+    """q (B, H, L, D), k and v (B, H_kv, L, D), causal, window, and the mask: the key
+    padding (B, 1, 1, L) bool, a learned bias (1, H, L, L) requiring grad, or None."""
+    batch, heads, seqlen, head_dim = case["batch"], case["heads"], case["seqlen"], case["head_dim"]
+    q = torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)
+    kv_shape = (batch, case.get("kv_heads", heads), seqlen, head_dim)
     k, v = (torch.randn(kv_shape, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-    return q, k, v, case["causal"], case.get("window", NO_WINDOW), key_padding_mask(case, device)
+    if case.get("bias"):
+        mask = torch.randn(1, heads, seqlen, seqlen, device=device, dtype=dtype, requires_grad=True)
+    else:
+        mask = key_padding_mask(case, device)
+    return q, k, v, case["causal"], case.get("window", NO_WINDOW), mask
 
 
 def window_pairs(seqlen, causal, window):
@@ -169,29 +183,29 @@ def is_gqa(q, k):
     return q.shape[1] != k.shape[1]
 
 
-def math_attention(q, k, v, causal, window, key_padding):
-    """softmax(q k^T / sqrt(D)) v written out in torch ops, as eager code would (GQA's key
-    and value heads repeated, as transformers' repeat_kv)."""
+def math_attention(q, k, v, causal, window, mask):
+    """softmax(q k^T / sqrt(D) + mask) v written out in torch ops, as eager code would (GQA's
+    key and value heads repeated, as transformers' repeat_kv; a boolean mask as -inf)."""
     if is_gqa(q, k):
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if causal or window != NO_WINDOW:
         scores = scores.masked_fill(~visible_mask(q.shape[-2], causal, window, q.device), float("-inf"))
-    if key_padding is not None:
-        scores = scores.masked_fill(~key_padding, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
-def lmkern_attention(q, k, v, causal, window, key_padding, backend):
-    return lmkern.scaled_dot_product_attention(q, k, v, attn_mask=key_padding, is_causal=causal, window_size=window,
+def lmkern_attention(q, k, v, causal, window, mask, backend):
+    return lmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, window_size=window,
                                                enable_gqa=is_gqa(q, k), backend=backend)
 
 
 def case_kind(case):
     """What decides whether an SDPA backend can run a case: its head dim, causal, window,
-    key padding and GQA."""
+    key padding, GQA and a learned bias."""
     return (case["head_dim"], case["causal"], case.get("window", NO_WINDOW) != NO_WINDOW, "padding" in case,
-            "kv_heads" in case)
+            "kv_heads" in case, case.get("bias", False))
 
 
 def probe_case(case):
@@ -203,16 +217,15 @@ def probe_case(case):
 
 
 def sdpa_provider(name, device, dtype):
-    """torch's SDPA restricted to one of its backends, given the same key-padding mask
-    (combined with the window's, as a dense mask) and enable_gqa: absent if it cannot run a
-    small causal forward and backward here, and for the kinds of case (case_kind) that it
-    cannot run (the reason is torch's)."""
+    """torch's SDPA restricted to one of its backends, given the same mask (a key padding
+    combined with the window's as a dense mask, or the learned bias) and enable_gqa: absent
+    if it cannot run a small causal forward and backward here, and for the kinds of case
+    (case_kind) that it cannot run (the reason is torch's)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, name)
 
-    def run(q, k, v, causal, window=NO_WINDOW, key_padding=None):
-        mask = key_padding
+    def run(q, k, v, causal, window=NO_WINDOW, mask=None):
         if window != NO_WINDOW or (causal and mask is not None):  # one dense mask: SDPA has no window
             mask = visible_mask(q.shape[-2], causal, window, q.device) & (True if mask is None else mask)
         with sdpa_kernel(backend):
@@ -248,7 +261,7 @@ def sdpa_provider(name, device, dtype):
 def _flash_attn():
     from flash_attn import flash_attn_func
 
-    def run(q, k, v, causal, window, key_padding):  # flash-attn's layout is (B, L, H, D); GQA as it is
+    def run(q, k, v, causal, window, mask):  # flash-attn's layout is (B, L, H, D); GQA as it is
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, window_size=window)
         return out.transpose(1, 2)
 
@@ -261,6 +274,7 @@ def providers(device, dtype):
         compiled_provider(math_attention),
         *lmkern_providers(OP, device, dtype, lmkern_attention),
         dataclasses.replace(optional_provider("flash_attn", device, _flash_attn), only_for=(
-            lambda case: "padding" not in case,
-            "flash_attn_func takes no mask: padded batches go through flash_attn_varlen_func, not timed here")),
+            lambda case: "padding" not in case and not case.get("bias"),
+            "flash_attn_func takes no mask (padded batches go through flash_attn_varlen_func, not timed here) "
+            "and no learned bias")),
     ]

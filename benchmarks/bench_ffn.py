@@ -1,6 +1,6 @@
 """The feed-forward sub-block, pre-LN as nn.Sequential(LayerNorm, Linear, GELU, Linear,
-Dropout) computes it (GELU tanh, dropout 0.1): lmkern.ffn against that block in torch
-eager and under torch.compile.
+Dropout) computes it (dropout 0.1; linear_gelu's cases: GELU tanh or exact, fp32 or bf16):
+lmkern.ffn against that block in torch eager and under torch.compile.
 
 Compute-bound, reported in TFLOP/s over the two matmuls of width D and F: forward
 4 N D F, backward 8 N D F, forward+backward 12 N D F. The peak memory of forward+backward
@@ -16,27 +16,24 @@ import lmkern
 from . import bench_linear_gelu
 from .harness import Provider, compiled_provider, lmkern_providers
 
-# The same sizes and dtype as linear_gelu.
-cases, dtype = bench_linear_gelu.cases, bench_linear_gelu.dtype
+# The same sizes, GELUs and dtypes as linear_gelu.
+cases, dtype, label = bench_linear_gelu.cases, bench_linear_gelu.dtype, bench_linear_gelu.label
 
 OP = "ffn"
 METRIC = "TFLOP/s"
 DROPOUT = 0.1
 
 
-def label(case):
-    return f"{case['tokens']}x{case['hidden']}/{case['ffn']}"
-
-
 def make_inputs(case, device, dtype):
     hidden, ffn = case["hidden"], case["ffn"]
+    dtype = torch.bfloat16 if case["precision"] == "bf16" else dtype
 
     def param(*shape, scale=1.0):
         return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
 
     x = param(case["tokens"], hidden)
     return x, param(hidden), param(hidden), param(ffn, hidden, scale=hidden**-0.5), param(ffn), \
-        param(hidden, ffn, scale=ffn**-0.5), param(hidden)
+        param(hidden, ffn, scale=ffn**-0.5), param(hidden), case["approximate"]
 
 
 def work(case, dtype, pass_name):
@@ -44,14 +41,15 @@ def work(case, dtype, pass_name):
     return {"fwd": matmuls, "bwd": 2 * matmuls, "fwd+bwd": 3 * matmuls}[pass_name]
 
 
-def eager(x, norm_weight, norm_bias, w1, b1, w2, b2):
-    """What nn.Sequential(LayerNorm, Linear, GELU("tanh"), Linear, Dropout) computes."""
+def eager(x, norm_weight, norm_bias, w1, b1, w2, b2, approximate):
+    """What nn.Sequential(LayerNorm, Linear, GELU(approximate), Linear, Dropout) computes."""
     h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias)
-    return F.dropout(F.linear(F.gelu(F.linear(h, w1, b1), approximate="tanh"), w2, b2), DROPOUT)
+    return F.dropout(F.linear(F.gelu(F.linear(h, w1, b1), approximate=approximate), w2, b2), DROPOUT)
 
 
-def fused(*inputs, backend):
-    return lmkern.ffn(*inputs, approximate="tanh", dropout_p=DROPOUT, residual=False, backend=backend)
+def fused(x, norm_weight, norm_bias, w1, b1, w2, b2, approximate, backend):
+    return lmkern.ffn(x, norm_weight, norm_bias, w1, b1, w2, b2, approximate=approximate, dropout_p=DROPOUT,
+                      residual=False, backend=backend)
 
 
 def providers(device, dtype):

@@ -1,7 +1,7 @@
 """What the model-level benchmarks (bench_gpt_train.py, bench_gpt_generate.py,
-bench_llama_train.py, bench_llama_generate.py, bench_bert_train.py, bench_bert_infer.py)
-share: a provider per `kernels` value of lmkern's models, torch.compile of the model on the
-reference ops, transformers' model of the same architecture with the same weights, the
+bench_llama_train.py, bench_llama_generate.py, bench_bert_train.py, bench_bert_infer.py,
+bench_t5_train.py) share: a provider per `kernels` value of lmkern's models, torch.compile
+of the model on the reference ops, transformers' model of the same architecture with the same weights, the
 passes of a training step, and the case functions of a decoder's training and generation
 benchmarks (CausalTrain, CausalGenerate).
 

@@ -37,6 +37,7 @@ from . import (
     bench_llama_train,
     bench_rms_norm,
     bench_swiglu,
+    bench_t5_train,
     report,
 )
 from .harness import HERE, run_op
@@ -58,6 +59,7 @@ OPS = {
         bench_gpt_train,
         bench_gpt_generate,
         bench_llama_train,
+        bench_t5_train,
         bench_llama_generate,
         bench_bert_train,
         bench_bert_infer,

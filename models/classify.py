@@ -241,31 +241,56 @@ def majority_baseline(train_targets, val_targets):
 # -- the fine-tuning task -------------------------------------------------------------------------
 
 
-class FineTuningTask:
-    """Fine-tuning a BertForSequenceClassification, for the loop of models/train.py: epochs
-    over the training examples, shuffled afresh each epoch (by seed and epoch: any run with
-    the seed sees the same batches), batch_size examples per step padded to their longest;
-    evaluation on the validation examples. The metric that picks the best evaluation and
-    stops early is accuracy (regression: Pearson's correlation): record(step) keeps an
-    evaluation that improves on the best (returning True: save a checkpoint), and
+class EpochTask:
+    """What the fine-tuning tasks for models/train.py's loop share: epochs over `examples`
+    training examples, shuffled afresh each epoch (by seed and epoch: any run with the seed
+    sees the same batches), batch_size examples per step; and the best evaluation by
+    `metric` (higher is better): record(step) keeps the last evaluation (self.last, a dict
+    with `metric`) if it improves on the best (returning True: save a checkpoint), and
     finished() is True once `patience` evaluations in a row have not (None: never)."""
 
-    def __init__(self, train, train_targets, val, val_targets, batch_size, pad_id, *, seed=0, patience=None,
-                 eval_batch_size=64):
-        self.train, self.train_targets, self.val, self.val_targets = train, train_targets, val, val_targets
-        self.regression = train_targets.is_floating_point()
-        self.batch_size, self.pad_id, self.seed, self.patience = batch_size, pad_id, seed, patience
-        self.eval_batch_size = eval_batch_size
-        self.steps_per_epoch = math.ceil(len(train) / batch_size)
-        self.metric = "pearson" if self.regression else "accuracy"
+    def __init__(self, examples, batch_size, metric, seed=0, patience=None):
+        self.examples, self.batch_size, self.metric = examples, batch_size, metric
+        self.seed, self.patience = seed, patience
+        self.steps_per_epoch = math.ceil(examples / batch_size)
         self.last = self.best = None
         self.best_step, self.evaluations_without_progress = None, 0
 
-    def batch(self, step, part, parts):
+    def indices(self, step, part, parts):
+        """The training examples (a list of indices) of the part-th of `parts` micro-batches of `step`."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.train), generator=generator(TRAIN_STREAM, self.seed, epoch))
+        order = torch.randperm(self.examples, generator=generator(TRAIN_STREAM, self.seed, epoch))
         indices = order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
-        indices = np.array_split(indices, parts)[part].tolist()
+        return np.array_split(indices, parts)[part].tolist()
+
+    def record(self, step):
+        """Whether the last evaluation, after `step`, is the best yet (then kept as self.best)."""
+        value = self.last[self.metric]
+        if self.best is None or value > self.best[self.metric] or math.isnan(self.best[self.metric]):
+            self.best, self.best_step, self.evaluations_without_progress = self.last, step, 0
+            return True
+        self.evaluations_without_progress += 1
+        return False
+
+    def finished(self):
+        return self.patience is not None and self.evaluations_without_progress >= self.patience
+
+
+class FineTuningTask(EpochTask):
+    """Fine-tuning a BertForSequenceClassification (an EpochTask): batch_size examples per
+    step padded to their longest; evaluation on the validation examples. The metric that
+    picks the best evaluation and stops early is accuracy (regression: Pearson's
+    correlation)."""
+
+    def __init__(self, train, train_targets, val, val_targets, batch_size, pad_id, *, seed=0, patience=None,
+                 eval_batch_size=64):
+        self.regression = train_targets.is_floating_point()
+        super().__init__(len(train), batch_size, "pearson" if self.regression else "accuracy", seed, patience)
+        self.train, self.train_targets, self.val, self.val_targets = train, train_targets, val, val_targets
+        self.pad_id, self.eval_batch_size = pad_id, eval_batch_size
+
+    def batch(self, step, part, parts):
+        indices = self.indices(step, part, parts)
         return {**pad_batch(self.train, indices, self.pad_id), "labels": self.train_targets[indices]}
 
     def losses(self, model, batch):
@@ -283,15 +308,3 @@ class FineTuningTask:
         else:
             self.last = classification_metrics(logits, self.val_targets)
         return {f"val_{name}": value for name, value in self.last.items() if name not in ("confusion", "mse")}
-
-    def record(self, step):
-        """Whether the last evaluation, after `step`, is the best yet (then kept as self.best)."""
-        value = self.last[self.metric]
-        if self.best is None or value > self.best[self.metric] or math.isnan(self.best[self.metric]):
-            self.best, self.best_step, self.evaluations_without_progress = self.last, step, 0
-            return True
-        self.evaluations_without_progress += 1
-        return False
-
-    def finished(self):
-        return self.patience is not None and self.evaluations_without_progress >= self.patience

@@ -10,8 +10,8 @@ and whether a file that cannot be read as such text is skipped (and reported) or
 
 `prepare` tokenizes the documents in streaming batches — inputs larger than memory work —
 into DIR/train.bin and DIR/val.bin (every document's tokens back to back, uint16 when the
-vocabulary fits in 16 bits, else uint32; a GPT tokenizer's end-of-text token after each
-document), DIR/train.docs.npy and DIR/val.docs.npy (int64: where each document starts,
+vocabulary fits in 16 bits, else uint32; a GPT tokenizer's end-of-text token, a T5
+one's </s>, after each document), DIR/train.docs.npy and DIR/val.docs.npy (int64: where each document starts,
 then the end), DIR/meta.json and a copy of the tokenizer. Whole documents go to the
 validation split at random (fixed by the seed). The files are written in a temporary
 folder and moved into DIR at the end, meta.json last, replacing only files of these names:
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from lmkern.models.errors import ArgumentPathError, ArgumentValueError
 from lmkern.models.files import file_sha256, staged_files
-from lmkern.models.tokenizer import END_OF_TEXT, FILE_NAME, load_tokenizer, tokenizer_kind
+from lmkern.models.tokenizer import END_OF_TEXT, FILE_NAME, T5_SPECIALS, load_tokenizer, tokenizer_kind
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")  # and files without an extension
 SPLITS = ("train", "val")
@@ -180,8 +180,11 @@ def prepare(paths, tokenizer_dir, out_dir, val_fraction=0.05, seed=0, batch_docu
 
 
 def _end_of_text(tokenizer):
-    """The id GPT's tokenizer puts after each document; None for BERT's."""
-    return tokenizer.token_to_id(END_OF_TEXT) if tokenizer_kind(tokenizer) == "bpe" else None
+    """The id that ends each document: GPT's <|endoftext|>, T5's </s> (as its tokenizer ends
+    every text); None for BERT's."""
+    ends = {"bpe": END_OF_TEXT, "t5": T5_SPECIALS[1]}
+    kind = tokenizer_kind(tokenizer)
+    return tokenizer.token_to_id(ends[kind]) if kind in ends else None
 
 
 def _tokenize(files, text_format, skipped, tokenizer, folder, val_fraction, seed, batch_documents, progress):

@@ -1,7 +1,8 @@
-"""Pretraining tasks for the loop in models/train.py — GPT's causal language modelling and
-BERT's masked language modelling (with next-sentence prediction) — and the evaluations
-they run, which also serve on their own: a GPT's perplexity over a token stream with a
-sliding window, and a BERT's MLM loss and accuracy and NSP accuracy.
+"""Pretraining tasks for the loop in models/train.py — GPT's causal language modelling,
+BERT's masked language modelling (with next-sentence prediction) and T5's span corruption —
+and the evaluations they run, which also serve on their own: a GPT's perplexity over a
+token stream with a sliding window, a BERT's MLM loss and accuracy and NSP accuracy, and a
+T5's loss and accuracy on the targets of span-corrupted windows.
 
 A training batch depends only on (seed, step, sequence index): every sequence is drawn
 from its own generator, so the global batch of a step is the same however it is split
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from lmkern.models.bert_data import PairBuilder, SpecialIds
 from lmkern.models.data import TokenData
 from lmkern.models.errors import ArgumentValueError
+from lmkern.models.t5_data import SpanCorruption, T5SpecialIds, pair_tokens
 from lmkern.models.tokenizer import load_tokenizer
 
 # Separate random streams for training batches and held-out evaluation sequences.
@@ -237,3 +239,66 @@ def masked_lm_metrics(model, pairs, vocab_size, sequences, batch_size, nsp=True,
     if nsp:
         metrics.update(nsp_loss=sums["nsp_loss"] / sequences, nsp_accuracy=sums["nsp_correct"] / sequences)
     return {**metrics, "sequences": sequences}
+
+
+# -- T5: span corruption ---------------------------------------------------------------------
+
+
+class SpanCorruptionTask:
+    """T5 pretraining: span-corrupted windows of the train split (models/t5_data.py) whose
+    inputs have at most seq_length tokens. Evaluation is the loss and accuracy over the
+    target tokens of about `eval_tokens` tokens' worth of fixed validation windows."""
+
+    def __init__(self, data_dir, seq_length, batch_size, seed=0, eval_tokens=32768, eval_batch_size=8):
+        train_data, val_data = TokenData(data_dir, "train"), TokenData(data_dir, "val")
+        check_kind(train_data, "t5", "T5")
+        specials = T5SpecialIds.of(load_tokenizer(data_dir))
+        self.train_spans = span_corruption(train_data, "train", specials, seq_length)
+        self.val_spans = span_corruption(val_data, "val", specials, seq_length)
+        self.batch_size, self.seed = batch_size, seed
+        self.eval_sequences = max(1, eval_tokens // self.train_spans.window)
+        self.eval_batch_size = eval_batch_size
+
+    def batch(self, step, part, parts):
+        indices = micro_batch(self.batch_size, part, parts)
+        return self.train_spans.batch([generator(TRAIN_STREAM, self.seed, step, index) for index in indices])
+
+    def losses(self, model, batch):
+        return {"loss": model(**batch).loss}
+
+    def tokens(self, batch):
+        return pair_tokens(batch)
+
+    def evaluate(self, model):
+        device = next(model.parameters()).device
+        metrics = span_corruption_metrics(model, self.val_spans, self.eval_sequences, self.eval_batch_size, device)
+        return {f"val_{name}": value for name, value in metrics.items() if name != "sequences"}
+
+
+def span_corruption(data, split, specials, seq_length):
+    """A SpanCorruption over a split (TokenData), with errors that name the data."""
+    try:
+        return SpanCorruption(data.tokens, specials, seq_length)
+    except ValueError as error:
+        raise ArgumentValueError("{data_dir} {} ({} split): {}", data.data_dir, split, error) from None
+
+
+@torch.no_grad()
+def span_corruption_metrics(model, spans, sequences, batch_size, device="cpu", progress=False):
+    """A T5's loss (mean over target tokens) and accuracy (of the most likely token at each
+    target position, teacher-forced) on `sequences` fixed examples from `spans` (a
+    SpanCorruption): the same ones on every call, whatever the training seed."""
+    was_training = model.training
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    for first in tqdm(range(0, sequences, batch_size), disable=not progress, unit="batch"):
+        generators = [generator(EVAL_STREAM, index) for index in range(first, min(first + batch_size, sequences))]
+        batch = {name: value.to(device) for name, value in spans.batch(generators).items()}
+        output = model(**batch, return_logits=True)
+        scored = batch["labels"] != -100
+        targets = batch["labels"][scored]
+        loss += F.cross_entropy(output.logits[scored].float(), targets, reduction="sum").item()
+        correct += (output.logits[scored].argmax(-1) == targets).sum().item()
+        count += len(targets)
+    model.train(was_training)
+    return {"loss": loss / count, "accuracy": correct / count, "sequences": sequences}

@@ -1,36 +1,45 @@
 """Tokenizers trained on local text with the `tokenizers` library, saved as DIR/tokenizer.json:
-byte-level BPE for GPT (any text round-trips exactly) and WordPiece for BERT (lower-cased,
-with [PAD] [UNK] [CLS] [SEP] [MASK])."""
+byte-level BPE for GPT (any text round-trips exactly), WordPiece for BERT (lower-cased,
+with [PAD] [UNK] [CLS] [SEP] [MASK]) and, for T5, byte-level BPE with T5's <pad> (id 0) and
+</s> (id 1, which encode() appends) and its span-corruption sentinels <extra_id_0> ..
+<extra_id_{N-1}> as the highest ids, <extra_id_0> the highest of all, as in T5's vocabulary."""
 
 import json
 import os
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmkern.models.errors import ArgumentPathError, ArgumentValueError
+from lmkern.models.errors import ArgumentPathError, ArgumentValueError, check_at_least
 from lmkern.models.files import atomic_file
 
-KINDS = ("bpe", "wordpiece")
+KINDS = ("bpe", "wordpiece", "t5")
 END_OF_TEXT = "<|endoftext|>"  # GPT's document separator
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+T5_SPECIALS = ("<pad>", "</s>")  # T5Config's pad_token_id 0 and eos_token_id 1
+SENTINEL = "<extra_id_{}>"  # T5's span-corruption sentinels, numbered from 0
+SENTINELS = 100  # as T5's vocabulary has
 FILE_NAME = "tokenizer.json"
 VOCAB_FILE, TOKENIZER_CONFIG = "vocab.txt", "tokenizer_config.json"  # of Hugging Face directories
 
 
-def train_tokenizer(texts, kind, vocab_size):
-    """A tokenizer of `kind` ("bpe" or "wordpiece") trained on an iterable of strings."""
+def train_tokenizer(texts, kind, vocab_size, sentinels=SENTINELS):
+    """A tokenizer of `kind` ("bpe", "wordpiece" or "t5") trained on an iterable of
+    strings; a "t5" one has `sentinels` of them among its vocab_size tokens."""
     if kind not in KINDS:
         raise ArgumentValueError("{kind} must be one of {}, got {!r}", ", ".join(KINDS), kind)
-    minimum = 256 + 1 if kind == "bpe" else len(BERT_SPECIALS) + 1  # every byte and <|endoftext|>; specials + 1
+    if kind == "t5":
+        check_at_least("sentinels", sentinels, 1)
+    # every byte and <|endoftext|>; specials + 1; every byte, T5's specials and the sentinels
+    minimum = {"bpe": 256 + 1, "wordpiece": len(BERT_SPECIALS) + 1, "t5": 256 + len(T5_SPECIALS) + sentinels}[kind]
     if vocab_size < minimum:
         raise ArgumentValueError("{vocab_size} must be at least {} for {kind} {}, got {}", minimum, kind, vocab_size)
-    if kind == "bpe":
+    if kind != "wordpiece":
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=[END_OF_TEXT],
+            vocab_size=vocab_size - (sentinels if kind == "t5" else 0),
+            special_tokens=list(T5_SPECIALS) if kind == "t5" else [END_OF_TEXT],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, so nothing is unknown
             show_progress=False,
         )
@@ -42,7 +51,19 @@ def train_tokenizer(texts, kind, vocab_size):
     tokenizer.train_from_iterator(texts, trainer)
     if kind == "wordpiece":
         add_bert_template(tokenizer)
+    if kind == "t5":
+        add_t5_specials(tokenizer, sentinels)
     return tokenizer
+
+
+def add_t5_specials(tokenizer, sentinels):
+    """Appends the sentinels to the vocabulary, the last one first so that <extra_id_0> gets
+    the highest id (T5's order), and makes encode() end a text with </s> (as T5's tokenizer)."""
+    tokenizer.add_special_tokens([SENTINEL.format(index) for index in reversed(range(sentinels))])
+    eos = T5_SPECIALS[1]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tokenizer.token_to_id(eos))]
+    )
 
 
 def bert_tokenizer(wordpiece, lowercase):
@@ -110,5 +131,8 @@ def load_tokenizer(tokenizer_dir):
 
 
 def tokenizer_kind(tokenizer):
-    """ "bpe" or "wordpiece", from the tokenizer's model."""
+    """ "t5" (a tokenizer with T5's sentinels, whatever its model: Hugging Face's T5
+    tokenizers are Unigram ones), else "bpe" or "wordpiece", from the tokenizer's model."""
+    if tokenizer.token_to_id(SENTINEL.format(0)) is not None:
+        return "t5"
     return "wordpiece" if isinstance(tokenizer.model, models.WordPiece) else "bpe"

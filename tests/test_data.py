@@ -236,7 +236,8 @@ def test_token_data_names_a_damaged_meta_file(corpus, tmp_path):
     (lambda tmp: load_tokenizer(f"{tmp}/nowhere"), FileNotFoundError,
      "no tokenizer in tokenizer_dir {tmp}/nowhere: expected {tmp}/nowhere/tokenizer.json"),
     (lambda tmp: train_tokenizer([], "bpe", 100), ValueError, "vocab_size must be at least 257 for kind bpe, got 100"),
-    (lambda tmp: train_tokenizer([], "unigram", 100), ValueError, "kind must be one of bpe, wordpiece, got 'unigram'"),
+    (lambda tmp: train_tokenizer([], "unigram", 100), ValueError,
+     "kind must be one of bpe, wordpiece, t5, got 'unigram'"),
 ], ids=["no such path", "no paths", "val_fraction", "no meta.json", "split", "no tokenizer", "vocab_size", "kind"])
 def test_errors_name_the_arguments_as_the_library_calls_them(tmp_path, call, error, message):
     """Not the command line's flags, which it says instead (the tests above)."""

@@ -3,8 +3,11 @@
 // keys, bottom-right aligned. With rotary caches the new keys are rotated straight into the
 // cache as they are written, and the queries into a scratch copy (q is not modified), by
 // apply_rotary's CPU kernel.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <optional>
 #include <utility>
 
@@ -14,6 +17,30 @@
 
 namespace lmkern {
 namespace {
+
+// cache[b, :, lengths[b] + n] = rows[b, :, n] for rows (B, H, L_new, D) into cache (B, H,
+// capacity, D), both contiguous in D and of one dtype: one parallel pass of row copies,
+// where ATen slices per sequence cost more than the copies at decoding's one token each.
+void write_rows(at::Tensor& cache, const at::Tensor& rows, const int64_t* length_of) {
+  const int64_t heads = rows.size(1);
+  const int64_t new_len = rows.size(2);
+  const int64_t row_bytes = rows.size(3) * rows.element_size();
+  const int64_t element = rows.element_size();
+  char* dst = static_cast<char*>(cache.data_ptr());
+  const char* src = static_cast<const char*>(rows.const_data_ptr());
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, new_len * row_bytes));
+  at::parallel_for(0, rows.size(0) * heads, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads;
+      const int64_t h = bh % heads;
+      for (int64_t n = 0; n < new_len; ++n) {
+        const int64_t to = b * cache.stride(0) + h * cache.stride(1) + (length_of[b] + n) * cache.stride(2);
+        const int64_t from = b * rows.stride(0) + h * rows.stride(1) + n * rows.stride(2);
+        std::memcpy(dst + to * element, src + from * element, row_bytes);
+      }
+    }
+  });
+}
 
 at::Tensor attention_with_kv_cache_fwd_cpu(
     const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
@@ -41,19 +68,15 @@ at::Tensor attention_with_kv_cache_fwd_cpu(
     p.shift[b] = p.kv_len[b] - p.seqlen_q;  // bottom-right alignment: the last query sees the last key
   }
   if (new_len > 0) {
-    const at::Tensor new_positions = at::arange(new_len, lengths.options());
-    for (int64_t b = 0; b < p.batch; ++b) {
-      const int64_t length = length_of[b];
-      at::Tensor k_slot = k_cache.narrow(0, b, 1).narrow(2, length, new_len);
-      if (rotary) {  // the cache holds rotated keys
-        apply_rotary_cpu(
-            k_new->narrow(0, b, 1), *rotary_cos, *rotary_sin, (new_positions + length).unsqueeze(0),
-            rotary_interleaved, /*conjugate=*/false, k_slot);
-      } else {
-        k_slot.copy_(k_new->narrow(0, b, 1));
-      }
-      v_cache.narrow(0, b, 1).narrow(2, length, new_len).copy_(v_new->narrow(0, b, 1));
+    if (rotary) {  // the cache holds rotated keys: rotated at their positions, then written
+      const at::Tensor positions = at::arange(new_len, lengths.options()) + lengths.unsqueeze(1);  // (B, L_new)
+      const at::Tensor rotated = at::empty(k_new->sizes(), k_new->options());
+      apply_rotary_cpu(*k_new, *rotary_cos, *rotary_sin, positions, rotary_interleaved, /*conjugate=*/false, rotated);
+      write_rows(k_cache, rotated, length_of);
+    } else {
+      write_rows(k_cache, *k_new, length_of);
     }
+    write_rows(v_cache, *v_new, length_of);
   }
   at::Tensor query = q;
   if (rotary) {  // into scratch: query i at position length + L_new - Lq + i, 0 before the cache (it sees nothing)

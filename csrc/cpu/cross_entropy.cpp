@@ -18,6 +18,7 @@
 #include <numeric>
 
 #include "../cross_entropy.h"
+#include "rows.h"
 #include "vectorize.h"
 
 namespace lmkern {
@@ -44,13 +45,6 @@ void check_targets(const int64_t* target, int64_t n_rows, int64_t vocab, int64_t
     TORCH_CHECK_VALUE(
         t == ignore_index || (t >= 0 && t < vocab), "target[", row, "] = ", t, " is outside [0, ", vocab,
         ") and is not ignore_index (", ignore_index, ")");
-  }
-}
-
-template <typename scalar_t>
-void load_chunk(const scalar_t* x, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<float>(x[i]);
   }
 }
 
@@ -125,7 +119,7 @@ float cross_entropy_row(const scalar_t* x, scalar_t* grad, int64_t target, const
   double sum_w = opt.weight ? 0.0 : static_cast<double>(vocab);
   for (int64_t begin = 0; begin < vocab; begin += kChunk) {
     const int64_t n = std::min(kChunk, vocab - begin);
-    load_chunk(x + begin, n, buf);
+    load_row(x + begin, n, buf);
     const float chunk_max = max_of(buf, n, max);
     sum_exp = sum_exp * exp_nonpositive(max - chunk_max) + sum_exp_of(buf, n, chunk_max);
     max = chunk_max;
@@ -154,11 +148,9 @@ float cross_entropy_row(const scalar_t* x, scalar_t* grad, int64_t target, const
   const float smooth_per_weight = e / vocab;
   for (int64_t begin = 0; begin < vocab; begin += kChunk) {
     const int64_t n = std::min(kChunk, vocab - begin);
-    load_chunk(x + begin, n, buf);
+    load_row(x + begin, n, buf);
     softmax_grad_of(buf, n, max, p_scale, smooth_per_weight, opt.weight ? opt.weight + begin : nullptr);
-    for (int64_t i = 0; i < n; ++i) {
-      grad[begin + i] = static_cast<scalar_t>(buf[i]);
-    }
+    store_row(buf, n, grad + begin);
   }
   const float g_target = exp_nonpositive(x_target - max) * p_scale - smooth_per_weight * w_t;
   grad[target] = static_cast<scalar_t>(g_target - (1.0f - e) * w_t);

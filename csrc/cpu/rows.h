@@ -4,9 +4,11 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -23,11 +25,29 @@ LMKERN_CPU_CLONES void load_row(const scalar_t* row, int64_t n, float* out) {
   }
 }
 
+// The bits of x as bfloat16, rounded to nearest even as c10::BFloat16's conversion does
+// (NaN gives its quiet NaN 0x7FC0), in integer arithmetic: the loops that store bf16 rows
+// vectorise with it, where c10's conversion keeps them scalar.
+[[gnu::always_inline]] inline uint16_t bfloat16_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+}
+
 template <typename scalar_t>
 LMKERN_CPU_CLONES void store_row(const float* values, int64_t n, scalar_t* row) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    uint16_t* bits = reinterpret_cast<uint16_t*>(row);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    row[i] = static_cast<scalar_t>(values[i]);
+    for (int64_t i = 0; i < n; ++i) {
+      bits[i] = bfloat16_bits(values[i]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      row[i] = static_cast<scalar_t>(values[i]);
+    }
   }
 }
 

@@ -20,7 +20,8 @@ def tokenizer_train(args):
                 counted.append(len(document))
                 yield document
 
-        tokenizer = train_tokenizer(counting(documents(files, text, skipped=skipped)), args.kind, args.vocab_size)
+        tokenizer = train_tokenizer(counting(documents(files, text, skipped=skipped)), args.kind, args.vocab_size,
+                                    args.sentinels)
         report_skipped("lmkern tokenizer train", skipped)
         if not counted:
             raise CommandError(f"--data {' '.join(args.data)}: no text to train a tokenizer on"
@@ -51,13 +52,17 @@ def add_parser(commands):
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     train = tokenizer_commands.add_parser("train", help="train a tokenizer on text files and save DIR/tokenizer.json")
     train.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or folders of them")
-    train.add_argument("--kind", choices=["bpe", "wordpiece"], required=True,
-                       help="byte-level BPE (GPT) or WordPiece (BERT)")
-    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--kind", choices=["bpe", "wordpiece", "t5"], required=True,
+                       help="byte-level BPE (GPT, Llama), WordPiece (BERT), or byte-level BPE with T5's <pad>, </s> "
+                       "and span-corruption sentinels <extra_id_N> (T5)")
+    train.add_argument("--vocab-size", type=int, required=True, help="tokens in all (T5: the sentinels included)")
+    train.add_argument("--sentinels", type=int, default=100, metavar="N",
+                       help="--kind t5: the sentinels <extra_id_0> .. <extra_id_N-1> (default 100, as T5's)")
     train.add_argument("--out", required=True, metavar="DIR")
     add_overwrite(train, "it")
     add_text_options(train)
-    train.set_defaults(run=tokenizer_train, flags={"paths": "--data", "kind": "--kind", "vocab_size": "--vocab-size"})
+    train.set_defaults(run=tokenizer_train, flags={"paths": "--data", "kind": "--kind", "vocab_size": "--vocab-size",
+                                                  "sentinels": "--sentinels"})
 
     prep = commands.add_parser("prepare", help="tokenize text into memory-mapped token files")
     prep.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or folders of them")

@@ -1,5 +1,6 @@
-"""`lmkern eval`: a checkpoint's perplexity (GPT, Llama) or MLM and NSP accuracy (BERT) on
-prepared data, computed as the training run's evaluations are (models/tasks.py)."""
+"""`lmkern eval`: a checkpoint's perplexity (GPT, Llama), MLM and NSP accuracy (BERT) or
+span-corruption loss and accuracy (T5) on prepared data, computed as the training run's
+evaluations are (models/tasks.py)."""
 
 import json
 import math
@@ -13,6 +14,7 @@ def evaluate(args):
     from lmkern.models.bert_data import SpecialIds
     from lmkern.models.checkpoint import load_checkpoint_tokenizer
     from lmkern.models.data import TokenData
+    from lmkern.models.t5_data import T5SpecialIds
 
     kind, model, folder = load_model(args.checkpoint, args.kernels, args.device)
     data = TokenData(args.data, args.split)
@@ -29,6 +31,13 @@ def evaluate(args):
         result = tasks.perplexity(model, tokens, context, stride, args.batch_size, args.device, progress)
         line = (f"{args.split} perplexity {result['perplexity']:.3f} (loss {result['loss']:.4f} nats/token over "
                 f"{result['tokens']:,} tokens; windows of {context}, stride {stride})")
+    elif kind == "t5":
+        seq_length = args.context_length or 128
+        spans = tasks.span_corruption(data, args.split, T5SpecialIds.of(load_checkpoint_tokenizer(folder)), seq_length)
+        sequences = max(1, (args.max_tokens or 65536) // spans.window)
+        result = tasks.span_corruption_metrics(model, spans, sequences, args.batch_size, args.device, progress)
+        line = (f"{args.split} span-corruption loss {result['loss']:.4f}, accuracy {result['accuracy']:.2%} over "
+                f"{sequences} windows of {spans.window} tokens (inputs of up to {seq_length})")
     else:
         seq_length = args.context_length or min(128, model.config.max_position)
         specials = SpecialIds.of(load_checkpoint_tokenizer(folder))
@@ -49,12 +58,13 @@ def evaluate(args):
 
 def add_parser(commands):
     evaluation = commands.add_parser(
-        "eval", help="a checkpoint's perplexity (GPT, Llama) or MLM/NSP accuracy (BERT) on prepared data",
+        "eval", help="a checkpoint's perplexity (GPT, Llama), MLM/NSP accuracy (BERT) or span-corruption loss and "
+        "accuracy (T5) on prepared data",
         description="GPT and Llama: perplexity over the split's tokens in windows of --context-length advancing by --stride "
         "(each token scored once). The defaults, windows of the model's context side by side, are how a training "
         "run evaluates, so the numbers agree with its metrics over the same tokens; a smaller --stride gives each "
         "token more context and a lower perplexity. BERT: MLM loss and accuracy and NSP accuracy on fixed "
-        "sequences from the split.",
+        "sequences from the split. T5: the loss and accuracy on the targets of fixed span-corrupted windows.",
     )
     evaluation.add_argument("--checkpoint", required=True, metavar="DIR",
                             help="a checkpoint folder, or a run's --out (its newest checkpoint)")
@@ -62,12 +72,12 @@ def add_parser(commands):
     evaluation.add_argument("--split", choices=["val", "train"], default="val")
     evaluation.add_argument("--context-length", "--seq-length", type=int, dest="context_length", metavar="N",
                             help="GPT: window length (default the model's context); "
-                            "BERT: sequence length (default 128)")
+                            "BERT: sequence length (default 128); T5: input length (default 128)")
     evaluation.add_argument("--stride", type=int,
                             help="GPT: how far the window advances (default a whole window, as training evaluates)")
     evaluation.add_argument("--max-tokens", type=int, metavar="N",
                             help="GPT: only the split's first N tokens (default all); "
-                            "BERT: about N tokens of sequences (default 65536)")
+                            "BERT, T5: about N tokens of sequences (default 65536)")
     evaluation.add_argument("--no-nsp", action="store_true", help="BERT: no NSP (a model trained with --no-nsp)")
     evaluation.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     add_device(evaluation)

@@ -1,4 +1,4 @@
-"""`lmkern export`: an lmkern checkpoint (GPT, Llama, BERT, ...) as a Hugging Face model
+"""`lmkern export`: an lmkern checkpoint (GPT, Llama, BERT, T5, ...) as a Hugging Face model
 directory that transformers' from_pretrained and AutoTokenizer.from_pretrained load:
 config.json and model.safetensors (the model's save_hf), tokenizer.json and a
 tokenizer_config.json naming its special tokens."""
@@ -17,11 +17,16 @@ def tokenizer_config(tokenizer, max_length):
     """The tokenizer_config.json (a dict) with which transformers' AutoTokenizer loads the
     tokenizer.json of `tokenizer` (a tokenizers.Tokenizer of lmkern's kinds), its special
     tokens named: GPT's <|endoftext|> (beginning, end and unknown text, as GPT-2's), BERT's
-    [PAD] [UNK] [CLS] [SEP] [MASK]."""
-    from lmkern.models.tokenizer import BERT_SPECIALS, END_OF_TEXT, tokenizer_kind
+    [PAD] [UNK] [CLS] [SEP] [MASK], T5's <pad> </s> and sentinels <extra_id_N>."""
+    from lmkern.models.t5_data import T5SpecialIds
+    from lmkern.models.tokenizer import BERT_SPECIALS, END_OF_TEXT, T5_SPECIALS, tokenizer_kind
 
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
                 "clean_up_tokenization_spaces": False}
+    if tokenizer_kind(tokenizer) == "t5":
+        sentinels = [tokenizer.id_to_token(token) for token in T5SpecialIds.of(tokenizer).sentinels.tolist()]
+        return {**settings, "pad_token": T5_SPECIALS[0], "eos_token": T5_SPECIALS[1],
+                "additional_special_tokens": sentinels}
     if tokenizer_kind(tokenizer) == "bpe":
         if tokenizer.token_to_id(END_OF_TEXT) is not None:
             settings.update(bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT)
@@ -44,7 +49,8 @@ def export(args):
     if not hasattr(model, "save_hf"):
         raise CommandError(f"--checkpoint {folder} holds a {kind} model, which has no Hugging Face form to export")
     tokenizer = load_checkpoint_tokenizer(folder)  # checked against the manifest
-    max_length = getattr(model.config, "context_length", None) or model.config.max_position
+    # T5's relative positions set no limit; transformers' T5 tokenizers say 512.
+    max_length = getattr(model.config, "context_length", None) or getattr(model.config, "max_position", 512)
     claim = output_folder(args.hf, "lmkern export", inputs=[("--checkpoint", folder)], overwrite=args.overwrite,
                           flag="--hf")
     with claim:
@@ -62,10 +68,10 @@ def export(args):
 def add_parser(commands):
     parser = commands.add_parser(
         "export", help="an lmkern checkpoint as a Hugging Face model directory (from_pretrained, AutoTokenizer)",
-        description="Writes a GPT, Llama or BERT checkpoint as a directory that transformers' from_pretrained "
+        description="Writes a GPT, Llama, BERT or T5 checkpoint as a directory that transformers' from_pretrained "
         "loads (config.json, model.safetensors: GPT2LMHeadModel, LlamaForCausalLM / MistralForCausalLM / "
-        "Qwen2ForCausalLM, BertForPreTraining) with its tokenizer (tokenizer.json, tokenizer_config.json) for "
-        "AutoTokenizer.from_pretrained.",
+        "Qwen2ForCausalLM, BertForPreTraining, T5ForConditionalGeneration) with its tokenizer (tokenizer.json, "
+        "tokenizer_config.json) for AutoTokenizer.from_pretrained.",
     )
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a checkpoint folder, or a run's --out (its newest checkpoint)")

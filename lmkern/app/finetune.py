@@ -1,6 +1,7 @@
 """`lmkern finetune bert` and `lmkern predict`: a BERT fine-tuned for sequence
 classification (single texts or pairs) or regression on examples from a CSV, TSV or JSONL
-file, then its predictions over a file or stdin.
+file, then its predictions over a file or stdin. (`lmkern finetune t5`, in finetune_t5,
+shares the run: run_in_out.)
 
 finetune starts from an lmkern BERT checkpoint (`lmkern train bert`) or a Hugging Face BERT
 directory, runs models/train.py's loop on models/classify.py's task (AdamW, warm-up then
@@ -200,11 +201,7 @@ def finetune(args):
     check_kernels(config.kernels, args.device)
     columns = dict(text_column=config.text_column, text_pair_column=config.text_pair_column,
                    label_column=config.label_column)
-    train = classify.read_examples(config.train, "train", **columns)
-    if config.validation is not None:
-        val, val_argument = classify.read_examples(config.validation, "validation", **columns), "validation"
-    else:
-        (train, val), val_argument = classify.split_examples(train, config.val_fraction, config.seed), "train"
+    train, val, val_argument = read_splits(config, columns)
     labels = None if config.regression else classify.label_names(train)
     train_targets = classify.label_targets(train, labels, "train")
     val_targets = classify.label_targets(val, labels, val_argument)
@@ -218,26 +215,49 @@ def finetune(args):
                                    pad_id(tokenizer), seed=config.seed, patience=config.patience or None)
     steps = config.epochs * task.steps_per_epoch
     train_config = config.train_config(steps, config.eval_every or task.steps_per_epoch)
+    info = dict(labels=labels or [], regression=config.regression, max_length=max_length, **columns)
+    baseline = None if labels is None else classify.majority_baseline(train_targets, val_targets)
+    summary = f"{len(labels)} classes" if labels else "regression"
+    result = run_in_out(args, config, model, tokenizer, task, train_config, CLASSIFIER, summary, {LABELS: info},
+                        dict(majority_baseline=baseline, examples={"train": len(train), "validation": len(val)},
+                             **info))
+    report(result, args.out)
+
+
+def read_splits(config, columns):
+    """(train, validation, the validation's argument) Examples of a fine-tuning run's
+    options (a FinetuneConfig): --validation's, or --val-fraction of --train's held out.
+    columns: read_examples' column keywords."""
+    from lmkern.models import classify
+
+    train = classify.read_examples(config.train, "train", **columns)
+    if config.validation is not None:
+        return train, classify.read_examples(config.validation, "validation", **columns), "validation"
+    return *classify.split_examples(train, config.val_fraction, config.seed), "train"
+
+
+def run_in_out(args, config, model, tokenizer, task, train_config, kind, summary, extras, facts):
+    """Claims --out, fine-tunes model on task (an EpochTask) there (run), and writes eval.json:
+    the best evaluation's step and metrics with `facts` (a dict); returns that."""
+    from lmkern.models.files import write_json
+
     inputs = [("--init", config.init), ("--train", config.train)]
     inputs += [("--validation", config.validation)] if config.validation else []
     with output_folder(args.out, "lmkern finetune", inputs=inputs, overwrite=args.overwrite):
         if holds_run(args.out) and not args.overwrite:
             raise CommandError(f"--out {args.out} already holds a fine-tuning run: choose another --out, or pass "
                                "--overwrite to replace its checkpoints and metrics")
-        info = dict(labels=labels or [], regression=config.regression, max_length=max_length, **columns)
         with tempfile.TemporaryDirectory() as tokenizer_dir:
-            run(args, config, model, tokenizer, tokenizer_dir, task, train_config, info)
-        baseline = None if labels is None else classify.majority_baseline(train_targets, val_targets)
-        result = {"step": task.best_step, "metric": task.metric, **task.best, "majority_baseline": baseline,
-                  "examples": {"train": len(train), "validation": len(val)}, **info}
-        from lmkern.models.files import write_json
-
+            run(args, config, model, tokenizer, tokenizer_dir, task, train_config, kind, summary, extras)
+        result = {"step": task.best_step, "metric": task.metric, **task.best, **facts}
         write_json(os.path.join(args.out, EVAL_FILE), result)
-    report(result, args.out)
+    return result
 
 
-def run(args, config, model, tokenizer, tokenizer_dir, task, train_config, info):
-    """Fine-tunes model on task in --out (claimed), saving the best evaluation's checkpoint."""
+def run(args, config, model, tokenizer, tokenizer_dir, task, train_config, kind, summary, extras):
+    """Fine-tunes model on task in --out (claimed), saving the best evaluation's checkpoint
+    (of `kind`, with the files of `extras`: {name: JSON}); summary: what the model learns,
+    in words."""
     from lmkern.app.train import clear_run
     from lmkern.models.checkpoint import checkpoint_bytes, save_checkpoint
     from lmkern.models.files import check_free_space, remove_files
@@ -254,15 +274,14 @@ def run(args, config, model, tokenizer, tokenizer_dir, task, train_config, info)
     def save_best(step, model, state):
         if task.record(step):  # the state without the optimizer's: a fine-tuning run does not resume
             save_checkpoint(args.out, step, model, {name: state[name] for name in ("step", "train_config")},
-                            kind=CLASSIFIER, config=dataclasses.asdict(model.config), tokenizer_dir=tokenizer_dir,
-                            keep=1, extras={LABELS: info})
+                            kind=kind, config=dataclasses.asdict(model.config), tokenizer_dir=tokenizer_dir,
+                            keep=1, extras=extras)
 
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
-    classes = f"{len(info['labels'])} classes" if info["labels"] else "regression"
-    print(f"fine-tuning bert ({parameters:.2f}M parameters, {classes}) from {config.init} on {len(task.train):,} "
-          f"examples, validating on {len(task.val):,}: {config.epochs} epochs of {task.steps_per_epoch} steps of "
-          f"{config.batch_size}; kernels {config.kernels}, precision {config.precision}, device {args.device}; run in "
-          f"{args.out}", flush=True)
+    print(f"fine-tuning {config.model} ({parameters:.2f}M parameters, {summary}) from {config.init} on "
+          f"{len(task.train):,} examples, validating on {len(task.val):,}: {config.epochs} epochs of "
+          f"{task.steps_per_epoch} steps of {config.batch_size}; kernels {config.kernels}, precision "
+          f"{config.precision}, device {args.device}; run in {args.out}", flush=True)
     try:
         train_loop(model, task, train_config, args.out, save=save_best, device=args.device, progress=not args.quiet)
     except TrainingDiverged as error:
@@ -370,8 +389,10 @@ def write_predictions(file, rows, kind):
 
 def add_parser(commands):
     models = commands.add_parser(
-        "finetune", help="fine-tune a model: a BERT classifier or regressor (bert), or a GPT or Llama on your text",
+        "finetune", help="fine-tune a model: a BERT classifier or regressor (bert), a T5 on text-to-text pairs (t5), "
+        "or a GPT or Llama on your text",
         description="`lmkern finetune bert`: sequence classification or regression from a CSV/TSV/JSONL file. "
+        "`lmkern finetune t5`: text to text, inputs and targets from a CSV/TSV/JSONL file. "
         "`lmkern finetune gpt|llama`: continued pretraining on prepared data, `lmkern train`'s options.",
     ).add_subparsers(dest="model", required=True, metavar="MODEL")
     tune = models.add_parser(
@@ -392,6 +413,9 @@ def add_parser(commands):
     add_options(tune, FinetuneConfig, "fine-tuning options", model_positional=False)
     tune.set_defaults(run=finetune, flags=FLAGS, interrupted="the best checkpoint so far is in --out")
     finetune_lm.add_parsers(models)
+    from lmkern.app import finetune_t5  # which builds on this module
+
+    finetune_t5.add_parser(models)
 
     pred = commands.add_parser(
         "predict", help="a fine-tuned classifier's labels and probabilities for texts from a file or stdin",

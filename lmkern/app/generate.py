@@ -1,4 +1,5 @@
-"""`lmkern generate`: a GPT or Llama checkpoint continues a prompt, its text printed as it comes."""
+"""`lmkern generate`: a GPT or Llama checkpoint continues a prompt, its text printed as it
+comes; a T5 checkpoint answers it (the decoder's text for the prompt as the encoder's input)."""
 
 import sys
 import time
@@ -64,6 +65,18 @@ def print_sample(model, tokenizer, prompt, max_new_tokens, sampling, *, stop_at_
     return len(produced)
 
 
+def print_answer(model, tokenizer, prompt, max_new_tokens, sampling):
+    """Prints a T5's output for the prompt (tokenized with the tokenizer's </s> at its end),
+    up to its end of sequence; returns how many tokens it produced."""
+    import torch
+
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([tokenizer.encode(prompt).ids], device=device)
+    tokens = model.generate(input_ids, max_new_tokens or 200, **sampling)[0].tolist()
+    print(tokenizer.decode(tokens))  # without the special tokens: </s>, padding
+    return len(tokens)
+
+
 def read_prompt(args):
     """The prompt: --prompt, or the text of --prompt-file (stdin for "-"), kept exactly."""
     if args.prompt_file is None:
@@ -87,9 +100,11 @@ def generate(args):
             raise CommandError(f"{flag} must be at least {minimum}, got {value}")
     prompt = read_prompt(args)
     kind, model, folder = load_model(args.checkpoint, args.kernels, args.device)
-    if kind not in CAUSAL:
-        raise ValueError(f"--checkpoint {folder} holds a {kind.upper()} model: generate needs a GPT or Llama "
+    if kind not in (*CAUSAL, "t5"):
+        raise ValueError(f"--checkpoint {folder} holds a {kind.upper()} model: generate needs a GPT, Llama or T5 "
                          "checkpoint")
+    if kind == "t5" and (args.ignore_eos or args.min_new_tokens):
+        raise CommandError("--ignore-eos and --min-new-tokens continue documents: a T5 answers a prompt")
     tokenizer = load_checkpoint_tokenizer(folder)
     for sample in range(args.num_samples):
         if args.num_samples > 1:
@@ -97,16 +112,20 @@ def generate(args):
         if args.seed is not None and sampling["do_sample"]:
             sampling["seed"] = args.seed + sample
         began = time.perf_counter()
-        count = print_sample(model, tokenizer, prompt, args.max_new_tokens, sampling,
-                             stop_at_end_of_text=not args.ignore_eos, min_new_tokens=args.min_new_tokens)
+        if kind == "t5":
+            count = print_answer(model, tokenizer, prompt, args.max_new_tokens, sampling)
+        else:
+            count = print_sample(model, tokenizer, prompt, args.max_new_tokens, sampling,
+                                 stop_at_end_of_text=not args.ignore_eos, min_new_tokens=args.min_new_tokens)
         elapsed = time.perf_counter() - began
         print(f"[{count} tokens in {elapsed:.2f} s, {count / elapsed:.1f} tokens/s]", file=sys.stderr)
 
 
 def add_parser(commands):
-    gen = commands.add_parser("generate", help="continue a prompt with a GPT or Llama checkpoint, printing tokens as they come")
+    gen = commands.add_parser("generate", help="continue a prompt with a GPT or Llama checkpoint, printing tokens as "
+                              "they come, or answer it with a T5's")
     gen.add_argument("--checkpoint", required=True, metavar="DIR",
-                     help="a GPT or Llama checkpoint folder, or a run's --out (its newest checkpoint)")
+                     help="a GPT, Llama or T5 checkpoint folder, or a run's --out (its newest checkpoint)")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to continue (\"\" starts a new document)")
     prompt.add_argument("--prompt-file", metavar="PATH", help="continue this file's text, exactly (- reads stdin)")

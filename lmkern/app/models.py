@@ -1,11 +1,11 @@
-"""GPT, Llama and BERT for the commands: their classes, and a model loaded from a checkpoint
-(also a BERT classifier from `lmkern finetune bert`)."""
+"""GPT, Llama, BERT and T5 for the commands: their classes, and a model loaded from a
+checkpoint (also a BERT classifier from `lmkern finetune bert`)."""
 
 import os
 
 from lmkern.app.common import check_kernels
 
-MODELS = ("gpt", "llama", "bert")
+MODELS = ("gpt", "llama", "bert", "t5")
 CAUSAL = ("gpt", "llama")  # language models that predict the next token: perplexity, generation
 CLASSIFIER = "bert-classifier"  # a BertForSequenceClassification from `lmkern finetune bert`
 LABELS = "labels.json"  # a classifier checkpoint's {"labels": class names ([] for regression), ...}
@@ -21,6 +21,10 @@ def model_classes(kind):
         from lmkern.models import llama
 
         return llama, llama.Llama, llama.LlamaConfig
+    if kind == "t5":
+        from lmkern.models import t5
+
+        return t5, t5.T5, t5.T5Config
     from lmkern.models import bert
 
     return bert, bert.BertForSequenceClassification if kind == CLASSIFIER else bert.BertForPreTraining, bert.BertConfig

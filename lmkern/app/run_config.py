@@ -34,7 +34,7 @@ class RunConfig:
     model: str = option(help="the model to train", flags=("model",), choices=MODELS)
     data: str = option(None, "a folder from `lmkern prepare`", metavar="DIR")  # required; kept absolute
     preset: str = option(None, "model size: GPT tiny, gpt2, gpt2-medium, ...; Llama tiny, llama-3.2-1b, ...; BERT "
-                         "tiny, bert-base, bert-large")
+                         "tiny, bert-base, bert-large; T5 tiny, t5-small, flan-t5-small")
     # Fine-tuning: the weights and config to start from instead of a preset's fresh ones.
     init: str = option(None, "start from the weights of an lmkern checkpoint or run folder, or a Hugging Face model "
                        "directory (config.json, model.safetensors), instead of a fresh --preset model", metavar="DIR")
@@ -46,7 +46,8 @@ class RunConfig:
     width: int = option(None, "overrides the preset's hidden size (BERT's feed-forward: 4 x width; Llama's: 8/3 x "
                        "width)", metavar="N")
     context_length: int = option(None, "tokens per training sequence (default: GPT and Llama the preset's context, "
-                                 "BERT 128)", flags=("--context-length", "--seq-length"), metavar="N")
+                                 "BERT 128; T5: of the span-corrupted input, 128)",
+                                 flags=("--context-length", "--seq-length"), metavar="N")
     dropout: float = option(None, "dropout probability (default: the preset's)", metavar="P")
     nsp: bool = option(True, "BERT: masked language modelling alone, on single spans (RoBERTa's full sentences)",
                        flags=("--no-nsp",))  # BERT's pretraining has next-sentence prediction
@@ -93,9 +94,10 @@ class RunConfig:
         self.data = os.path.abspath(self.data)  # so that --resume works from any folder
         if self.init is not None:
             self.init = os.path.abspath(self.init)
-            # A Llama's rotary positions can train on sequences of any length; GPT's learned
-            # positions and BERT's fix theirs.
-            sizes = ("preset", "layers", "heads", "width") + (() if self.model == "llama" else ("context_length",))
+            # A Llama's rotary positions and T5's relative ones can train on sequences of any
+            # length; GPT's learned positions and BERT's fix theirs.
+            sizes = ("preset", "layers", "heads", "width") + (() if self.model in ("llama", "t5") else
+                                                             ("context_length",))
             given = [name for name in sizes if getattr(self, name) is not None]
             if given:
                 fields = ", ".join("{" + name + "}" for name in given)  # each named as its flag
@@ -127,18 +129,37 @@ class RunConfig:
             width = self.width
             sizes = dict(hidden_size=width, intermediate_size=None if width is None else module.gated_ffn_width(width),
                          context_length=self.context_length)
+        elif self.model == "t5":
+            return self.t5_config(module, vocab_size)
         else:
             sizes = dict(hidden_size=self.width, intermediate_size=None if self.width is None else 4 * self.width)
         sizes.update(n_layer=self.layers, n_head=self.heads, dropout=self.dropout)
-        overrides = {name: value for name, value in sizes.items() if value is not None}
-        try:
-            config = module.preset(self.preset, vocab_size=vocab_size, kernels=self.kernels, **overrides)
-        except ValueError as error:
-            raise ArgumentValueError("{preset} {}: {}", self.preset, error) from None
+        config = self.preset_config(module, vocab_size, **sizes)
         if self.model == "bert" and self.context_length is not None:
             # BERT trains on shorter sequences than it can take; it must take these.
             config = dataclasses.replace(config, max_position=max(config.max_position, self.context_length))
         return config
+
+    def t5_config(self, module, vocab_size):
+        """model_config's work for T5 (models/t5.py), whose fields have T5's names; the
+        context length is the task's (relative positions take any length)."""
+        config = self.preset_config(module, vocab_size, num_layers=self.layers, num_heads=self.heads,
+                                    d_model=self.width, dropout_rate=self.dropout)
+        if self.width is not None or self.heads is not None:
+            # Heads split the width, and the feed-forward keeps the preset's multiple of it
+            # (4 x for T5's ReLU one, 2 x for v1.1's gated one).
+            config = dataclasses.replace(config, d_kv=max(1, config.d_model // config.num_heads),
+                                         d_ff=config.d_model * (4 if config.feed_forward == "relu" else 2))
+        return config
+
+    def preset_config(self, module, vocab_size, **sizes):
+        """The preset's config of `module` for a vocabulary of vocab_size, with the run's
+        kernels and the sizes given (None: the preset's)."""
+        overrides = {name: value for name, value in sizes.items() if value is not None}
+        try:
+            return module.preset(self.preset, vocab_size=vocab_size, kernels=self.kernels, **overrides)
+        except ValueError as error:
+            raise ArgumentValueError("{preset} {}: {}", self.preset, error) from None
 
 
 def flags(field):

@@ -1,4 +1,4 @@
-"""`lmkern train gpt|llama|bert`: a pretraining run in its own folder (--out), through the loop of
+"""`lmkern train gpt|llama|bert|t5`: a pretraining run in its own folder (--out), through the loop of
 models/train.py, with the run's options saved for --resume.
 
 The run folder holds options.json (written once the run has started), metrics.jsonl,
@@ -41,19 +41,35 @@ def build(config, vocab_size):
         _, model_class, _ = model_classes(config.model)
         model = model_class(config.model_config(vocab_size))
     else:
-        given = dict(dropout=config.dropout, context_length=config.context_length)
+        # T5's config calls its dropout dropout_rate and has no context length (the task's).
+        given = (dict(dropout_rate=config.dropout) if config.model == "t5" else
+                 dict(dropout=config.dropout, context_length=config.context_length))
         overrides = {name: value for name, value in given.items() if value is not None}
         model, _ = initial_model(config.init, config.model, kernels=config.kernels, **overrides)
     common = dict(batch_size=config.batch_size, seed=config.seed, eval_tokens=config.eval_tokens,
                   eval_batch_size=config.micro_batch_size)
     if config.model in CAUSAL:
         return model, tasks.CausalLMTask(config.data, model.config.context_length, **common)
+    if config.model == "t5":
+        task = tasks.SpanCorruptionTask(config.data, config.context_length or 128, **common)
+        check_special_ids(model.config, task.train_spans.specials)
+        return model, task
     if not config.nsp:
         # Without NSP the pooler and NSP head get no gradient: frozen, AdamW and DDP skip them.
         model.bert.pooler.requires_grad_(False)
         model.nsp.requires_grad_(False)
     seq_length = config.context_length or min(128, model.config.max_position)
     return model, tasks.MaskedLMTask(config.data, seq_length, nsp=config.nsp, **common)
+
+
+def check_special_ids(model_config, specials):
+    """Raises unless a T5's config has the pad and end-of-sequence ids of its data's tokenizer
+    (T5SpecialIds): generation stops at the model's, the data ends targets with the tokenizer's."""
+    for name, model_id, token_id in (("pad", model_config.pad_token_id, specials.pad),
+                                     ("eos", model_config.eos_token_id, specials.eos)):
+        if model_id != token_id:
+            raise ValueError(f"the model's {name}_token_id is {model_id}, but the tokenizer's {name} token is "
+                             f"{token_id}")
 
 
 def origin(config):
@@ -160,9 +176,11 @@ def add_run_parser(commands, name, models, run_command, hidden=(), command=None,
 def add_parser(commands):
     add_run_parser(
         commands, "train", MODELS, train,
-        help="pretrain a GPT (causal LM) or BERT (MLM + NSP) on data from `lmkern prepare`",
-        description="Pretrains a GPT (causal language modelling) or a BERT (masked language modelling and "
-        "next-sentence prediction) through models/train.py. OUT gets checkpoints/step-N folders (weights, config, "
+        help="pretrain a GPT or Llama (causal LM), BERT (MLM + NSP) or T5 (span corruption) on data from `lmkern "
+        "prepare`",
+        description="Pretrains a GPT or Llama (causal language modelling), a BERT (masked language modelling and "
+        "next-sentence prediction) or a T5 (span corruption; data prepared with a `--kind t5` tokenizer) through "
+        "models/train.py. OUT gets checkpoints/step-N folders (weights, config, "
         "tokenizer, training state, manifest) with a `checkpoint` link to the newest, metrics.jsonl, loss.png and "
         "options.json. With --resume the run continues exactly where its newest complete checkpoint left off, with "
         "its saved options unless given again. Under torchrun it trains on every process (DDP).",

@@ -299,8 +299,9 @@ def scaled_dot_product_attention(
             diagonals of dS in a deterministic pass of their own: unlike the same bias
             materialised as a (1, H, Lq, Lk) attn_mask, no (H, Lq, Lk) bias and no
             (B, H, Lq, Lk) copy of it merged with the padding mask ever exist. The native
-            CPU kernels take it beside a mask that depends on the key only, Triton beside
-            no attn_mask; native CUDA not at all ("auto" then picks another backend).
+            CPU kernels take it beside a mask that depends on the key only; Triton's, which
+            read one mask, materialise it beside an attn_mask (its gradient is still
+            summed in-kernel); native CUDA takes none ("auto" then picks Triton).
         backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
 
     Under torch.autocast, query, key, value and a float mask are cast to the autocast dtype

@@ -25,12 +25,9 @@ def is_key_padding_mask(mask):
 
 
 def triton_limit(call):
-    """Head dims up to 256; relative_bias without attn_mask (its kernels read one mask, and
-    take relative_bias as it)."""
+    """Head dims up to 256."""
     if max(call.head_dims) > TRITON_MAX_HEAD_DIM:
         return f"its kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {max(call.head_dims)}"
-    if call.relative_bias and call.mask is not None:
-        return "its kernels read one mask: relative_bias with attn_mask runs on backend=\"native\" (CPU) or \"torch\""
     return None
 
 

@@ -30,7 +30,8 @@ the tile gathers and adds them in a fixed order. One writer per element again, a
 (B, H, Lq, Lk) buffer; the price is the two matmuls of S and dP once more.
 
 A relative bias (H | 1, Lq + Lk - 1), whose row i is the slice starting at column
-Lq - 1 - i, is read as a full mask with query stride -1. Its gradient comes from the same
+Lq - 1 - i, is read as a full mask with query stride -1 (beside another mask, both are
+materialised into one: the kernels read one mask). Its gradient comes from the same
 third kernel, with a program per (key block, query block, head) of a (1, H | 1, Lq, Lk)
 mask; each sums its fp32 tile along the diagonals j - i (a gather that skews the tile)
 into a partial buffer, one writer per element, which the host sums in a fixed order.
@@ -48,6 +49,7 @@ import triton.language as tl
 
 from lmkern.triton_support import interpreting
 from lmkern.ops.triton_tuning import autotune
+from lmkern.ops.attention import reference
 from lmkern.ops.attention.reference import dropout_scale
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -99,11 +101,16 @@ def _tile_sizes(config, args):
 
 def _score_tiles(args, computed):
     """Tiles of the scores' shape live at once, in registers: `computed` fp32 tiles of the
-    math; a full mask's int64 addresses and values (3), a key mask's selects (1); dropout's
+    math; a full mask's int64 addresses and values (3, and 4 for a relative bias, whose
+    negative query stride defeats vector loads: 32 x 32 forward tiles spilled at 3 on
+    sm_90), a key mask's selects (1); dropout's
     int64 offsets, random numbers and keep factors (4); a causal shift's bounds (1); a
     window's bounds (1, and 3 at head dims over 128, where 64-row tiles with a window spilled
     at the estimate of 1: benchmarks/results/triton-check/)."""
-    mask = {NO_MASK.value: 0, KEY_MASK.value: 1, FULL_MASK.value: 3}[args["MASK_KIND"]]
+    kind = args["MASK_KIND"]
+    mask = {NO_MASK.value: 0, KEY_MASK.value: 1, FULL_MASK.value: 3}[kind] + (
+        kind == FULL_MASK.value and args["stride_mm"] < 0
+    )
     window = (1 if args["BLOCK_D"] <= 128 else 3) * bool(args["WINDOWED"])
     return computed + mask + 4 * bool(args["HAS_DROPOUT"]) + bool(args["CAUSAL_SHIFTED"]) + window
 
@@ -172,9 +179,11 @@ def _mask_bwd_resources(config, args, target):
         return float("inf"), float("inf")
     if not target.wgmma and max(d, dv) > 128 and m > 16:
         return float("inf"), float("inf")
+    # A relative bias's diagonal sums gather the tile into (BLOCK_M, diagonals): values and indices.
+    diagonals = 2 * n if m <= n else 4 * n
     registers = (
         m * n + _score_tiles(args, 3) * m * n + m * (d + dv) * size / 4
-        + _operand_registers(n * (d + dv), size, target)
+        + _operand_registers(n * (d + dv), size, target) + 2 * m * diagonals * bool(args["RELATIVE"])
     )
     return size * (m + stages * n) * (d + dv), registers / threads
 
@@ -998,7 +1007,13 @@ def _block_dim(head_dim):
 
 def _mask_args(mask, like, seqlen_k, relative_bias=None):
     """(tensor, its 4 strides, MASK_KIND, whether boolean) for a 4-D mask, broadcast to
-    (B, H, Lq, Lk) (like: q), or a relative bias (with no mask), or None."""
+    (B, H, Lq, Lk) (like: q), a relative bias, both, or None."""
+    if relative_bias is not None and mask is not None:
+        # The kernels read one mask: a relative bias beside a mask is materialised into it,
+        # (B | 1, H | 1, Lq, Lk) (its gradient is still summed along diagonals in-kernel).
+        bias = reference.relative_bias_mask(relative_bias, like.shape[2], seqlen_k)
+        mask = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
+        relative_bias = None
     if relative_bias is not None:
         # Query i reads the slice starting at column Lq - 1 - i: from column Lq - 1, query stride -1.
         head_stride = 0 if relative_bias.shape[0] == 1 else relative_bias.stride(0)
@@ -1037,7 +1052,7 @@ def _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p, window_left,
 
 
 def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1, relative_bias=None):
-    """Same contract as reference.attention_fwd; relative_bias only without a mask."""
+    """Same contract as reference.attention_fwd."""
     batch, heads, seqlen_q, _ = q.shape
     out = torch.empty(batch, heads, seqlen_q, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device)

@@ -101,14 +101,14 @@ def _tile_sizes(config, args):
 
 def _score_tiles(args, computed):
     """Tiles of the scores' shape live at once, in registers: `computed` fp32 tiles of the
-    math; a full mask's int64 addresses and values (3, and 4 for a relative bias, whose
-    negative query stride defeats vector loads: 32 x 32 forward tiles spilled at 3 on
-    sm_90), a key mask's selects (1); dropout's
+    math; a full mask's int64 addresses and values (3, and 6 for a relative bias, whose
+    negative query stride defeats vector loads: 64 x 64 forward tiles at head dim 128
+    spilled at 4 on sm_90, triton 3.9), a key mask's selects (1); dropout's
     int64 offsets, random numbers and keep factors (4); a causal shift's bounds (1); a
     window's bounds (1, and 3 at head dims over 128, where 64-row tiles with a window spilled
     at the estimate of 1: benchmarks/results/triton-check/)."""
     kind = args["MASK_KIND"]
-    mask = {NO_MASK.value: 0, KEY_MASK.value: 1, FULL_MASK.value: 3}[kind] + (
+    mask = {NO_MASK.value: 0, KEY_MASK.value: 1, FULL_MASK.value: 3}[kind] + 3 * (
         kind == FULL_MASK.value and args["stride_mm"] < 0
     )
     window = (1 if args["BLOCK_D"] <= 128 else 3) * bool(args["WINDOWED"])

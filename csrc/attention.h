@@ -60,6 +60,24 @@ inline void check_attention_args(
   }
 }
 
+// relative_bias None or (H | 1, Lq + Lk - 1) float, q's device, any strides.
+inline void check_relative_bias(
+    const char* op, const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& relative_bias) {
+  if (!relative_bias.has_value()) {
+    return;
+  }
+  const at::Tensor& bias = *relative_bias;
+  const int64_t distances = q.size(2) + k.size(2) - 1;
+  TORCH_CHECK(
+      bias.dim() == 2 && (bias.size(0) == 1 || bias.size(0) == q.size(1)) && bias.size(1) == distances, op,
+      ": relative_bias must have shape (H | 1, Lq + Lk - 1) = (", q.size(1), " | 1, ", distances, "), got ",
+      bias.sizes());
+  TORCH_CHECK(
+      is_kernel_dtype(bias.scalar_type()) && bias.device() == q.device(), op,
+      ": relative_bias must be float32, float16 or bfloat16 on ", q.device(), ", got ", bias.scalar_type(), " on ",
+      bias.device());
+}
+
 // grad_out and out (B, H, Lq, Dv) like q's dtype; lse (B, H, Lq) float32, contiguous.
 inline void check_attention_bwd_args(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v, const at::Tensor& out,

@@ -89,15 +89,19 @@ TORCH_LIBRARY(lmkern, m) {
   // out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) fp32, the logsumexp of each row's
   // scores: +inf for a row that sees no key, whose out is 0. Dropout keeps probability
   // (b, h, i, j) when philox_uniform(seed, ((b H + h) Lq + i) Lk + j) >= dropout_p
-  // (csrc/philox.h), and scales it by 1 / (1 - dropout_p).
+  // (csrc/philox.h), and scales it by 1 / (1 - dropout_p). relative_bias None or (H | 1,
+  // Lq + Lk - 1) float, any strides, adds relative_bias[h, j - i + Lq - 1] to the score of
+  // query i and key j (T5's position bias per distance); mask must then be None or depend
+  // on the key only (B, H, Lq, Lk broadcast from B, 1, 1, Lk). CPU only.
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, SymInt causal_shift, "
-      "float scale, float dropout_p, SymInt seed, int window_left=-1) -> (Tensor, Tensor)");
+      "float scale, float dropout_p, SymInt seed, int window_left=-1, Tensor? relative_bias=None) "
+      "-> (Tensor, Tensor)");
   // Its backward from the forward's out and lse: (dq, dk, dv) shaped like q, k, v.
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-      "bool is_causal, SymInt causal_shift, float scale, float dropout_p, SymInt seed, int window_left=-1) "
-      "-> (Tensor, Tensor, Tensor)");
+      "bool is_causal, SymInt causal_shift, float scale, float dropout_p, SymInt seed, int window_left=-1, "
+      "Tensor? relative_bias=None) -> (Tensor, Tensor, Tensor)");
   // The gradient of an additive (float) mask, from the same arguments as attention_bwd's
   // but the mask: here the mask as the caller holds it, 4-D (B | 1, H | 1, Lq | 1, Lk | 1),
   // broadcast over the dimensions where it has size 1, any strides. Returns dmask = P (dP -
@@ -106,8 +110,16 @@ TORCH_LIBRARY(lmkern, m) {
   // boolean key-padding masks only).
   m.def(
       "attention_mask_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor mask, "
-      "bool is_causal, SymInt causal_shift, float scale, float dropout_p, SymInt seed, int window_left=-1) "
-      "-> Tensor");
+      "bool is_causal, SymInt causal_shift, float scale, float dropout_p, SymInt seed, int window_left=-1, "
+      "Tensor? relative_bias=None) -> Tensor");
+  // The gradient of relative_bias, from attention_bwd's arguments: d relative_bias[h, t] =
+  // dS summed over the batch (and the heads where it has one) and over the (i, j) with
+  // j - i + Lq - 1 = t, in relative_bias's shape (contiguous) and dtype; deterministic, no
+  // (H, Lq, Lk) buffer. CPU only.
+  m.def(
+      "attention_relative_bias_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? mask, Tensor relative_bias, bool is_causal, SymInt causal_shift, float scale, float dropout_p, "
+      "SymInt seed, int window_left=-1) -> Tensor");
   // Rotary position embeddings of x (B, H, L, D), any strides, float32/float16/bfloat16.
   // cos and sin (P, R / 2), contiguous, one float dtype, R <= D: row p holds cos(p theta_i)
   // and sin(p theta_i). positions (B, L) int64, any strides: token l of sequence b sits at

@@ -16,10 +16,11 @@ feed-forward, untied LM head).
                                                           when the head is the tied embedding (v1.0)
 
 Attention is unscaled (scale=1.0: T5's initialisation folds 1/sqrt(d_kv) into the query
-weights) and takes a float bias: a learned (buckets, heads) table of relative positions,
-held by each stack's first block only and computed once per stack for all its blocks, as
-transformers does. Padding (encoder keys) and the causal mask (decoder) are folded into it
-as -inf; see position_mask.
+weights) and adds a learned (buckets, heads) table of relative positions, held by each
+stack's first block only and gathered once per stack for all its blocks, as transformers
+does: per key-minus-query distance, (H, Lq + Lk - 1), which lmkern's attention takes as
+relative_bias and adds in its kernels, beside the encoder's boolean key-padding mask and the
+decoder's causal bound; see AttentionMask.
 
 The parameters carry the names of transformers' T5ForConditionalGeneration (shared.weight,
 encoder.block.0.layer.0.SelfAttention.q.weight, ...), so Hugging Face state dicts load as
@@ -125,23 +126,23 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets, max_
     return buckets + torch.where(distance < max_exact, distance, logarithmic.clamp(max=num_buckets - 1))
 
 
-def position_mask(bias, query_positions, key_padding=None, causal=False):
-    """The float attention mask of a stack's self-attention: bias (1, H, Lq, Lk) with -inf
-    where a key is padding (key_padding: (B, Lk) bool, True on padding) or, with causal,
-    after its query (at query_positions, (Lq,) int64; keys are at 0, 1, ...). (1 or B, H,
-    Lq, Lk), a new tensor.
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """What an attention adds to its scores, built once per stack and shared by its blocks;
+    the arguments of lmkern.scaled_dot_product_attention of these names. attn_mask: None or
+    (B, 1, 1, Lk) bool, True where a key takes part (the encoder's padding). relative_bias:
+    None (cross-attention) or (H, Lq + Lk - 1), the position bias per distance (see
+    Attention.position_bias): the kernels add it in place, so that no (B, H, Lq, Lk) mask
+    exists. window_size: (-1, s) for the decoder, whose queries sit at positions s, s + 1,
+    ... (s > 0 with a DecoderCache): query i sees keys j <= s + i; (-1, -1) for none.
 
-    -inf rather than transformers' finfo(dtype).min: the same softmax wherever a query sees
-    a key (exp underflows to 0 either way), and a query that sees none gives zeros from
-    lmkern's attention instead of a uniform average over padding. Neither model makes such
-    a query: every encoder row keeps a real token (T5.forward checks it) and a decoder
-    query sees itself."""
-    if causal:
-        after = torch.arange(bias.shape[-1], device=bias.device) > query_positions[:, None]  # (Lq, Lk)
-        bias = bias.masked_fill(after, float("-inf"))
-    if key_padding is not None:
-        bias = bias.masked_fill(key_padding[:, None, None, :], float("-inf"))  # (B, H, Lq, Lk)
-    return bias
+    A query that sees no key gets zeros from lmkern's attention (transformers' finfo.min
+    gives a uniform average over padding); neither model makes one: every encoder row keeps
+    a real token (T5.forward checks it) and a decoder query sees itself."""
+
+    attn_mask: torch.Tensor = None
+    relative_bias: torch.Tensor = None
+    window_size: tuple = (-1, -1)
 
 
 # -- Attention and feed-forward --------------------------------------------------------------
@@ -172,28 +173,32 @@ class Attention(torch.nn.Module):
         """(k, v) of x (B, L, C), each (B, H, L, d_kv)."""
         return self.heads(self.k(x)), self.heads(self.v(x))
 
-    def position_bias(self, query_positions, key_length, bidirectional):
-        """(1, H, Lq, Lk) in the table's dtype: the bias of queries at query_positions ((Lq,)
-        int64) for keys at 0 .. key_length - 1."""
+    def position_bias(self, query_start, query_length, key_length, bidirectional):
+        """(H, Lq + Lk - 1) in the table's dtype, as relative_bias: the bias of queries at
+        positions query_start .. query_start + Lq - 1 for keys at 0 .. Lk - 1, per distance.
+        Column t is what query i and key j with j - i + Lq - 1 = t get: the bias of key-minus-
+        query distance t - (Lq - 1) - query_start. A gather of Lq + Lk - 1 rows of the
+        table, whose gradient autograd sums into it."""
         c = self.config
-        keys = torch.arange(key_length, device=query_positions.device)
-        buckets = relative_position_bucket(keys[None, :] - query_positions[:, None], bidirectional,
+        columns = torch.arange(query_length + key_length - 1, device=self.relative_attention_bias.weight.device)
+        buckets = relative_position_bucket(columns - (query_length - 1 + query_start), bidirectional,
                                            c.relative_attention_num_buckets, c.relative_attention_max_distance)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # (Lq, Lk, H) -> (1, H, Lq, Lk)
+        return self.relative_attention_bias(buckets).T  # (Lq + Lk - 1, H) -> (H, Lq + Lk - 1)
 
     def forward(self, x, mask, keys_values=None, cache=None):
         """x (B, Lq, C) -> (B, Lq, C), attending to keys_values ((k, v), each (B, H, Lk,
         d_kv): cross-attention's, of the encoder output) or, if None, to x's own (self-
         attention; with a DecoderCache, x's are written into it first and the query attends
-        to all of the cache, Lk = its size). mask: float (1 or B, H, Lq, Lk) added to the
-        scores, or bool (B, 1, 1, Lk), True where a key takes part."""
+        to all of the cache, Lk = its size). mask: an AttentionMask."""
         if keys_values is None:
             keys_values = self.keys_values(x)
             if cache is not None:
                 keys_values = cache.write(self.layer, *keys_values)
         dropout = self.config.dropout_rate if self.training else 0.0
-        y = lmkern.scaled_dot_product_attention(self.heads(self.q(x)), *keys_values, attn_mask=mask, scale=1.0,
-                                                dropout_p=dropout)  # (B, H, Lq, d_kv)
+        y = lmkern.scaled_dot_product_attention(
+            self.heads(self.q(x)), *keys_values, attn_mask=mask.attn_mask, relative_bias=mask.relative_bias,
+            window_size=mask.window_size, scale=1.0, dropout_p=dropout,
+        )  # (B, H, Lq, d_kv)
         return self.o(y.transpose(1, 2).flatten(2))
 
 
@@ -313,9 +318,9 @@ class Encoder(torch.nn.Module):
 
     def forward(self, input_ids, padding):
         """input_ids (B, L) -> the encoder output (B, L, C); padding: (B, L) bool, True on padding."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        bias = self.block[0].layer[0].SelfAttention.position_bias(positions, input_ids.shape[1], bidirectional=True)
-        mask = position_mask(bias, positions, key_padding=padding)  # (B, H, L, L), shared by every block
+        length = input_ids.shape[1]
+        bias = self.block[0].layer[0].SelfAttention.position_bias(0, length, length, bidirectional=True)  # (H, 2L - 1)
+        mask = AttentionMask(~padding[:, None, None, :], bias)  # shared by every block
         branch, stream = self.embed_tokens(input_ids), None
         for block in self.block:
             branch, stream = block(branch, stream, mask)
@@ -342,11 +347,10 @@ class Decoder(torch.nn.Module):
         keys and values go into it, and the cross-attention's are taken from it."""
         length = input_ids.shape[1]
         start = 0 if cache is None else cache.length
-        positions = torch.arange(start, start + length, device=input_ids.device)
         keys = length if cache is None else cache.keys.shape[3]  # with a cache: all of it, the rest masked
-        bias = self.block[0].layer[0].SelfAttention.position_bias(positions, keys, bidirectional=False)
-        self_mask = position_mask(bias, positions, causal=True)  # (1, H, T, keys)
-        cross_mask = ~padding[:, None, None, :]  # (B, 1, 1, L): a boolean key-padding mask
+        bias = self.block[0].layer[0].SelfAttention.position_bias(start, length, keys, bidirectional=False)
+        self_mask = AttentionMask(relative_bias=bias, window_size=(-1, start))  # causal at the queries' positions
+        cross_mask = AttentionMask(~padding[:, None, None, :])  # (B, 1, 1, L): a boolean key-padding mask
         cross = self.cross_keys_values(encoder_out) if cache is None else cache.cross
         branch, stream = self.embed_tokens(input_ids), None
         for block, keys_values in zip(self.block, cross):
@@ -364,8 +368,8 @@ class DecoderCache:
     each, computed once per sequence.
 
     Attention runs over the whole preallocated cache, one shape at every step: the keys
-    not yet written are masked out with -inf by the causal part of the mask (position_mask),
-    which is what a key after its query is."""
+    not yet written are hidden by the causal bound of the self-attention (AttentionMask's
+    window_size), which is what a key after its query is."""
 
     def __init__(self, config, batch, length, cross):
         reference = cross[0][0]  # the dtype attention computes in (the autocast dtype under autocast)

@@ -73,7 +73,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The cases: (op, shape label, function calling the op's host launchers on CPU tensors).
 def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0, causal_shift=0, window_left=-1):
     """mask: None, "key padding", "additive", or, with the additive mask's gradient
-    (attention_bwd_mask_kernel), "bias" (T5's (1, H, Lq, Lk)) or "key bias" (B, 1, 1, Lk)."""
+    (attention_bwd_mask_kernel), "bias" (T5's (1, H, Lq, Lk)) or "key bias" (B, 1, 1, Lk), or
+    "relative" (a relative_bias (H, Lq + Lk - 1), with its gradient: the same kernel's
+    diagonal sums)."""
 
     def run():
         q, k, v = (torch.empty(2, 16, 2048, head_dim, dtype=dtype) for _ in range(3))
@@ -86,10 +88,11 @@ def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0, causal_shi
             full_mask = torch.empty(1, 16, 2048, 2048, dtype=dtype)
         elif mask == "key bias":
             full_mask = torch.empty(2, 1, 1, 2048, dtype=dtype)
-        args = (full_mask, causal, causal_shift, head_dim**-0.5, dropout_p, 0, window_left)
+        relative_bias = torch.empty(16, 2 * 2048 - 1, dtype=dtype) if mask == "relative" else None
+        args = (full_mask, causal, causal_shift, head_dim**-0.5, dropout_p, 0, window_left, relative_bias)
         out, lse = attention.attention_fwd(q, k, v, *args)
-        backward = attention.attention_bwd_with_mask_grad if mask in ("bias", "key bias") else attention.attention_bwd
-        backward(torch.empty_like(out), q, k, v, out, lse, *args)
+        wanted = (mask in ("bias", "key bias"), relative_bias is not None)
+        attention.attention_bwd_with_bias_grads(torch.empty_like(out), q, k, v, out, lse, *args, *wanted)
 
     return run
 
@@ -222,6 +225,11 @@ def cases():
                   "dropout 0.1 bf16", attention_case(64, torch.bfloat16, True, "bias", 0.1, window_left=255)))
     found.append(("attention", "B2 H16 L2048 D64 key bias (B, 1, 1, Lk) with its gradient bf16",
                   attention_case(64, torch.bfloat16, False, "key bias")))
+    # A relative bias (H, Lq + Lk - 1) read in place and its gradient (the mask-gradient
+    # kernel's diagonal sums), at T5's head dim and beyond.
+    for head_dim, name, causal in ((64, "bf16", False), (64, "fp16", True), (64, "fp32", False), (128, "bf16", False)):
+        label = f"B2 H16 L2048 D{head_dim} relative bias (H, Lq + Lk - 1) with its gradient{' causal' * causal} {name}"
+        found.append(("attention", label, attention_case(head_dim, DTYPES[name], causal, "relative")))
     for head_dim, name in ((64, "bf16"), (128, "bf16"), (256, "bf16"), (64, "fp32"), (128, "fp32")):
         # A causal shift other than 0 (torch's lower-right CausalBias) compiles a variant of its own.
         found.append(("attention", f"B2 H16 L2048 D{head_dim} causal bottom-right {name}",

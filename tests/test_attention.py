@@ -105,7 +105,8 @@ def attention_call(q, v, mask=None, dropout_p=0.0):
         mask = None
     if mask is not None:
         mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], mask.shape[-1])
-    return Call.of(q, head_dims=(q.shape[3], v.shape[3]), mask=mask, mask_grad=False, dropout_p=dropout_p)
+    return Call.of(q, head_dims=(q.shape[3], v.shape[3]), mask=mask, mask_grad=False, dropout_p=dropout_p,
+                   relative_bias=False)
 
 
 def require_call(backend, q, v, mask=None, dropout_p=0.0):

@@ -204,7 +204,7 @@ def test_native_mask_op_passes_opcheck(case, dropout_p):
     mask_args = (torch.randn_like(out), q, k, v, out, lse, mask, *args)
     torch.library.opcheck(torch.ops.lmkern.attention_mask_bwd.default, mask_args)
     dmask = torch.ops.lmkern.attention_mask_bwd(*mask_args)
-    expected = reference.attention_bwd_with_mask_grad(*mask_args)[3]
+    expected = reference.attention_bwd_with_bias_grads(*mask_args)[3]
     torch.testing.assert_close(dmask, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -232,7 +232,8 @@ def test_bias_gradient_compiles_with_fullgraph_on_cpu():
 
 
 def bias_call(device_type, dtype, head_dim, mask):
-    return Call(device_type, dtype, head_dims=(head_dim, head_dim), mask=mask, mask_grad=True, dropout_p=0.0)
+    return Call(device_type, dtype, head_dims=(head_dim, head_dim), mask=mask, mask_grad=True, dropout_p=0.0,
+                relative_bias=False)
 
 
 def test_which_backends_compute_the_bias_gradient():
@@ -251,6 +252,6 @@ def test_auto_picks_native_on_cpu_for_a_bias_that_requires_grad():
     bias.requires_grad_()
     out = lmkern.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     native = ATTENTION.implementation("native")
-    with mock.patch.object(native, "attention_bwd_with_mask_grad", wraps=native.attention_bwd_with_mask_grad) as spy:
+    with mock.patch.object(native, "attention_bwd_with_bias_grads", wraps=native.attention_bwd_with_bias_grads) as spy:
         out.sum().backward()
     assert spy.call_count == 1 and bias.grad.shape == bias.shape

@@ -76,12 +76,15 @@ def test_native_without_cuda_kernels_says_how_to_build_them():
 def test_a_backends_limits_rule_it_out_for_that_call():
     """Triton's attention kernels take head dims up to 256: an explicit request for a wider
     one says so, and auto goes to the next backend."""
-    call = Call("cpu", torch.float32, head_dims=(264, 264), mask=None, mask_grad=False, dropout_p=0.0)
+    call = Call("cpu", torch.float32, head_dims=(264, 264), mask=None, mask_grad=False, dropout_p=0.0,
+                relative_bias=False)
     with pytest.raises(lmkern.BackendUnavailableError, match="backend 'triton' cannot run .*head dims up to 256"):
         ATTENTION.resolve(call, "triton")
     assert ATTENTION.auto(call) != "triton"
     assert ATTENTION.resolve(call, "torch") == "torch"
-    narrow = Call("cpu", torch.float32, head_dims=(64, 64), mask=None, mask_grad=False, dropout_p=0.0)
+    narrow = Call(
+        "cpu", torch.float32, head_dims=(64, 64), mask=None, mask_grad=False, dropout_p=0.0, relative_bias=False
+    )
     assert ATTENTION.resolve(narrow, "triton") == "triton"
 
 

@@ -124,11 +124,13 @@ def test_position_buckets_match_transformers():
 
 
 def takes_bias_gradient(backend):
-    """Whether `backend`'s attention computes the gradient of a float attn_mask ("auto"
-    runs such a call on a backend that does)."""
+    """Whether `backend`'s attention takes the encoder's call: relative_bias, with its
+    gradient, beside a boolean key-padding mask ("auto" runs it on a backend that does)."""
     if backend == "auto":
         return True
-    call = Call("cpu", torch.float32, head_dims=(CONFIG.d_kv, CONFIG.d_kv), mask=None, mask_grad=True, dropout_p=0.0)
+    padding = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    call = Call("cpu", torch.float32, head_dims=(CONFIG.d_kv, CONFIG.d_kv), mask=padding, mask_grad=False,
+                dropout_p=0.0, relative_bias=True)
     return ATTENTION.unavailable(backend, call) is None
 
 
@@ -151,7 +153,7 @@ def check_step_matches_the_reference(backend, version, autocast=None):
             return step(model.to(dtype), inputs)
 
     if frozen:
-        with pytest.raises(BackendUnavailableError, match="attn_mask"):
+        with pytest.raises(BackendUnavailableError, match="relative_bias"):
             run(backend, frozen=False)
     actual = run(backend, autocast=autocast)
     truth = run("torch", torch.float64)

@@ -41,7 +41,8 @@ std::vector<float> read_key_bias(const at::Tensor& mask) {
 
 AttentionProblem make_attention_problem(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed, int64_t window_left) {
+    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed, int64_t window_left,
+    const std::optional<at::Tensor>& relative_bias) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "attention: dropout_p must be in [0, 1], got ", dropout_p);
   TORCH_CHECK(window_left >= -1, "attention: window_left must be >= -1 (-1: no window), got ", window_left);
   AttentionProblem p{};
@@ -66,6 +67,21 @@ AttentionProblem make_attention_problem(
     for (int d = 0; d < 4; ++d) {
       p.mask_stride[d] = mask->stride(d);
     }
+  }
+  if (relative_bias.has_value()) {
+    TORCH_CHECK(
+        p.mask == nullptr, "attention: relative_bias takes a mask that depends on the key only (B, 1, 1, Lk), or ",
+        "none; fold an element-wise mask into relative_bias's materialised form instead");
+    // Query i's bias is the slice relative_bias[h, Lq - 1 - i : Lq - 1 - i + Lk]: an
+    // element-wise mask starting at column Lq - 1 with query stride -1, so that the kernels
+    // read it as any other mask, without an (H, Lq, Lk) copy.
+    const at::Tensor& bias = *relative_bias;
+    p.mask = static_cast<const char*>(bias.const_data_ptr()) + std::max<int64_t>(p.seqlen_q - 1, 0) * bias.stride(1) * bias.element_size();
+    p.mask_dtype = bias.scalar_type();
+    p.mask_stride[0] = 0;
+    p.mask_stride[1] = bias.size(0) == 1 ? 0 : bias.stride(0);
+    p.mask_stride[2] = -bias.stride(1);
+    p.mask_stride[3] = bias.stride(1);
   }
   p.dropout_p = static_cast<float>(dropout_p);
   p.keep_scale = dropout_p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - dropout_p));

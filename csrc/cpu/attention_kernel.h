@@ -25,7 +25,8 @@ struct AttentionProblem {
   // A mask (B, H, Lq, Lk) whose values depend on the key only (a key-padding mask, bool
   // or additive, broadcast over heads and queries) is read once per call into key_bias
   // (B, Lk): 0 or -inf for a boolean one, the value for an additive one. Any other mask
-  // is read element by element through `mask` (nullptr: none of that kind).
+  // is read element by element through `mask` (nullptr: none of that kind); so is a
+  // relative bias, as a mask whose query stride is negative (make_attention_problem).
   std::vector<float> key_bias;
   const void* mask;
   at::ScalarType mask_dtype;
@@ -70,15 +71,20 @@ struct AttentionProblem {
   }
 };
 
+// relative_bias: None or (H | 1, Lq + Lk - 1), adding relative_bias[h, j - i + Lq - 1] to the
+// score of query i and key j; it takes the element-wise mask's place, so that `mask` must
+// then be None or depend on the key only.
 AttentionProblem make_attention_problem(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed, int64_t window_left);
+    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t seed, int64_t window_left,
+    const std::optional<at::Tensor>& relative_bias = std::nullopt);
 
 // The kernels of one instruction set. forward writes out (B, H, Lq, Dv) and lse (B, H, Lq),
 // both contiguous; backward writes dq, dk, dv, contiguous and shaped like q, k, v;
 // mask_backward writes the gradient of the additive mask, dmask (B | 1, H | 1, Lq | 1,
 // Lk | 1), contiguous, summed over the dimensions where it has size 1 (the mask's own
-// shape, which the problem's mask broadcasts from).
+// shape, which the problem's mask broadcasts from); or, given a 2-D dmask (H | 1,
+// Lq + Lk - 1), zero-filled, the gradient of the problem's relative bias.
 struct AttentionKernels {
   void (*forward)(
       const AttentionProblem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

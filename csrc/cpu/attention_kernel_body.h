@@ -429,6 +429,9 @@ void forward_tile(
       const float* bias = key_bias != nullptr ? key_bias + n0 + first : nullptr;
       if (p.mask != nullptr) {
         element_mask_bias(p, tile.b, h, i, n0 + first, 0, 1, seen, buf.bias.data());
+        if (bias != nullptr) {  // a relative bias beside a key-padding mask: both add
+          at::vec::map2([](Vec x, Vec y) { return x + y; }, buf.bias.data(), buf.bias.data(), bias, seen);
+        }
         bias = buf.bias.data();
       }
       const float new_max = scale_and_max(s, bias, seen, p.scale, buf.max[r]);
@@ -730,14 +733,24 @@ void attention_backward(
 // one row or column of sums where dmask spans one key or one query. Each element so has
 // one writer and one order of additions, whatever the thread count. The price is the two
 // matmuls of S^T and dP^T again per pair of blocks; memory beyond dmask is O(L D) per thread.
+//
+// A relative bias's gradient (dmask 2-D, (H | 1, Lq + Lk - 1)) is the tile of a (1, H | 1,
+// Lq, Lk) mask, summed along its diagonals: a task writes its key block's Lq + N - 1
+// diagonal sums to a buffer of its own, and these are added into dmask after the tasks,
+// in a fixed order.
 void attention_mask_backward(
     const AttentionProblem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dmask) {
   const BackwardShape shape(p);
   const int64_t n = shape.block_keys, m = shape.block_queries;
-  const int64_t mask_batch = dmask.size(0), mask_heads = dmask.size(1);
-  const int64_t mask_queries = dmask.size(2), mask_keys = dmask.size(3);
+  const bool relative = dmask.dim() == 2;
+  const int64_t mask_batch = relative ? 1 : dmask.size(0), mask_heads = dmask.size(relative ? 0 : 1);
+  const int64_t mask_queries = relative ? p.seqlen_q : dmask.size(2);
+  const int64_t mask_keys = relative ? p.seqlen_k : dmask.size(3);
   const int64_t key_tiles = mask_keys > 1 ? shape.key_blocks : 1;
+  // A relative bias's diagonal sums, per task: key key0 + r and query i lie on diagonal r - i + Lq - 1.
+  const int64_t diagonals = n + p.seqlen_q - 1;
+  std::vector<float> diagonal_sums(relative ? mask_heads * key_tiles * diagonals : 0);
   // The accumulator, keys as rows (n, or 1 summing them) and queries as columns (padded_queries, or 1).
   const int64_t acc_rows = mask_keys > 1 ? n : 1;
   const int64_t acc_cols = mask_queries > 1 ? shape.padded_queries : 1;
@@ -790,10 +803,19 @@ void attention_mask_backward(
             }
           }
         }
-        // The tile, transposed into dmask's (query, key) rows.
-        float* tile = dmask_ptr + (mask_b * mask_heads + mask_head) * mask_queries * mask_keys;
         const int64_t key0 = mask_keys > 1 ? key_tile * n : 0;
         const int64_t tile_keys = mask_keys > 1 ? std::min(n, p.seqlen_k - key0) : 1;
+        if (relative) {
+          float* sums = diagonal_sums.data() + task * diagonals;
+          for (int64_t i = 0; i < mask_queries; ++i) {
+            for (int64_t r = 0; r < tile_keys; ++r) {
+              sums[r - i + p.seqlen_q - 1] += acc[r * acc_cols + i];
+            }
+          }
+          continue;
+        }
+        // The tile, transposed into dmask's (query, key) rows.
+        float* tile = dmask_ptr + (mask_b * mask_heads + mask_head) * mask_queries * mask_keys;
         for (int64_t i = 0; i < mask_queries; ++i) {
           for (int64_t r = 0; r < tile_keys; ++r) {
             tile[i * mask_keys + key0 + r] = acc[r * acc_cols + i];
@@ -802,6 +824,16 @@ void attention_mask_backward(
       }
     });
   });
+  // The key blocks' diagonal sums, in order: key block t's start at dmask's column t N.
+  for (int64_t task = 0; task < static_cast<int64_t>(diagonal_sums.size()) / diagonals; ++task) {
+    const int64_t key0 = task % key_tiles * n;
+    float* row = dmask.data_ptr<float>() + task / key_tiles * dmask.size(1) + key0;
+    const float* sums = diagonal_sums.data() + task * diagonals;
+    const int64_t count = std::min(n, p.seqlen_k - key0) + p.seqlen_q - 1;
+    for (int64_t c = 0; c < count; ++c) {
+      row[c] += sums[c];
+    }
+  }
 }
 
 }  // namespace

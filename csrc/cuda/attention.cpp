@@ -7,7 +7,8 @@
 //   - float16 and bfloat16 (not float32), head dim 64 or 128, v's head dim equal to q's;
 //   - masks: none, or boolean key padding, a (B, H, Lq, Lk) mask broadcast from (B, 1, 1, Lk)
 //     (strides 0 over heads and queries), the BERT case;
-//   - no dropout.
+//   - no dropout;
+//   - no relative_bias.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -41,11 +42,18 @@ at::Tensor set_key_padding(const char* op, const std::optional<at::Tensor>& mask
   return rows;
 }
 
+void check_no_relative_bias(const char* op, const std::optional<at::Tensor>& relative_bias) {
+  TORCH_CHECK(
+      !relative_bias.has_value(), op, ": native CUDA attention takes no relative_bias (backend=\"triton\" does)");
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
-    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t /*seed*/, int64_t window_left) {
+    bool is_causal, int64_t causal_shift, double scale, double dropout_p, int64_t /*seed*/, int64_t window_left,
+    const std::optional<at::Tensor>& relative_bias) {
   const char* op = "attention_fwd";
   check_attention_args(op, q_in, k_in, v_in, mask);
+  check_no_relative_bias(op, relative_bias);
   check_native_cuda(op, q_in, k_in, v_in, dropout_p);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const at::Tensor q = with_aligned_rows(q_in);
@@ -63,9 +71,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool is_causal,
-    int64_t causal_shift, double scale, double dropout_p, int64_t /*seed*/, int64_t window_left) {
+    int64_t causal_shift, double scale, double dropout_p, int64_t /*seed*/, int64_t window_left,
+    const std::optional<at::Tensor>& relative_bias) {
   const char* op = "attention_bwd";
   check_attention_args(op, q_in, k_in, v_in, mask);
+  check_no_relative_bias(op, relative_bias);
   check_attention_bwd_args(grad_out_in, q_in, v_in, out_in, lse);
   check_native_cuda(op, q_in, k_in, v_in, dropout_p);
   const c10::cuda::CUDAGuard device_guard(q_in.device());

@@ -203,33 +203,56 @@ def _check_mask(attn_mask, query, shape, is_causal):
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
-    def forward(ctx, q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left, backend):
+    def forward(ctx, q, k, v, mask, relative_bias, is_causal, causal_shift, scale, dropout_p, seed, window_left, backend):
         impl = ATTENTION.implementation(backend)
         args = (is_causal, causal_shift, scale, dropout_p, seed, window_left)
-        out, lse = impl.attention_fwd(q, k, v, mask, *args)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
+        out, lse = impl.attention_fwd(q, k, v, mask, *args, relative_bias)
+        ctx.save_for_backward(q, k, v, out, lse, mask, relative_bias)
         ctx.args, ctx.impl = args, impl
         return out
 
     @staticmethod
     @without_autocast
     def backward(ctx, grad_out):
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        q, k, v, out, lse, mask, relative_bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, through the reference
             grads = reference_grads(
-                lambda *inputs: reference.attention_fwd(*inputs, *ctx.args)[0], (q, k, v, mask),
-                ctx.needs_input_grad[:4], (grad_out,),
+                lambda q, k, v, mask, bias: reference.attention_fwd(q, k, v, mask, *ctx.args, bias)[0],
+                (q, k, v, mask, relative_bias), ctx.needs_input_grad[:5], (grad_out,),
             )
-        elif ctx.needs_input_grad[3]:  # an additive mask's gradient, in its own shape: see _check_mask
-            grads = ctx.impl.attention_bwd_with_mask_grad(grad_out, q, k, v, out, lse, mask, *ctx.args)
+        elif ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:  # a learned bias: see _check_mask
+            grads = ctx.impl.attention_bwd_with_bias_grads(
+                grad_out, q, k, v, out, lse, mask, *ctx.args, relative_bias, *ctx.needs_input_grad[3:5]
+            )
         else:
-            grads = (*ctx.impl.attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.args), None)
+            grads = (*ctx.impl.attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.args, relative_bias), None, None)
         return *grads, None, None, None, None, None, None, None
+
+
+def _check_relative_bias(relative_bias, query, heads, seqlen_q, seqlen_k):
+    """relative_bias (H | 1, Lq + Lk - 1), float32 or query's dtype, on query's device, or None."""
+    if relative_bias is None:
+        return None
+    if not isinstance(relative_bias, torch.Tensor):
+        raise ArgumentTypeError(f"relative_bias must be a tensor or None, got {type(relative_bias).__name__}")
+    if relative_bias.dtype not in (torch.float32, query.dtype):
+        raise ArgumentTypeError(
+            f"relative_bias must be float32 or query's dtype ({query.dtype}), got {relative_bias.dtype}"
+        )
+    if relative_bias.device != query.device:
+        raise ArgumentError(f"relative_bias must be on {query.device} like query, got {relative_bias.device}")
+    distances = seqlen_q + seqlen_k - 1
+    if relative_bias.dim() != 2 or relative_bias.shape[0] not in (1, heads) or relative_bias.shape[1] != distances:
+        raise ArgumentError(
+            f"relative_bias must have shape (H | 1, Lq + Lk - 1) = ({heads} | 1, {distances}), got "
+            f"{tuple(relative_bias.shape)}"
+        )
+    return relative_bias
 
 
 def scaled_dot_product_attention(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-    window_size=(-1, -1), backend=None,
+    window_size=(-1, -1), relative_bias=None, backend=None,
 ):
     """torch.nn.functional.scaled_dot_product_attention, computed as flash attention.
 
@@ -266,6 +289,19 @@ def scaled_dot_product_attention(
             kernels skip the key blocks outside the window, so that a fixed window costs
             linear time in the length. Mistral's sliding window W is
             window_size=(W - 1, 0) with is_causal=True.
+        relative_bias: (H | 1, Lq + Lk - 1) float32 or query's dtype, a bias per distance
+            (T5's relative position bias, gathered by the caller from its table of
+            buckets): query i and key j of this call get relative_bias[h, j - i + Lq - 1]
+            added to their score. Combines with attn_mask (as T5's encoder needs, a boolean
+            key-padding mask (B, 1, 1, Lk)), is_causal, windows, GQA and dropout; gets its
+            gradient when it requires grad. The native CPU and Triton kernels read it in
+            place, a mask whose query stride is -1, and sum its gradient along the
+            diagonals of dS in a deterministic pass of their own: unlike the same bias
+            materialised as a (1, H, Lq, Lk) attn_mask, no (H, Lq, Lk) bias and no
+            (B, H, Lq, Lk) copy of it merged with the padding mask ever exist. The native
+            CPU kernels take it beside a mask that depends on the key only; Triton's, which
+            read one mask, materialise it beside an attn_mask (its gradient is still
+            summed in-kernel); native CUDA takes none ("auto" then picks Triton).
         backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
 
     Under torch.autocast, query, key, value and a float mask are cast to the autocast dtype
@@ -278,6 +314,8 @@ def scaled_dot_product_attention(
     query, key, value = cast_for_autocast(query, key, value)
     if isinstance(attn_mask, torch.Tensor) and _is_plain_tensor(attn_mask):
         attn_mask = cast_for_autocast(query, attn_mask)[1]
+    if isinstance(relative_bias, torch.Tensor):
+        relative_bias = cast_for_autocast(query, relative_bias)[1]
     check_float_tensor(query, "query", "(..., H, Lq, D)", dims=range(2, 64))
     check_float_tensor(key, "key", "(..., H_kv, Lk, D)", dims=range(2, 64))
     check_float_tensor(value, "value", "(..., H_kv, Lk, Dv)", dims=range(2, 64))
@@ -304,15 +342,16 @@ def scaled_dot_product_attention(
         *check_window_size(window_size), is_causal, causal_shift, seqlen_q, seqlen_k
     )
     scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
+    relative_bias = _check_relative_bias(relative_bias, query, heads, seqlen_q, seqlen_k)
     mask_grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
     call = Call.of(query, head_dims=(query.shape[3], value.shape[3]), mask=mask, mask_grad=mask_grad,
-                   dropout_p=dropout_p)
+                   dropout_p=dropout_p, relative_bias=relative_bias is not None)
     name = ATTENTION.resolve(call, backend, empty=0 in (batch, heads, seqlen_q, seqlen_k))
     q = _as_heads(query, batch, heads)
     k, v = _as_heads(key, batch, kv_heads), _as_heads(value, batch, kv_heads)
     seed = philox.draw_seed() if dropout_p > 0 else 0
     out = AttentionFunction.apply(
-        q, k, v, mask, bool(is_causal), causal_shift, scale, float(dropout_p), seed, window_left, name
+        q, k, v, mask, relative_bias, bool(is_causal), causal_shift, scale, float(dropout_p), seed, window_left, name
     )
     out_shape = (*batch_shape, heads, seqlen_q, value.shape[3])  # 2-D inputs: without the (one) head
     return out.reshape(out_shape[len(out_shape) - rank:])

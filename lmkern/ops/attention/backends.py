@@ -1,6 +1,7 @@
 """The backends of lmkern.scaled_dot_product_attention (see lmkern.backend). Its calls carry
 head_dims (q's and v's), mask (4-D, broadcastable to (B, H, Lq, Lk), or None), mask_grad
-(whether the gradient of an additive mask is wanted) and dropout_p."""
+(whether the gradient of an additive mask is wanted), dropout_p and relative_bias (whether
+one is given)."""
 
 import torch
 
@@ -13,9 +14,14 @@ NATIVE_CUDA_DTYPES = (torch.float16, torch.bfloat16)
 NATIVE_CUDA_HEAD_DIMS = (64, 128)
 
 
+def depends_on_key_only(mask):
+    """Whether a 4-D mask's values depend on the key only: (B, 1, 1, Lk), or broadcast from it."""
+    return all(mask.shape[d] == 1 or mask.stride(d) == 0 for d in (1, 2))
+
+
 def is_key_padding_mask(mask):
     """Whether a 4-D mask is a boolean (B, 1, 1, Lk) mask, or a view broadcast from one."""
-    return mask.dtype == torch.bool and all(mask.shape[d] == 1 or mask.stride(d) == 0 for d in (1, 2))
+    return mask.dtype == torch.bool and depends_on_key_only(mask)
 
 
 def triton_limit(call):
@@ -40,10 +46,16 @@ def native_cuda_limit(dtype, head_dims, mask=None, dropout_p=0.0):
 
 def native_limit(call):
     """On CUDA, fp16/bf16 at head dims 64 and 128, no mask or a boolean key-padding one
-    (and so no mask gradient), no dropout (the other calls go to Triton under auto). On CPU
-    none: the C++ kernels take any mask and compute an additive one's gradient."""
+    (and so no mask gradient), no dropout, no relative_bias (the other calls go to Triton
+    under auto). On CPU, relative_bias beside no mask or one that depends on the key only
+    (both are read element by element otherwise); any mask without it, with an additive
+    one's gradient."""
     if call.device_type != "cuda":
+        if call.relative_bias and call.mask is not None and not depends_on_key_only(call.mask):
+            return "its CPU kernels take relative_bias beside no attn_mask or a key-padding one (B, 1, 1, Lk)"
         return None
+    if call.relative_bias:
+        return "its CUDA kernels take no relative_bias (backend=\"triton\" does)"
     if call.mask_grad:
         return "its CUDA kernels take no additive mask, and so compute no gradient of attn_mask"
     return native_cuda_limit(call.dtype, call.head_dims, call.mask, call.dropout_p)

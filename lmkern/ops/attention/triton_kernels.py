@@ -29,6 +29,13 @@ per tile of the mask as the caller holds it, which recomputes dS for every (batc
 the tile gathers and adds them in a fixed order. One writer per element again, and no
 (B, H, Lq, Lk) buffer; the price is the two matmuls of S and dP once more.
 
+A relative bias (H | 1, Lq + Lk - 1), whose row i is the slice starting at column
+Lq - 1 - i, is read as a full mask with query stride -1 (beside another mask, both are
+materialised into one: the kernels read one mask). Its gradient comes from the same
+third kernel, with a program per (key block, query block, head) of a (1, H | 1, Lq, Lk)
+mask; each sums its fp32 tile along the diagonals j - i (a gather that skews the tile)
+into a partial buffer, one writer per element, which the host sums in a fixed order.
+
 Dropout regenerates its mask from (seed, offset) with tl.rand, in forward and in backward;
 the offsets number the (B, H, Lq, Lk) probabilities in row-major order, as in
 lmkern.philox and the other backends.
@@ -42,6 +49,7 @@ import triton.language as tl
 
 from lmkern.triton_support import interpreting
 from lmkern.ops.triton_tuning import autotune
+from lmkern.ops.attention import reference
 from lmkern.ops.attention.reference import dropout_scale
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -93,11 +101,16 @@ def _tile_sizes(config, args):
 
 def _score_tiles(args, computed):
     """Tiles of the scores' shape live at once, in registers: `computed` fp32 tiles of the
-    math; a full mask's int64 addresses and values (3), a key mask's selects (1); dropout's
+    math; a full mask's int64 addresses and values (3, and 6 for a relative bias, whose
+    negative query stride defeats vector loads: 64 x 64 forward tiles at head dim 128
+    spilled at 4 on sm_90, triton 3.9), a key mask's selects (1); dropout's
     int64 offsets, random numbers and keep factors (4); a causal shift's bounds (1); a
     window's bounds (1, and 3 at head dims over 128, where 64-row tiles with a window spilled
     at the estimate of 1: benchmarks/results/triton-check/)."""
-    mask = {NO_MASK.value: 0, KEY_MASK.value: 1, FULL_MASK.value: 3}[args["MASK_KIND"]]
+    kind = args["MASK_KIND"]
+    mask = {NO_MASK.value: 0, KEY_MASK.value: 1, FULL_MASK.value: 3}[kind] + 3 * (
+        kind == FULL_MASK.value and args["stride_mm"] < 0
+    )
     window = (1 if args["BLOCK_D"] <= 128 else 3) * bool(args["WINDOWED"])
     return computed + mask + 4 * bool(args["HAS_DROPOUT"]) + bool(args["CAUSAL_SHIFTED"]) + window
 
@@ -171,9 +184,11 @@ def _mask_bwd_resources(config, args, target):
         return float("inf"), float("inf")
     if not target.wgmma and ((m >= 64 and threads < 256) or (max(d, dv) > 128 and m > 16)):
         return float("inf"), float("inf")
+    # A relative bias's diagonal sums gather the tile into (BLOCK_M, diagonals): values and indices.
+    diagonals = 2 * n if m <= n else 4 * n
     registers = (
         m * n + _score_tiles(args, 3) * m * n + m * (d + dv) * size / 4
-        + _operand_registers(n * (d + dv), size, target)
+        + _operand_registers(n * (d + dv), size, target) + 2 * m * diagonals * bool(args["RELATIVE"])
     )
     return size * (m + stages * n) * (d + dv), registers / threads
 
@@ -827,7 +842,36 @@ def attention_bwd_kernel(
         )
 
 
-@autotune(BWD_CONFIGS, [*ATTENTION_KEY, "SUM_QUERIES", "SUM_KEYS"], _mask_bwd_resources,
+# Key blocks per slot of a relative bias's partial sums: a tile spans BLOCK_M + BLOCK_N - 1
+# diagonals, fewer than RELATIVE_SLOTS * BLOCK_N where BLOCK_M <= 2 BLOCK_N, so that the
+# key blocks of one slot (every third) write disjoint columns.
+RELATIVE_SLOTS = tl.constexpr(3)
+# The partial sums' columns before diagonal 0 (the padding rows of the last query block).
+RELATIVE_PAD = tl.constexpr(128)
+
+
+@triton.jit
+def _store_diagonal_sums(acc, partial_ptr, stride_pm, stride_ps, seqlen_q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sums the tile of query block program_id(1) x key block program_id(0) along its
+    diagonals into partial[query block, key block % RELATIVE_SLOTS, RELATIVE_PAD + t],
+    t = j - i + Lq - 1. Row r of the tile holds diagonal c - r + BLOCK_M - 1 at column c:
+    a gather skews the tile so that each column holds one diagonal, then a column sum."""
+    tl.static_assert(BLOCK_M <= 2 * BLOCK_N, "a tile's diagonals must span fewer than RELATIVE_SLOTS key blocks")
+    DIAGONALS: tl.constexpr = 2 * BLOCK_N if BLOCK_M <= BLOCK_N else 4 * BLOCK_N
+    r = tl.arange(0, BLOCK_M)[:, None]
+    d = tl.arange(0, DIAGONALS)[None, :]
+    c = d - (BLOCK_M - 1) + r
+    in_tile = (c >= 0) & (c < BLOCK_N)
+    skewed = tl.gather(acc, tl.where(in_tile, c, 0), 1)
+    sums = tl.sum(tl.where(in_tile, skewed, 0.0), 0)
+    key_block = tl.program_id(0)
+    t0 = key_block * BLOCK_N - tl.program_id(1) * BLOCK_M - (BLOCK_M - 1) + seqlen_q - 1  # diagonal of d = 0
+    diagonals = tl.arange(0, DIAGONALS)
+    ptrs = partial_ptr + tl.program_id(1).to(tl.int64) * stride_pm + (key_block % RELATIVE_SLOTS) * stride_ps
+    tl.store(ptrs + RELATIVE_PAD + t0 + diagonals, sums, mask=diagonals < BLOCK_M + BLOCK_N - 1)
+
+
+@autotune(BWD_CONFIGS, [*ATTENTION_KEY, "SUM_QUERIES", "SUM_KEYS", "RELATIVE"], _mask_bwd_resources,
           do_not_specialize=[*LENGTHS, "batch_loop", "head_loop", "mask_heads"])
 def attention_bwd_mask_kernel(
     q_ptr,  # (B, H, Lq, D)
@@ -870,6 +914,7 @@ def attention_bwd_mask_kernel(
     BLOCK_DV: tl.constexpr,
     SUM_QUERIES: tl.constexpr,  # dmask has one query: its programs sum over the query blocks
     SUM_KEYS: tl.constexpr,  # dmask has one key: its programs sum over the key blocks
+    RELATIVE: tl.constexpr,  # dmask is a relative bias's partial diagonal sums (see _store_diagonal_sums)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -943,7 +988,9 @@ def attention_bwd_mask_kernel(
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     dmask_ptr += mask_b * stride_db + mask_h * stride_dh
-    if SUM_QUERIES and SUM_KEYS:
+    if RELATIVE:
+        _store_diagonal_sums(acc, dmask_ptr, stride_dm, stride_dn, seqlen_q, BLOCK_M, BLOCK_N)
+    elif SUM_QUERIES and SUM_KEYS:
         tl.store(dmask_ptr, tl.sum(tl.sum(acc, 1), 0).to(dmask_ptr.dtype.element_ty))
     elif SUM_QUERIES:
         tl.store(dmask_ptr + cols * stride_dn, tl.sum(acc, 0).to(dmask_ptr.dtype.element_ty), mask=cols < seqlen_k)
@@ -963,9 +1010,20 @@ def _block_dim(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _mask_args(mask, like, seqlen_k):
+def _mask_args(mask, like, seqlen_k, relative_bias=None):
     """(tensor, its 4 strides, MASK_KIND, whether boolean) for a 4-D mask, broadcast to
-    (B, H, Lq, Lk) (like: q), or None."""
+    (B, H, Lq, Lk) (like: q), a relative bias, both, or None."""
+    if relative_bias is not None and mask is not None:
+        # The kernels read one mask: a relative bias beside a mask is materialised into it,
+        # (B | 1, H | 1, Lq, Lk) (its gradient is still summed along diagonals in-kernel).
+        bias = reference.relative_bias_mask(relative_bias, like.shape[2], seqlen_k)
+        mask = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
+        relative_bias = None
+    if relative_bias is not None:
+        # Query i reads the slice starting at column Lq - 1 - i: from column Lq - 1, query stride -1.
+        head_stride = 0 if relative_bias.shape[0] == 1 else relative_bias.stride(0)
+        strides = (0, head_stride, -relative_bias.stride(1), relative_bias.stride(1))
+        return relative_bias[:, like.shape[2] - 1:], strides, FULL_MASK.value, False
     if mask is None:
         return like, (0, 0, 0, 0), NO_MASK.value, False
     mask = mask.expand(*like.shape[:3], seqlen_k)
@@ -974,11 +1032,11 @@ def _mask_args(mask, like, seqlen_k):
     return (mask.view(torch.uint8) if is_bool else mask), mask.stride(), kind, is_bool
 
 
-def _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p, window_left):
+def _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p, window_left, relative_bias=None):
     """The launch arguments that the forward and both backward kernels share, after the pointers."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    mask, mask_strides, mask_kind, mask_is_bool = _mask_args(mask, q, seqlen_k)
+    mask, mask_strides, mask_kind, mask_is_bool = _mask_args(mask, q, seqlen_k, relative_bias)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides)
     bucket = triton.next_power_of_2(max(seqlen_q, seqlen_k))
     windowed = window_left >= 0
@@ -998,14 +1056,16 @@ def _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p, window_left)
     return mask, strides, sizes, constants
 
 
-def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
+def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1, relative_bias=None):
     """Same contract as reference.attention_fwd."""
     batch, heads, seqlen_q, _ = q.shape
     out = torch.empty(batch, heads, seqlen_q, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
-    mask, strides, sizes, constants = _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p, window_left)
+    mask, strides, sizes, constants = _common_args(
+        q, k, v, mask, is_causal, causal_shift, dropout_p, window_left, relative_bias
+    )
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
     attention_fwd_kernel[grid](
         q, k, v, mask, out, lse, *strides, *out.stride(), *sizes,
@@ -1014,37 +1074,43 @@ def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed
     return out, lse
 
 
-def attention_bwd(grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1):
-    """Same contract as reference.attention_bwd."""
-    args = (is_causal, causal_shift, scale, dropout_p, seed, window_left)
-    return _backward(grad_out, q, k, v, out, lse, mask, *args, mask_grad=False)
-
-
-def attention_bwd_with_mask_grad(
-    grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1
+def attention_bwd(
+    grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1,
+    relative_bias=None,
 ):
-    """Same contract as reference.attention_bwd_with_mask_grad, for an additive mask: its
-    gradient from attention_bwd_mask_kernel, after dQ, dK and dV."""
-    args = (is_causal, causal_shift, scale, dropout_p, seed, window_left)
-    return _backward(grad_out, q, k, v, out, lse, mask, *args, mask_grad=True)
+    """Same contract as reference.attention_bwd."""
+    args = (is_causal, causal_shift, scale, dropout_p, seed, window_left, relative_bias)
+    return _backward(grad_out, q, k, v, out, lse, mask, *args, False, False)[:3]
+
+
+def attention_bwd_with_bias_grads(
+    grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left, relative_bias,
+    mask_grad, relative_bias_grad,
+):
+    """Same contract as reference.attention_bwd_with_bias_grads: the additive mask's or the
+    relative bias's gradient from attention_bwd_mask_kernel, after dQ, dK and dV."""
+    args = (is_causal, causal_shift, scale, dropout_p, seed, window_left, relative_bias)
+    return _backward(grad_out, q, k, v, out, lse, mask, *args, mask_grad, relative_bias_grad)
 
 
 def _backward(
-    grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left, mask_grad
+    grad_out, q, k, v, out, lse, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left, relative_bias,
+    mask_grad, relative_bias_grad,
 ):
-    """(dq, dk, dv), and with mask_grad the additive mask's gradient, shaped like the mask
-    (B | 1, H | 1, Lq | 1, Lk | 1) and in its dtype."""
+    """(dq, dk, dv, dmask, d relative_bias): dmask with mask_grad, shaped like the mask (B | 1,
+    H | 1, Lq | 1, Lk | 1) and in its dtype, d relative_bias with relative_bias_grad, shaped
+    like it and in its dtype (None otherwise)."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     grad_mask = torch.empty(mask.shape, dtype=mask.dtype, device=mask.device) if mask_grad else None
-    grads = (grad_q, grad_k, grad_v, grad_mask) if mask_grad else (grad_q, grad_k, grad_v)
+    grad_bias = torch.zeros_like(relative_bias) if relative_bias_grad else None
     if seqlen_q == 0 or seqlen_k == 0 or head_dim == 0 or v.shape[3] == 0:
-        return tuple(grad.zero_() for grad in grads)
+        return tuple(None if grad is None else grad.zero_() for grad in (grad_q, grad_k, grad_v, grad_mask, grad_bias))
     full_mask, strides, sizes, constants = _common_args(
-        q, k, v, mask, is_causal, causal_shift, dropout_p, window_left
+        q, k, v, mask, is_causal, causal_shift, dropout_p, window_left, relative_bias
     )
     delta = torch.empty_like(lse)
     delta_rows = 64
@@ -1061,21 +1127,39 @@ def _backward(
     attention_bwd_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)](
         *args, *strides, *sizes, scale * LOG2E.value, scale, *dropout, DKDV=False, **constants
     )
-    if not mask_grad:
-        return grads
-    # The mask's gradient: one program per tile of it (see attention_bwd_mask_kernel).
-    mask_batch, mask_heads, mask_queries, mask_keys = mask.shape
-    sum_queries, sum_keys = mask_queries == 1, mask_keys == 1
+    launch = (q, k, v, full_mask, grad_out, lse, delta)
+    if mask_grad:
+        # One program per tile of the mask, gathering the batches and heads it broadcasts over.
+        mask_batch, mask_heads, mask_queries, mask_keys = mask.shape
+        loops = (mask_heads, batch if mask_batch == 1 else 1, heads if mask_heads == 1 else 1)
+        grid = _mask_grad_grid(mask_batch * mask_heads, seqlen_q, seqlen_k, mask_queries == 1, mask_keys == 1)
+        attention_bwd_mask_kernel[grid](
+            *launch, grad_mask, *strides, *grad_mask.stride(), *sizes, *loops, scale * LOG2E.value, *dropout,
+            SUM_QUERIES=mask_queries == 1, SUM_KEYS=mask_keys == 1, RELATIVE=False, **constants,
+        )
+    if relative_bias_grad:
+        # One program per tile of a (1, H | 1, Lq, Lk) mask; its diagonal sums land in
+        # partial (H | 1, query blocks, RELATIVE_SLOTS, columns) by distance, then one sum.
+        bias_heads, distances = relative_bias.shape
+        query_blocks = triton.cdiv(seqlen_q, min(config.kwargs["BLOCK_M"] for config in BWD_CONFIGS))
+        columns = RELATIVE_PAD.value + distances + max(config.kwargs["BLOCK_N"] for config in BWD_CONFIGS)
+        shape = (bias_heads, query_blocks, RELATIVE_SLOTS.value, columns)
+        partial = torch.zeros(shape, dtype=torch.float32, device=q.device)
+        loops = (bias_heads, batch, heads if bias_heads == 1 else 1)
+        attention_bwd_mask_kernel[_mask_grad_grid(bias_heads, seqlen_q, seqlen_k, False, False)](
+            *launch, partial, *strides, 0, *partial.stride()[:3], *sizes, *loops, scale * LOG2E.value, *dropout,
+            SUM_QUERIES=False, SUM_KEYS=False, RELATIVE=True, **constants,
+        )
+        grad_bias = partial.sum((1, 2))[:, RELATIVE_PAD.value:][:, :distances].to(relative_bias.dtype)
+    return grad_q, grad_k, grad_v, grad_mask, grad_bias
+
+
+def _mask_grad_grid(tiles, seqlen_q, seqlen_k, sum_queries, sum_keys):
+    """attention_bwd_mask_kernel's grid: (key blocks, query blocks, tiles), one block where it sums."""
 
     def grid(meta):
-        key_tiles = 1 if sum_keys else triton.cdiv(seqlen_k, meta["BLOCK_N"])
-        query_tiles = 1 if sum_queries else triton.cdiv(seqlen_q, meta["BLOCK_M"])
-        return key_tiles, query_tiles, mask_batch * mask_heads
+        key_blocks = 1 if sum_keys else triton.cdiv(seqlen_k, meta["BLOCK_N"])
+        query_blocks = 1 if sum_queries else triton.cdiv(seqlen_q, meta["BLOCK_M"])
+        return key_blocks, query_blocks, tiles
 
-    # Each program gathers the batches and heads that the mask broadcasts over.
-    loops = (mask_heads, batch if mask_batch == 1 else 1, heads if mask_heads == 1 else 1)
-    attention_bwd_mask_kernel[grid](
-        q, k, v, full_mask, grad_out, lse, delta, grad_mask, *strides, *grad_mask.stride(), *sizes, *loops,
-        scale * LOG2E.value, *dropout, SUM_QUERIES=sum_queries, SUM_KEYS=sum_keys, **constants,
-    )
-    return grads
+    return grid

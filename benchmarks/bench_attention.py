@@ -14,7 +14,9 @@ counted over the real keys only, 4 H D L sum_b n_b for sequences of n_b real tok
 a kernel that skips padded keys need not compute. GQA changes no count: every query head
 attends over L keys. With a learned bias (T5's relative position bias: a float (1, H, L, L)
 mask that requires grad, broadcast over the batch, not causal) backward also computes the
-bias's gradient, summed over the batch; the work counted is the same.
+bias's gradient, summed over the batch; the work counted is the same. lmkern's kernels
+also run those cases given the bias as T5's model does, per distance ((H, 2L - 1),
+relative_bias: added in the kernels, its gradient summed there, no (H, L, L) tensor).
 """
 
 import dataclasses
@@ -201,6 +203,28 @@ def lmkern_attention(q, k, v, causal, window, mask, backend):
                                                enable_gqa=is_gqa(q, k), backend=backend)
 
 
+@functools.lru_cache(maxsize=4)
+def relative_bias(heads, seqlen, device, dtype):
+    """T5's form of a learned bias: one value per head and distance, (H, 2L - 1), requiring grad."""
+    return torch.randn(heads, 2 * seqlen - 1, device=device, dtype=dtype, requires_grad=True)
+
+
+def lmkern_relative_attention(q, k, v, causal, window, mask, backend):
+    """The bias cases with the bias per distance (relative_bias, added in the kernels and its
+    gradient summed there) in place of the case's (1, H, L, L) tensor."""
+    bias = relative_bias(q.shape[1], q.shape[2], q.device, q.dtype)
+    return lmkern.scaled_dot_product_attention(q, k, v, is_causal=causal, window_size=window, relative_bias=bias,
+                                               backend=backend)
+
+
+def relative_providers(device, dtype):
+    """lmkern's kernel backends on the bias cases given the bias per distance."""
+    only_for = (lambda case: case.get("bias", False), "relative_bias stands for a learned bias: the bias cases only")
+    return [dataclasses.replace(provider, name=f"{provider.name} relative_bias", only_for=only_for)
+            for provider in lmkern_providers(OP, device, dtype, lmkern_relative_attention)
+            if provider.name in ("lmkern triton", "lmkern native")]
+
+
 def case_kind(case):
     """What decides whether an SDPA backend can run a case: its head dim, causal, window,
     key padding, GQA and a learned bias."""
@@ -273,6 +297,7 @@ def providers(device, dtype):
         *(sdpa_provider(name, device, dtype) for name in SDPA_BACKENDS),
         compiled_provider(math_attention),
         *lmkern_providers(OP, device, dtype, lmkern_attention),
+        *relative_providers(device, dtype),
         dataclasses.replace(optional_provider("flash_attn", device, _flash_attn), only_for=(
             lambda case: "padding" not in case and not case.get("bias"),
             "flash_attn_func takes no mask (padded batches go through flash_attn_varlen_func, not timed here) "

@@ -1,7 +1,7 @@
 """A T5 span-corruption training step (lmkern.models.t5.T5: encoder inputs of L tokens,
 decoder targets of T, as span corruption makes them: 114 for 512) on each `kernels` value
-that trains the position bias ("auto" runs attention on the reference ops for it; "native"
-and "triton" are absent, saying why) and on the reference ops under torch.compile, beside transformers'
+that runs the position bias with its gradient (relative_bias; one that cannot is absent,
+saying why: native on CUDA) and on the reference ops under torch.compile, beside transformers'
 T5ForConditionalGeneration with the same weights (its "eager" and "sdpa" attention; absent
 when transformers is not importable; its loss over full logits): Flan-T5-small in bf16
 autocast on a GPU, the tiny preset in fp32 on CPU. Passes and what a step is:
@@ -89,10 +89,12 @@ def work(case, dtype, pass_name):
 
 
 def providers(device, dtype):
-    """model_providers, those whose attention cannot compute the gradient of the position
-    bias (which T5 trains through the attention mask) absent, then transformers'."""
-    # flan-t5-small's heads; the tiny preset's differ, but no backend's limit on that gradient reads them
-    bias_gradient = Call(device, dtype, head_dims=(64, 64), mask=None, mask_grad=True, dropout_p=0.0)
+    """model_providers, those whose attention cannot run the position bias with its gradient
+    (relative_bias, beside the encoder's key padding) absent, then transformers'."""
+    # flan-t5-small's heads; the tiny preset's differ, but no backend's limit on the bias reads them
+    padding = torch.ones(1, 1, 1, 8, dtype=torch.bool, device=device)
+    bias_gradient = Call(device, dtype, head_dims=(64, 64), mask=padding, mask_grad=False, dropout_p=0.0,
+                         relative_bias=True)
     ours = []
     for provider in model_providers(KERNELS, device, dtype):
         kernels = provider.name.removeprefix("lmkern ")

@@ -5,7 +5,9 @@ lmkern.ffn against that block in torch eager and under torch.compile.
 Compute-bound, reported in TFLOP/s over the two matmuls of width D and F: forward
 4 N D F, backward 8 N D F, forward+backward 12 N D F. The peak memory of forward+backward
 is the other point: lmkern.ffn saves only the LayerNorm statistics and the GELU
-pre-activation.
+pre-activation. With bf16 weights on CPU its backward is slower than eager's: it sums d(w2)
+over row chunks in fp32, and torch has no bf16 x bf16 -> fp32 matmul on CPU, so those run as
+fp32 matmuls of upcast operands (the README's "On CPU" section).
 """
 
 import torch

@@ -2,7 +2,9 @@
 matmul's epilogue) against torch eager F.gelu(F.linear(...)) (the bias in addmm, then
 aten::gelu) and torch.compile of it. GELU tanh (GPT-2) and exact (BERT); on CPU also bf16
 inputs (the case's last word; the op's dtype column stays the default's), where the
-epilogue's conversions matter as much as its arithmetic.
+epilogue's conversions matter as much as its arithmetic. The exact GELU's epilogue, an erfc
+accurate in the tail, costs more than aten::gelu's vectorised erf: below eager on CPU (the
+README's "On CPU" section).
 
 Compute-bound, reported in TFLOP/s over the matmuls: forward 2 N K F, backward 4 N K F
 (d(x) and d(weight)), forward+backward 6 N K F. Liger-Kernel has no fused Linear + GELU

@@ -44,17 +44,24 @@ CHOICES = (*BACKENDS, "auto")
 # result behind it (files in benchmarks/results/intel-xeon-processor-2-threads/, CPU, unless
 # named otherwise). On CPU native is the fastest lmkern backend wherever it runs, and the
 # torch reference the slowest: cross_entropy.json and linear_cross_entropy.json (native
-# faster than torch eager); layer_norm.json, add_layer_norm.json, linear_gelu.json and
-# ffn.json (native forward+backward within a few per cent of torch eager, inside this
-# shared 2-thread machine's run-to-run noise); amd-epyc-2-threads/attention.json (native
+# faster than torch eager); layer_norm.json and add_layer_norm.json (native forward+backward
+# within a few per cent of torch eager, inside this shared 2-thread machine's run-to-run
+# noise); amd-epyc-2-threads/linear_gelu.json and ffn.json (native 0.88x-1.27x torch eager
+# by case, far ahead of the reference; the README's "On CPU" section says where and why
+# below 1); amd-epyc-2-threads/attention.json (native
 # forward+backward faster than torch's CPU flash SDPA in every case: head dims 32 to 128,
-# causal or not, key padding, GQA, windows; O(L D) memory; the reference forms the whole
+# causal or not, key padding, GQA, windows; with a learned bias and its gradient ahead of
+# SDPA's math; O(L D) memory; the reference forms the whole
 # score matrix); amd-epyc-2-threads/rms_norm.json and
 # apply_rotary.json (native faster than torch eager and torch.compile in every case;
 # add_rms_norm runs rms_norm's kernels); amd-epyc-2-threads/swiglu.json (native forward+backward
-# within a few per cent of torch eager and ahead of the torch reference: 1.00x and 1.04x of
-# it); amd-epyc-2-threads/attention_with_kv_cache.json (native decoding faster than SDPA
-# over the cache in every case, with and without rotary or a window). On CUDA the orders
+# 1.04x torch eager, SiLU and tanh GELU; level with the torch reference, whose matmuls are the
+# same, in less memory); amd-epyc-2-threads/attention_with_kv_cache.json (native decoding faster than SDPA
+# over the cache in every case, with and without rotary or a window); and the models, whose
+# kernels="auto" runs these: amd-epyc-2-threads/bert_infer.json, gpt_train.json,
+# llama_train.json, t5_train.json, gpt_generate.json and llama_generate.json (native, the
+# same as auto, against transformers with the same weights and against kernels="torch").
+# On CUDA the orders
 # are placeholders (triton first; every kernel backend is exact) until a GPU result is cited
 # here: no lmkern kernel has run on a GPU yet.
 _CPU = ("native", "torch")

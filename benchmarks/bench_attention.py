@@ -14,7 +14,8 @@ counted over the real keys only, 4 H D L sum_b n_b for sequences of n_b real tok
 a kernel that skips padded keys need not compute. GQA changes no count: every query head
 attends over L keys. With a learned bias (T5's relative position bias: a float (1, H, L, L)
 mask that requires grad, broadcast over the batch, not causal) backward also computes the
-bias's gradient, summed over the batch; the work counted is the same. lmkern's kernels
+bias's gradient, summed over the batch; the work counted is the same. A case whose last
+word is bf16 runs in bf16 whatever the op's dtype. lmkern's kernels
 also run those cases given the bias as T5's model does, per distance ((H, 2L - 1),
 relative_bias: added in the kernels, its gradient summed there, no (H, L, L) tensor).
 """
@@ -51,7 +52,8 @@ def window_cases(heads, head_dim, seqlens, left):
 
 def cpu_case(seqlen, head_dim, causal, heads=8, tokens=2048, **kind):
     """A CPU case of `tokens` tokens per batch (2048: the batch shrinks as L grows, so that
-    the time grows linearly in L), `heads` query heads; kind: kv_heads (GQA), padding."""
+    the time grows linearly in L), `heads` query heads; kind: kv_heads (GQA), padding, bias,
+    precision ("bf16": inputs in bf16)."""
     return dict(batch=max(1, tokens // seqlen), heads=heads, seqlen=seqlen, head_dim=head_dim, causal=causal, **kind)
 
 
@@ -79,7 +81,9 @@ def cases(device, quick):
     # causal and not over L; 32 (MiniLM's encoder, not causal), 80 and 96 (Phi-2's and
     # Phi-3's decoders, causal), all at 8 heads to compare; BERT-base's padded batches (12
     # heads, 32 x 128 and 4 x 512); Llama-3.2-1B's grouped heads (32 query heads over 8);
-    # t5-small's encoder with its learned position bias (8 heads, 16 x 128 and 4 x 512).
+    # t5-small's encoder with its learned position bias (8 heads, 16 x 128 and 4 x 512); bf16
+    # inputs (the case's last word) at head dims 32 and 64 and BERT's padded batch; L 4096;
+    # batch x heads from 1 (one head of 2048 tokens) to 512 (64 x 8 heads of 128 tokens).
     return [
         *(cpu_case(seqlen, 64, causal) for seqlen in (128, 512, 2048) for causal in (False, True)),
         *(cpu_case(512, 128, causal) for causal in (False, True)),
@@ -90,6 +94,12 @@ def cases(device, quick):
         cpu_case(512, 64, False, heads=12, padding=PADDING),
         *(cpu_case(seqlen, 64, True, heads=32, tokens=seqlen, kv_heads=8) for seqlen in (512, 1024)),
         *(cpu_case(seqlen, 64, False, bias=True) for seqlen in (128, 512)),
+        *(cpu_case(512, 64, causal, precision="bf16") for causal in (False, True)),
+        cpu_case(512, 32, False, precision="bf16"),
+        cpu_case(128, 64, False, heads=12, tokens=4096, padding=PADDING, precision="bf16"),
+        cpu_case(4096, 64, True, tokens=4096),
+        cpu_case(2048, 64, False, heads=1),
+        cpu_case(128, 64, False, tokens=8192),
     ] + window_cases(8, 64, (512, 1024, 2048), 127)
 
 
@@ -100,7 +110,8 @@ def label(case):
     windowed = f" window {window}" if window != NO_WINDOW else ""
     padded = f" padding {case['padding']:.0%}" if "padding" in case else ""
     bias = " bias" if case.get("bias") else ""
-    return f"{case['batch']}x{heads}x{case['seqlen']}x{case['head_dim']}{causal}{windowed}{padded}{bias}"
+    precision = f" {case['precision']}" if "precision" in case else ""
+    return f"{case['batch']}x{heads}x{case['seqlen']}x{case['head_dim']}{causal}{windowed}{padded}{bias}{precision}"
 
 
 def dtype(device):
@@ -131,7 +142,9 @@ def key_padding_mask(case, device):
 
 def make_inputs(case, device, dtype):
     """q (B, H, L, D), k and v (B, H_kv, L, D), causal, window, and the mask: the key
-    padding (B, 1, 1, L) bool, a learned bias (1, H, L, L) requiring grad, or None."""
+    padding (B, 1, 1, L) bool, a learned bias (1, H, L, L) requiring grad, or None. In bf16
+    for a case of that precision, else in `dtype`."""
+    dtype = torch.bfloat16 if case.get("precision") == "bf16" else dtype
     batch, heads, seqlen, head_dim = case["batch"], case["heads"], case["seqlen"], case["head_dim"]
     q = torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)
     kv_shape = (batch, case.get("kv_heads", heads), seqlen, head_dim)
@@ -227,9 +240,9 @@ def relative_providers(device, dtype):
 
 def case_kind(case):
     """What decides whether an SDPA backend can run a case: its head dim, causal, window,
-    key padding, GQA and a learned bias."""
+    key padding, GQA, a learned bias and the precision."""
     return (case["head_dim"], case["causal"], case.get("window", NO_WINDOW) != NO_WINDOW, "padding" in case,
-            "kv_heads" in case, case.get("bias", False))
+            "kv_heads" in case, case.get("bias", False), case.get("precision"))
 
 
 def probe_case(case):

@@ -69,3 +69,17 @@ def bad_call_test(make_calls):
             call()
 
     return test
+
+
+def at_thread_counts(run, counts=(1, 2)):
+    """[run() with torch's intra-op threads set to each of counts], the count restored after:
+    for checking that a kernel's result does not depend on how its work is split."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    return results

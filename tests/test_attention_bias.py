@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import BACKENDS, assert_compiles_like_eager, require
 from numerics import assert_close_to_truth, truth_dtype
-from op_check import outputs_and_grads
+from op_check import at_thread_counts, outputs_and_grads
 
 import lmkern
 from lmkern.backend import Call
@@ -157,14 +157,7 @@ def test_native_bias_gradient_does_not_depend_on_the_thread_count():
     """Each element of dbias is summed by one task in a fixed order."""
     require("native", "cpu", torch.float32, "attention")
     q, k, v, bias, kwargs = make_case("over_batch")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = attention_outputs_and_grads("native", q, k, v, bias, kwargs)[-1]
-        torch.set_num_threads(2)
-        two = attention_outputs_and_grads("native", q, k, v, bias, kwargs)[-1]
-    finally:
-        torch.set_num_threads(threads)
+    one, two = at_thread_counts(lambda: attention_outputs_and_grads("native", q, k, v, bias, kwargs)[-1])
     assert torch.equal(one, two)
 
 

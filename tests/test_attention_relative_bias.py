@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import require
 from numerics import assert_close_to_truth, truth_dtype
-from op_check import outputs_and_grads
+from op_check import at_thread_counts, outputs_and_grads
 
 import lmkern
 from lmkern.backend import Call
@@ -120,14 +120,7 @@ def test_native_gradient_does_not_depend_on_the_thread_count():
     """Each key block's diagonal sums have one task, and are added in a fixed order."""
     require("native", "cpu", torch.float32, "attention")
     q, k, v, bias, kwargs = make_case("key_padding")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = outputs_and_bias_grads("native", q, k, v, bias, kwargs)[-1]
-        torch.set_num_threads(2)
-        two = outputs_and_bias_grads("native", q, k, v, bias, kwargs)[-1]
-    finally:
-        torch.set_num_threads(threads)
+    one, two = at_thread_counts(lambda: outputs_and_bias_grads("native", q, k, v, bias, kwargs)[-1])
     assert torch.equal(one, two)
 
 

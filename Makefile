@@ -20,6 +20,8 @@
 #   make gpu-check-cpu  both GPU-check commands on CPU at tiny sizes (CI runs this)
 
 PYTHON ?= python3
+# pytest-xdist processes of make test
+TEST_WORKERS ?= 2
 TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -46,7 +48,7 @@ kernel-check: $(INSTALLED)
 # LMKERN_REQUIRE_BACKENDS turns "cannot run here" skips of these backends into failures,
 # so that a broken build cannot pass as a skipped test.
 test: $(INSTALLED)
-	LMKERN_REQUIRE_BACKENDS=native,triton $(PY) -m pytest -q tests
+	LMKERN_REQUIRE_BACKENDS=native,triton $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 bench: $(INSTALLED)
 	$(PY) -m benchmarks.run

@@ -85,7 +85,7 @@ setup(
     entry_points={"console_scripts": ["lmkern = lmkern.cli:main"]},
     extras_require={
         # transformers: the GPT and BERT models are checked against Hugging Face's
-        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest", "transformers>=5"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "expecttest", "transformers>=5"],
         "bench": ["pytest-benchmark>=4"],
     },
 )

@@ -94,7 +94,7 @@ def providers(device, dtype):
     # flan-t5-small's heads; the tiny preset's differ, but no backend's limit on the bias reads them
     padding = torch.ones(1, 1, 1, 8, dtype=torch.bool, device=device)
     bias_gradient = Call(device, dtype, head_dims=(64, 64), mask=padding, mask_grad=False, dropout_p=0.0,
-                         relative_bias=True)
+                         relative_bias=True, windowed=False, backward=True)
     ours = []
     for provider in model_providers(KERNELS, device, dtype):
         kernels = provider.name.removeprefix("lmkern ")

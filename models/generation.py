@@ -6,10 +6,11 @@ document break; and CausalLM, the decoders' common base: their forward, input ch
 cache and generate.
 
 What the loop needs of the model: config.context_length, check_input_ids(input_ids)
-(raises for ids outside the vocabulary or the context), new_cache(batch, length) (a cache
-with `lengths`, (B,) int64) and decode(input_ids, cache, last) (the logits (B, T, V), or
-(B, V) at the positions `last`, advancing the cache by T; cache None: no cache). CausalLM
-gives all four."""
+(raises for ids outside the vocabulary or the context), new_cache(batch, length), decode(
+input_ids, cache, last) (the logits (B, T, V), or (B, V) at the positions `last`, advancing
+the cache by T, or with `last` each sequence by last + 1; cache None: no cache), and
+training, eval() and train(mode). CausalLM gives them all; T5 (models/t5.py) gives its
+decoder after one encoding of its inputs."""
 
 import typing
 
@@ -67,7 +68,8 @@ class CausalLM(torch.nn.Module):
         on the device: for generation loops that checked their prompts and total length once
         and feed back the model's own tokens. last: None, or (B,) int64, the one position of
         each row whose logits are wanted: then (B, V), the LM head run on those rows only
-        (a prompt's last token; the others' logits are never formed)."""
+        (a prompt's last token; the others' logits are never formed), and a cache keeps each
+        row's tokens up to `last` (the positions after it, padding, are written over next)."""
         return self.run(input_ids, None, True, cache, last).logits
 
     def run(self, input_ids, targets, return_logits, cache, last=None):
@@ -78,7 +80,7 @@ class CausalLM(torch.nn.Module):
                 h = h[torch.arange(h.shape[0], device=h.device), last]  # (B, C)
             loss = None if targets is None else lmkern.linear_cross_entropy(h, self.lm_head.weight, targets)
         if cache is not None:
-            cache.lengths += input_ids.shape[1]
+            cache.lengths += input_ids.shape[1] if last is None else last + 1
         want_logits = targets is None if return_logits is None else return_logits
         return LMOutput(self.lm_head(h) if want_logits else None, loss)  # logits (B, T, V)
 
@@ -119,7 +121,7 @@ DOCUMENT_BREAK = "\n\n--- end of document ---\n\n"  # how an end-of-text token r
 
 @torch.no_grad()
 def new_tokens(model, input_ids, max_new_tokens, *, attention_mask=None, temperature=1.0, top_k=None, top_p=None,
-               do_sample=False, eos_token_id=None, min_new_tokens=0, seed=None, use_cache=True):
+               do_sample=False, eos_token_id=None, pad_token_id=None, min_new_tokens=0, seed=None, use_cache=True):
     """Yields each step's new token of every prompt, (B,) int64, up to max_new_tokens steps.
 
     input_ids: (B, T) int64 prompts. attention_mask: (B, T), 1 (or True) on the prompts'
@@ -129,9 +131,9 @@ def new_tokens(model, input_ids, max_new_tokens, *, attention_mask=None, tempera
         warpers) instead of taking the most likely token; seed: sampling draws from its own
         generator, so that a seed gives the same tokens every time (None: from torch's, as
         transformers does).
-    eos_token_id: a sequence stops when it produces it, and repeats it while others go on;
-        the loop ends when every sequence has. min_new_tokens: eos_token_id cannot come
-        before that many new tokens.
+    eos_token_id: a sequence stops when it produces it, and gives pad_token_id (None: it
+        repeats eos_token_id) while others go on, as transformers; the loop ends when every
+        sequence has. min_new_tokens: eos_token_id cannot come before that many new tokens.
     use_cache: attend over a static KV cache preallocated for the longest sequence (False
         recomputes every position at every step, for testing).
 
@@ -148,19 +150,19 @@ def new_tokens(model, input_ids, max_new_tokens, *, attention_mask=None, tempera
         raise ValueError(f"the longest prompt ({width} tokens) and max_new_tokens ({max_new_tokens}) reach "
                          f"{longest} tokens: more than context_length {model.config.context_length}")
     generator = None if seed is None else torch.Generator(prompts.device).manual_seed(seed)
-    cache = model.new_cache(batch, longest) if use_cache else None
+    after_eos = eos_token_id if pad_token_id is None else pad_token_id
     tokens = torch.cat([prompts, prompts.new_zeros(batch, max_new_tokens)], dim=1)  # a row: prompt, new tokens
     rows = torch.arange(batch, device=prompts.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=prompts.device)
     was_training = model.training
     model.eval()
     try:
+        cache = model.new_cache(batch, longest) if use_cache else None  # in eval mode: T5 encodes here
         for step in range(max_new_tokens):
             if cache is None:  # every position again
                 logits = model.decode(tokens[:, : width + step], None, last=lengths - 1)  # (B, V)
             elif step == 0:  # the prompts into the cache; each sequence then continues after its own
                 logits = model.decode(prompts, cache, last=lengths - 1)
-                cache.lengths.copy_(lengths)
             else:  # each sequence's newest token over its cache
                 logits = model.decode(tokens[rows, lengths - 1][:, None], cache)[:, -1]
             logits = logits.float()
@@ -168,7 +170,7 @@ def new_tokens(model, input_ids, max_new_tokens, *, attention_mask=None, tempera
                 logits = logits.index_fill(1, torch.tensor([eos_token_id], device=logits.device), float("-inf"))
             next_token = pick_token(logits, temperature, top_k, top_p, do_sample, generator)  # (B,)
             if eos_token_id is not None:
-                next_token = torch.where(finished, eos_token_id, next_token)
+                next_token = torch.where(finished, after_eos, next_token)
                 finished |= next_token == eos_token_id
             yield next_token
             tokens[rows, lengths] = next_token

@@ -30,14 +30,15 @@ at once; "torch" runs the same model on the reference ops.
 
 import dataclasses
 import math
+import types
 
 import torch
 
 import lmkern
-from lmkern.models import hf, t5_hf
+from lmkern.models import generation, hf, t5_hf
 from lmkern.models.common import check_attention_mask, check_ids
 from lmkern.models.errors import ArgumentValueError
-from lmkern.models.generation import LMOutput, check_sampling, pick_token
+from lmkern.models.generation import LMOutput
 
 
 @dataclasses.dataclass
@@ -478,54 +479,27 @@ class T5(torch.nn.Module):
             cross = self.decoder.cross_keys_values(encoder_out)
         return DecoderCache(self.config, encoder_out.shape[0], length, cross)
 
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, *, attention_mask=None, do_sample=False, temperature=1.0,
-                 top_k=None, top_p=None, seed=None, use_cache=True):
+    def generate(self, input_ids, max_new_tokens, *, attention_mask=None, use_cache=True, **options):
         """The decoder's output for each input, input_ids (B, L) int64, up to max_new_tokens
-        tokens after decoder_start_token_id, greedily or by sampling.
+        tokens after decoder_start_token_id, greedily or by sampling, on the decoders' loop
+        (models/generation.py's new_tokens).
 
         attention_mask: (B, L), nonzero on tokens and 0 on padding (either side); None: no padding.
-        do_sample, temperature, top_k, top_p, seed: as in models/generation.py's new_tokens.
-        A sequence ends at eos_token_id and is padded with pad_token_id after it, as
-        transformers does; the loop stops when every sequence has ended.
         use_cache: run the encoder once and decode each new token over a DecoderCache (False
         recomputes the encoder output and every decoder position at every step, for testing).
+        options: do_sample, temperature, top_k, top_p, seed and min_new_tokens, as in new_tokens.
+        A sequence ends at eos_token_id and is padded with pad_token_id after it, as
+        transformers does; the loop stops when every sequence has ended.
 
         Returns (B, N) int64, the new tokens without decoder_start_token_id (transformers
         returns it first): N = max_new_tokens, or fewer when every sequence ended sooner.
         The model is in eval mode meanwhile.
         """
         c = self.config
-        padding = self.padding(input_ids, attention_mask)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ArgumentValueError("{max_new_tokens} must be an int >= 0, got {!r}", max_new_tokens,
-                                     max_new_tokens="max_new_tokens")
-        check_sampling(temperature, top_k, top_p, do_sample)
-        generator = None if seed is None else torch.Generator(input_ids.device).manual_seed(seed)
-        batch = input_ids.shape[0]
-        tokens = input_ids.new_full((batch, max_new_tokens + 1), c.pad_token_id)  # a row: start token, new tokens
-        tokens[:, 0] = c.decoder_start_token_id
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        was_training = self.training
-        self.eval()
-        try:
-            if use_cache:
-                encoder_out = self.encode(input_ids, padding)
-                cache = self.new_cache(encoder_out, max_new_tokens)
-            step = -1
-            for step in range(max_new_tokens):
-                if use_cache:  # the newest token over the caches
-                    logits = self.decode(tokens[:, step:step + 1], encoder_out, padding, cache)[:, -1]
-                else:  # everything again
-                    logits = self.decode(tokens[:, :step + 1], self.encode(input_ids, padding), padding)[:, -1]
-                next_token = pick_token(logits.float(), temperature, top_k, top_p, do_sample, generator)  # (B,)
-                tokens[:, step + 1] = torch.where(finished, c.pad_token_id, next_token)
-                finished |= next_token == c.eos_token_id
-                if finished.all():
-                    break
-        finally:
-            self.train(was_training)
-        return tokens[:, 1:step + 2]
+        start = input_ids.new_full((input_ids.shape[0], 1), c.decoder_start_token_id)
+        decoding = EncodedDecoding(self, input_ids, self.padding(input_ids, attention_mask))
+        return generation.generate(decoding, start, max_new_tokens, eos_token_id=c.eos_token_id,
+                                   pad_token_id=c.pad_token_id, use_cache=use_cache, **options)
 
     # -- Hugging Face interop (configs and checks: models/t5_hf.py) ------------------------------
 
@@ -559,6 +533,45 @@ class T5(torch.nn.Module):
         of `shared` left out as save_pretrained does."""
         hf.write_directory(directory, self.to_hf_state_dict(), t5_hf.config_to_hf(self.config),
                            t5_hf.tied_names(self.config))
+
+
+class EncodedDecoding:
+    """A T5's decoder after the encoding of its inputs, input_ids (B, L) with their padding
+    (B, L) bool, as models/generation.py's loop takes a model: its prompts are
+    decoder_start_token_id alone, (B, 1), and no context length bounds it (relative
+    positions). new_cache encodes the inputs once (the loop calls it in eval mode) and
+    computes the cross-attention's keys and values; without a cache, each decode encodes
+    them again."""
+
+    config = types.SimpleNamespace(context_length=math.inf)  # relative positions: no length bound
+
+    def __init__(self, model, input_ids, padding):
+        self.model, self.input_ids, self.padding = model, input_ids, padding
+        self.encoder_out = None
+
+    @property
+    def training(self):
+        return self.model.training
+
+    def eval(self):
+        self.model.eval()
+
+    def train(self, mode=True):
+        self.model.train(mode)
+
+    def check_input_ids(self, input_ids):
+        """Nothing to check: the prompts are T5.generate's start tokens."""
+
+    def new_cache(self, batch, length):
+        self.encoder_out = self.model.encode(self.input_ids, self.padding)
+        return self.model.new_cache(self.encoder_out, length)
+
+    def decode(self, input_ids, cache=None, last=None):
+        """The logits (B, T, V) of input_ids (B, T), or (B, V) at the positions last (B,);
+        a cache advances by T (every row's last + 1 being T: the rows decode in step)."""
+        encoder_out = self.encoder_out if cache is not None else self.model.encode(self.input_ids, self.padding)
+        logits = self.model.decode(input_ids, encoder_out, self.padding, cache)
+        return logits if last is None else logits[torch.arange(logits.shape[0], device=logits.device), last]
 
 
 def init_weights(module):

@@ -15,7 +15,9 @@ PTX the instructions used. Identical compiles (same kernel, specialisation and o
 run once.
 
 Fails (exit status 1) on: a compile error; a config the pruner keeps whose shared memory
-is over the target's limit (sm_90 227 KiB, sm_80 163 KiB); spills in a kept config.
+is over the target's limit (sm_90 227 KiB, sm_80 163 KiB); spills in a kept config; and,
+before compiling, attention calls where the Triton backend's limit and the pruners disagree
+(a call it takes that no config fits, or one it refuses that fits).
 Writes DIR/triton-<version>-sm_<arch>.md: every (kernel, case, config) with registers,
 shared memory, spills, whether wgmma / mma / cp.async / TMA (cp.async.bulk.tensor) are in
 the PTX, ptxas's wgmma-serialisation warning, and compile time per kernel.
@@ -31,6 +33,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import io
+import itertools
 import multiprocessing
 import os
 import re
@@ -54,9 +57,11 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from lmkern.backend import Call  # noqa: E402
 from lmkern.benchmarks.harness import stamp  # noqa: E402
 from lmkern.ops.apply_rotary import triton_kernels as apply_rotary  # noqa: E402
 from lmkern.ops.attention import triton_kernels as attention  # noqa: E402
+from lmkern.ops.attention.backends import triton_limit  # noqa: E402
 from lmkern.ops.attention_with_kv_cache import triton_kernels as attention_with_kv_cache  # noqa: E402
 from lmkern.ops.cross_entropy import triton_kernels as cross_entropy  # noqa: E402
 from lmkern.ops.layer_norm import triton_kernels as layer_norm  # noqa: E402
@@ -71,25 +76,37 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # The cases: (op, shape label, function calling the op's host launchers on CPU tensors).
-def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0, causal_shift=0, window_left=-1):
-    """mask: None, "key padding", "additive", or, with the additive mask's gradient
-    (attention_bwd_mask_kernel), "bias" (T5's (1, H, Lq, Lk)) or "key bias" (B, 1, 1, Lk), or
-    "relative" (a relative_bias (H, Lq + Lk - 1), with its gradient: the same kernel's
-    diagonal sums)."""
+ATTENTION_MASKS = (None, "key padding", "additive", "bias", "key bias", "relative", "relative padding")
+
+
+def attention_masks(mask, dtype, length):
+    """(attn_mask, relative_bias) for B 2, H 16, Lq = Lk = length, as the kernels get them.
+    mask: None, "key padding" (BERT's: (B, 1, 1, Lk) bool, broadcast), "additive" (Lq, Lk),
+    with its gradient "bias" (T5's (1, H, Lq, Lk)) or "key bias" (B, 1, 1, Lk), "relative"
+    (a relative_bias (H, Lq + Lk - 1), with its gradient) or "relative padding" (that beside
+    BERT's mask, read as a key bias)."""
+    attn_mask = None
+    if mask in ("key padding", "relative padding"):
+        attn_mask = torch.ones(2, 1, 1, length, dtype=torch.bool).expand(2, 16, length, length)
+    elif mask == "additive":
+        attn_mask = torch.empty(length, length, dtype=dtype).expand(2, 16, length, length)
+    elif mask == "bias":
+        attn_mask = torch.empty(1, 16, length, length, dtype=dtype)
+    elif mask == "key bias":
+        attn_mask = torch.empty(2, 1, 1, length, dtype=dtype)
+    relative = mask in ("relative", "relative padding")
+    return attn_mask, torch.empty(16, 2 * length - 1, dtype=dtype) if relative else None
+
+
+def attention_case(head_dim, dtype, causal, mask=None, dropout_p=0.0, causal_shift=0, window_left=-1, length=2048):
+    """The forward and backward (with the gradients of a "bias", "key bias" or relative
+    bias: attention_bwd_mask_kernel, whose diagonal sums give the relative bias's) at B 2,
+    H 16, L `length`; mask: see attention_masks."""
 
     def run():
-        q, k, v = (torch.empty(2, 16, 2048, head_dim, dtype=dtype) for _ in range(3))
-        full_mask = None
-        if mask == "key padding":  # BERT's: (B, 1, 1, Lk) bool, broadcast
-            full_mask = torch.ones(2, 1, 1, 2048, dtype=torch.bool).expand(2, 16, 2048, 2048)
-        elif mask == "additive":
-            full_mask = torch.empty(2048, 2048, dtype=dtype).expand(2, 16, 2048, 2048)
-        elif mask == "bias":
-            full_mask = torch.empty(1, 16, 2048, 2048, dtype=dtype)
-        elif mask == "key bias":
-            full_mask = torch.empty(2, 1, 1, 2048, dtype=dtype)
-        relative_bias = torch.empty(16, 2 * 2048 - 1, dtype=dtype) if mask == "relative" else None
-        args = (full_mask, causal, causal_shift, head_dim**-0.5, dropout_p, 0, window_left, relative_bias)
+        q, k, v = (torch.empty(2, 16, length, head_dim, dtype=dtype) for _ in range(3))
+        attn_mask, relative_bias = attention_masks(mask, dtype, length)
+        args = (attn_mask, causal, causal_shift, head_dim**-0.5, dropout_p, 0, window_left, relative_bias)
         out, lse = attention.attention_fwd(q, k, v, *args)
         wanted = (mask in ("bias", "key bias"), relative_bias is not None)
         attention.attention_bwd_with_bias_grads(torch.empty_like(out), q, k, v, out, lse, *args, *wanted)
@@ -230,6 +247,9 @@ def cases():
     for head_dim, name, causal in ((64, "bf16", False), (64, "fp16", True), (64, "fp32", False), (128, "bf16", False)):
         label = f"B2 H16 L2048 D{head_dim} relative bias (H, Lq + Lk - 1) with its gradient{' causal' * causal} {name}"
         found.append(("attention", label, attention_case(head_dim, DTYPES[name], causal, "relative")))
+    for name in ("bf16", "fp32"):  # T5's encoder: the bias beside its padding mask
+        label = f"B2 H16 L2048 D64 relative bias (H, Lq + Lk - 1) with its gradient, key padding {name}"
+        found.append(("attention", label, attention_case(64, DTYPES[name], False, "relative padding")))
     for head_dim, name in ((64, "bf16"), (128, "bf16"), (256, "bf16"), (64, "fp32"), (128, "fp32")):
         # A causal shift other than 0 (torch's lower-right CausalBias) compiles a variant of its own.
         found.append(("attention", f"B2 H16 L2048 D{head_dim} causal bottom-right {name}",
@@ -537,6 +557,40 @@ def check_arch(arch, selected_cases, processes, all_configs):
     return rows, time.perf_counter() - start
 
 
+def attention_limit_problems(arch):
+    """Where triton_limit (lmkern/ops/attention/backends.py) and the pruners disagree on
+    sm_<arch>: a CUDA call it lets through with a launch that no config fits (which would
+    fail on the GPU instead of being refused clearly), or one it refuses whose launches all
+    fit, over head dims, dtypes, masks, causal or not, dropout, windows, and forward alone or
+    with backward."""
+    target = Target(SHARED_MEMORY_LIMIT[arch], wgmma=arch >= 90)
+    problems = []
+    grid = itertools.product(
+        (64, 128, 256), DTYPES.items(), ATTENTION_MASKS, (False, True), (0.0, 0.1), (-1, 255), (False, True)
+    )
+    for head_dim, (name, dtype), mask, causal, dropout_p, window_left, backward in grid:
+        launches = record(attention_case(head_dim, dtype, causal, mask, dropout_p, window_left=window_left, length=256))
+        if not backward:
+            launches = [launch for launch in launches if launch.name == "attention_fwd_kernel"]
+        fits = True
+        for launch in launches:
+            try:
+                launch_configs(launch, target, False)
+            except ValueError:  # the pruner kept nothing
+                fits = False
+        attn_mask, relative_bias = attention_masks(mask, dtype, 256)
+        call = Call("cuda", dtype, head_dims=(head_dim, head_dim), mask=attn_mask,
+                    mask_grad=mask in ("bias", "key bias"), dropout_p=dropout_p, relative_bias=relative_bias is not None, windowed=window_left >= 0,
+                    backward=backward)
+        refusal = triton_limit(call)
+        if fits == (refusal is not None):
+            case = (f"D{head_dim} {name} mask {mask}{', causal' * causal}, dropout {dropout_p}, window {window_left}, "
+                    f"{'forward and backward' if backward else 'forward'}")
+            problems.append(f"{case}: refused ({refusal}) but every launch fits" if refusal else
+                            f"{case}: let through but a launch has no config that fits")
+    return problems
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", choices=sorted(SHARED_MEMORY_LIMIT), default=[90, 80])
@@ -549,6 +603,13 @@ def main(argv=None):
     header = stamp("cpu")
     failed = 0
     for arch in args.arch:
+        if args.case is None or args.case in "attention limits":
+            problems = attention_limit_problems(arch)
+            print(f"sm_{arch}, triton {triton.__version__}: attention's triton_limit against the pruners, "
+                  f"{len(problems)} problems")
+            for problem in problems:
+                print(f"  FAILED {problem}")
+            failed += len(problems)
         rows, elapsed = check_arch(arch, selected, args.jobs, args.all_configs)
         problems = [(row, failure(row, SHARED_MEMORY_LIMIT[arch])) for row in rows]
         problems = [(row, why) for row, why in problems if why]

@@ -19,7 +19,7 @@ from torch.nn.attention import bias as attention_bias
 import lmkern
 from lmkern.backend import Call
 from lmkern.ops.attention import reference
-from lmkern.ops.attention.backends import ATTENTION, native_cuda_limit
+from lmkern.ops.attention.backends import ATTENTION, native_cuda_limit, triton_limit
 from lmkern.philox import draw_seed, dropout_keep
 
 # id -> shape (B, H, H_kv, Lq, Lk, D[, Dv]) and keyword arguments; "mask" names a mask
@@ -98,21 +98,21 @@ def is_causal_bias(mask):
     return isinstance(mask, attention_bias.CausalBias)
 
 
-def attention_call(q, v, mask=None, dropout_p=0.0):
+def attention_call(q, v, mask=None, dropout_p=0.0, windowed=False, backward=True):
     """The Call the backends see for attention of q (B, H, Lq, D) over values v with this
-    mask (or causal bias) and dropout."""
+    mask (or causal bias), dropout and window, with or without backward."""
     if is_causal_bias(mask):
         mask = None
     if mask is not None:
         mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], mask.shape[-1])
     return Call.of(q, head_dims=(q.shape[3], v.shape[3]), mask=mask, mask_grad=False, dropout_p=dropout_p,
-                   relative_bias=False)
+                   relative_bias=False, windowed=windowed, backward=backward)
 
 
-def require_call(backend, q, v, mask=None, dropout_p=0.0):
+def require_call(backend, q, v, mask=None, dropout_p=0.0, windowed=False):
     """Skip, saying why, where `backend` has a limit on this call (e.g. head dims the native
-    CUDA kernels do not take); test_native_cuda_limits covers the limits."""
-    reason = ATTENTION.unavailable(backend, attention_call(q, v, mask, dropout_p))
+    CUDA kernels do not take); test_native_cuda_limits and test_triton_limits cover the limits."""
+    reason = ATTENTION.unavailable(backend, attention_call(q, v, mask, dropout_p, windowed))
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
 
@@ -121,7 +121,8 @@ def attention_and_grads(q, k, v, kwargs, backend, dtype=None):
     """The output and (dq, dk, dv) for a fixed random upstream gradient, in `dtype`.
     Dropout draws its seed from torch's generator, reset here so that every call masks alike."""
     dtype = dtype or q.dtype
-    require_call(backend, q.to(dtype), v, kwargs.get("attn_mask"), kwargs.get("dropout_p", 0.0))
+    windowed = kwargs.get("window_size", (-1, -1))[0] >= 0
+    require_call(backend, q.to(dtype), v, kwargs.get("attn_mask"), kwargs.get("dropout_p", 0.0), windowed)
     inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
     mask = kwargs.get("attn_mask")
     if mask is not None and not is_causal_bias(mask) and mask.is_floating_point():
@@ -270,6 +271,25 @@ def test_native_cuda_limits():
     assert "key-padding" in native_cuda_limit(half, (64, 64), torch.zeros(2, 1, 1, 8).expand(2, 4, 8, 8))
     assert "dropout" in native_cuda_limit(half, (64, 64), dropout_p=0.1)
     assert ATTENTION.unavailable("native", attention_call(torch.empty(2, 4, 8, 96), torch.empty(1, 1, 1, 96))) is None
+
+
+def test_triton_limits():
+    """Head dims up to 256; on CUDA, float32 backward over head dim 128 only without a mask
+    read per element, dropout or a window (scripts/triton_check.py checks these against the
+    configs that fit)."""
+    q, v = torch.empty(2, 4, 8, 256), torch.empty(1, 1, 1, 256)
+    full, key_padding = torch.zeros(1, 1, 8, 8), torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    assert triton_limit(attention_call(torch.empty(2, 4, 8, 264), torch.empty(1, 1, 1, 264))) is not None
+    for call in (attention_call(q, v, full), attention_call(q, v, dropout_p=0.1), attention_call(q, v, windowed=True)):
+        assert triton_limit(call) is None  # on CPU (the interpreter) any
+        call.device_type = "cuda"
+        assert "float32 backward at head dims over 128" in triton_limit(call)
+        call.backward = False
+        assert triton_limit(call) is None  # the forward fits
+    for fits in (attention_call(q, v, key_padding), attention_call(q.half(), v.half(), full, 0.1, True),
+                 attention_call(q[..., :128], v[..., :128], full, 0.1, True)):
+        fits.device_type = "cuda"
+        assert triton_limit(fits) is None
 
 
 def test_triton_refuses_head_dims_over_256_and_auto_goes_on():

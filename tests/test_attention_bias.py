@@ -226,7 +226,7 @@ def test_bias_gradient_compiles_with_fullgraph_on_cpu():
 
 def bias_call(device_type, dtype, head_dim, mask):
     return Call(device_type, dtype, head_dims=(head_dim, head_dim), mask=mask, mask_grad=True, dropout_p=0.0,
-                relative_bias=False)
+                relative_bias=False, windowed=False, backward=True)
 
 
 def test_which_backends_compute_the_bias_gradient():

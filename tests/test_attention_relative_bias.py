@@ -3,8 +3,9 @@
 Triton kernels and its gradient summed along the diagonals of dS. Against the reference
 (which materialises it) under the tolerance rule (3x for gradients), and the reference
 against torch with the bias materialised as attn_mask; with Lq != Lk, a bias shared by the
-heads, key padding (a sequence whose rows see no key), causal, windows, GQA and dropout;
-determinism; the torch.library registration of the ops; which backend runs what.
+heads, key padding (a sequence whose rows see no key), a learned per-key bias with its
+gradient, an element-wise mask (Triton), causal, windows, GQA and dropout; determinism;
+the torch.library registration of the ops; which backend runs what.
 
 Shapes are small: the Triton interpreter runs them on CPU.
 """
@@ -22,7 +23,8 @@ from lmkern.ops.attention import reference
 from lmkern.ops.attention.backends import ATTENTION, native_limit, triton_limit
 
 # id -> shape (B, H, H_kv, Lq, Lk, D), the bias's heads ("H" or "1") and keyword arguments;
-# "padding" adds a boolean key-padding mask (B, 1, 1, Lk) whose last sequence is all padded.
+# "padding" adds a boolean key-padding mask (B, 1, 1, Lk) whose last sequence is all padded,
+# "key bias" a float one that requires grad, "element-wise" a boolean (B, 1, Lq, Lk) one.
 CASES = {
     "lq_lt_lk": ((2, 3, 3, 33, 47, 16), "H", {}),
     "shared_by_heads_lq_gt_lk": ((2, 3, 3, 47, 33, 16), "1", {}),
@@ -30,33 +32,49 @@ CASES = {
     "window": ((2, 2, 2, 50, 50, 16), "H", dict(window_size=(7, 4))),
     "gqa_dropout": ((2, 4, 2, 33, 40, 16), "H", dict(enable_gqa=True, dropout_p=0.2)),
     "key_padding": ((3, 2, 2, 33, 40, 16), "H", dict(fill="padding")),
+    "key_bias": ((2, 2, 2, 33, 40, 16), "1", dict(fill="key bias", window_size=(9, 3))),
 }
+# Native's CPU kernels take no element-wise mask beside the bias (Triton materialises both).
+TRITON_CASES = {**CASES, "elementwise_mask": ((2, 2, 2, 33, 40, 16), "H", dict(fill="element-wise"))}
 DTYPES = (torch.float32, torch.float16)
 
 
 def make_case(case, dtype=torch.float32):
     """(q, k, v, relative_bias, keyword arguments) for a case."""
-    (batch, heads, kv_heads, seqlen_q, seqlen_k, dim), bias_heads, kwargs = CASES[case]
+    (batch, heads, kv_heads, seqlen_q, seqlen_k, dim), bias_heads, kwargs = TRITON_CASES[case]
     kwargs = dict(kwargs)
     generator = torch.Generator().manual_seed(7)
     q = torch.randn(batch, heads, seqlen_q, dim, generator=generator)
     k, v = (torch.randn(batch, kv_heads, seqlen_k, dim, generator=generator) for _ in range(2))
     bias = torch.randn(heads if bias_heads == "H" else 1, seqlen_q + seqlen_k - 1, generator=generator)
-    if kwargs.pop("fill", None) == "padding":
+    fill = kwargs.pop("fill", None)
+    if fill == "padding":
         keep = torch.rand(batch, 1, 1, seqlen_k, generator=generator) > 0.3
         keep[-1] = False
         kwargs["attn_mask"] = keep
+    elif fill == "key bias":
+        kwargs["attn_mask"] = torch.randn(batch, 1, 1, seqlen_k, generator=generator)
+    elif fill == "element-wise":
+        kwargs["attn_mask"] = torch.rand(batch, 1, seqlen_q, seqlen_k, generator=generator) > 0.3
     return (*(x.to(dtype) for x in (q, k, v, bias)), kwargs)
 
 
 def outputs_and_bias_grads(backend, q, k, v, bias, kwargs, dtype=None):
-    """[out, dq, dk, dv, d relative_bias] for a fixed random upstream gradient, in `dtype`."""
-    inputs = [x.detach().requires_grad_() for x in (q, k, v, bias)]
+    """[out, dq, dk, dv, d relative_bias] (and d attn_mask for a float one) for a fixed
+    random upstream gradient, in `dtype`."""
+    kwargs = dict(kwargs)
+    mask = kwargs.pop("attn_mask", None)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.detach().requires_grad_()
+    inputs = [*(x.detach().requires_grad_() for x in (q, k, v, bias)), mask]
 
-    def attention(q, k, v, bias):
-        return lmkern.scaled_dot_product_attention(q, k, v, relative_bias=bias, backend=backend, **kwargs)
+    def attention(q, k, v, bias, mask):
+        return lmkern.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, relative_bias=bias, backend=backend, **kwargs
+        )
 
-    return outputs_and_grads(attention, inputs, dtype)
+    results = outputs_and_grads(attention, inputs, dtype)
+    return results if results[-1] is not None else results[:-1]
 
 
 def assert_matches_reference(backend, case, dtype):
@@ -64,23 +82,24 @@ def assert_matches_reference(backend, case, dtype):
     actual = outputs_and_bias_grads(backend, q, k, v, bias, kwargs)
     truth = outputs_and_bias_grads("torch", q, k, v, bias, kwargs, truth_dtype(dtype))
     baseline = outputs_and_bias_grads("torch", q, k, v, bias, kwargs)
-    for name, a, t, b in zip(("out", "dq", "dk", "dv", "dbias"), actual, truth, baseline):
+    assert len(actual) == len(truth) == len(baseline)
+    for name, a, t, b in zip(("out", "dq", "dk", "dv", "dbias", "dmask"), actual, truth, baseline):
         assert a.dtype == b.dtype, f"{name}: dtype {a.dtype}, expected {b.dtype}"
         assert_close_to_truth(a, t, b, factor=2.0 if name == "out" else 3.0, name=name)
-    return actual
+    if case == "key_padding":  # the last sequence sees no key: zeros, never NaN
+        out, dq, dk, dv, dbias = actual
+        assert not out[-1].any() and not dq[-1].any() and not dk[-1].any() and not dv[-1].any()
+        assert dbias.isfinite().all()
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_native_matches_reference(dtype, case):
     require("native", "cpu", dtype, "attention")
-    out, dq, dk, dv, dbias = assert_matches_reference("native", case, dtype)
-    if case == "key_padding":  # the last sequence sees no key: zeros, never NaN
-        assert not out[-1].any() and not dq[-1].any() and not dk[-1].any() and not dv[-1].any()
-        assert dbias.isfinite().all()
+    assert_matches_reference("native", case, dtype)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", TRITON_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_matches_reference(dtype, case):
     require("triton", "cpu", dtype, "attention")
@@ -163,7 +182,8 @@ def test_public_function_checks_the_bias():
 
 
 def relative_call(device_type, dtype, mask=None):
-    return Call(device_type, dtype, head_dims=(64, 64), mask=mask, mask_grad=False, dropout_p=0.0, relative_bias=True)
+    return Call(device_type, dtype, head_dims=(64, 64), mask=mask, mask_grad=False, dropout_p=0.0, relative_bias=True,
+                windowed=False, backward=True)
 
 
 def test_which_backends_take_the_bias():
@@ -177,3 +197,17 @@ def test_which_backends_take_the_bias():
     assert triton_limit(relative_call("cuda", torch.float16, padding)) is None
     require("native", "cpu", torch.float32, "attention")
     assert ATTENTION.resolve(relative_call("cpu", torch.float32, padding)) == "native"
+
+
+@pytest.mark.parametrize("case", ["key_padding", "key_bias"])
+def test_triton_reads_the_bias_in_place_beside_a_key_mask(monkeypatch, case):
+    """A mask that depends on the key only is read beside the bias: no (B, H, Lq, Lk) mask
+    is built (only an element-wise mask is materialised with the bias)."""
+    require("triton", "cpu", torch.float32, "attention")
+
+    def refuse(*args):
+        raise AssertionError("the relative bias was materialised")
+
+    q, k, v, bias, kwargs = make_case(case)
+    monkeypatch.setattr(reference, "relative_bias_mask", refuse)
+    outputs_and_bias_grads("triton", q, k, v, bias, kwargs)

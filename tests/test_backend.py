@@ -77,14 +77,13 @@ def test_a_backends_limits_rule_it_out_for_that_call():
     """Triton's attention kernels take head dims up to 256: an explicit request for a wider
     one says so, and auto goes to the next backend."""
     call = Call("cpu", torch.float32, head_dims=(264, 264), mask=None, mask_grad=False, dropout_p=0.0,
-                relative_bias=False)
+                relative_bias=False, windowed=False, backward=True)
     with pytest.raises(lmkern.BackendUnavailableError, match="backend 'triton' cannot run .*head dims up to 256"):
         ATTENTION.resolve(call, "triton")
     assert ATTENTION.auto(call) != "triton"
     assert ATTENTION.resolve(call, "torch") == "torch"
-    narrow = Call(
-        "cpu", torch.float32, head_dims=(64, 64), mask=None, mask_grad=False, dropout_p=0.0, relative_bias=False
-    )
+    narrow = Call("cpu", torch.float32, head_dims=(64, 64), mask=None, mask_grad=False, dropout_p=0.0,
+                  relative_bias=False, windowed=False, backward=True)
     assert ATTENTION.resolve(narrow, "triton") == "triton"
 
 

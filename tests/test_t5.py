@@ -130,7 +130,7 @@ def takes_bias_gradient(backend):
         return True
     padding = torch.ones(1, 1, 1, 9, dtype=torch.bool)
     call = Call("cpu", torch.float32, head_dims=(CONFIG.d_kv, CONFIG.d_kv), mask=padding, mask_grad=False,
-                dropout_p=0.0, relative_bias=True)
+                dropout_p=0.0, relative_bias=True, windowed=False, backward=True)
     return ATTENTION.unavailable(backend, call) is None
 
 
@@ -191,17 +191,20 @@ def test_a_query_that_sees_no_key_gives_zeros_not_nan():
 # -- Generation ------------------------------------------------------------------------------
 
 
-GENERATION_RUNS = [(version, backend) for version in VERSIONS for backend in ("torch", "native")]
-GENERATION_RUNS.append(("v1.1", "triton"))  # the interpreter is slow: the version that uses every kernel
+# The Triton interpreter is slow: triton decodes with the caches only, a few tokens, in the
+# version that uses every kernel.
+GENERATION_RUNS = [
+    *((version, backend, use_cache) for version in VERSIONS for backend in ("torch", "native")
+      for use_cache in (True, False)),
+    ("v1.1", "triton", True),
+]
 
 
-@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
-@pytest.mark.parametrize("version, backend", GENERATION_RUNS, ids=[f"{v}-{b}" for v, b in GENERATION_RUNS])
+@pytest.mark.parametrize("version, backend, use_cache", GENERATION_RUNS,
+                         ids=[f"{v}-{b}-{'cache' if c else 'no_cache'}" for v, b, c in GENERATION_RUNS])
 def test_greedy_generation_matches_transformers(version, backend, use_cache):
     require_model(MODEL_OPS, backend, "cpu", torch.float32)
     interpreted = backend == "triton"
-    if interpreted and not use_cache:
-        pytest.skip("the Triton interpreter is slow: triton decodes with the caches only, a few tokens")
     new_tokens = 6 if interpreted else 32
     theirs = hf_model(version, 4.0, num_decoder_layers=SYMMETRIC)
     ours = t5.T5.from_hf(theirs, kernels=backend)
@@ -228,6 +231,11 @@ def test_generation_stops_at_eos_and_pads_after_it_as_transformers_does():
     assert expected.shape[1] < 32 and (expected == CONFIG.eos_token_id).any(1).all()
     assert len({int(row.eq(CONFIG.eos_token_id).nonzero()[0, 0]) for row in expected}) > 1
     assert torch.equal(ours.generate(input_ids, 32, attention_mask=attention_mask), expected)
+    # min_new_tokens holds the EOS back, as transformers' MinNewTokensLengthLogitsProcessor.
+    expected = theirs.generate(input_ids, attention_mask=attention_mask, max_new_tokens=32, do_sample=False,
+                               min_new_tokens=6)[:, 1:]
+    assert not (expected[:, :6] == CONFIG.eos_token_id).any() and expected.shape[1] < 32
+    assert torch.equal(ours.generate(input_ids, 32, attention_mask=attention_mask, min_new_tokens=6), expected)
 
 
 def test_generation_under_autocast_caches_in_the_autocast_dtype():

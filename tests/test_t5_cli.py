@@ -107,6 +107,11 @@ def test_finetune_from_a_checkpoint_then_generate(t5_run, pairs, tmp_path, capsy
     assert lmkern("generate", "--checkpoint", run, "--prompt", "a dog sees the ball", "--greedy",
                   "--max-new-tokens", 6, "--device", "cpu") == 0
     assert capsys.readouterr().out == tokenizer.decode(expected) + "\n"
+    held_back = model.generate(torch.tensor([tokenizer.encode("a dog sees the ball").ids]), 6, min_new_tokens=4)
+    assert held_back[0].tolist() != expected  # its answer ends sooner
+    assert lmkern("generate", "--checkpoint", run, "--prompt", "a dog sees the ball", "--greedy",
+                  "--max-new-tokens", 6, "--min-new-tokens", 4, "--device", "cpu") == 0
+    assert capsys.readouterr().out == tokenizer.decode(held_back[0].tolist()) + "\n"
 
 
 def test_finetune_from_the_exported_hugging_face_directory(t5_run, pairs, tmp_path):

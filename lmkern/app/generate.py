@@ -65,14 +65,14 @@ def print_sample(model, tokenizer, prompt, max_new_tokens, sampling, *, stop_at_
     return len(produced)
 
 
-def print_answer(model, tokenizer, prompt, max_new_tokens, sampling):
+def print_answer(model, tokenizer, prompt, max_new_tokens, sampling, min_new_tokens):
     """Prints a T5's output for the prompt (tokenized with the tokenizer's </s> at its end),
-    up to its end of sequence; returns how many tokens it produced."""
+    up to its end of sequence (not before min_new_tokens); returns how many tokens it produced."""
     import torch
 
     device = next(model.parameters()).device
     input_ids = torch.tensor([tokenizer.encode(prompt).ids], device=device)
-    tokens = model.generate(input_ids, max_new_tokens or 200, **sampling)[0].tolist()
+    tokens = model.generate(input_ids, max_new_tokens or 200, min_new_tokens=min_new_tokens, **sampling)[0].tolist()
     print(tokenizer.decode(tokens))  # without the special tokens: </s>, padding
     return len(tokens)
 
@@ -103,8 +103,8 @@ def generate(args):
     if kind not in (*CAUSAL, "t5"):
         raise ValueError(f"--checkpoint {folder} holds a {kind.upper()} model: generate needs a GPT, Llama or T5 "
                          "checkpoint")
-    if kind == "t5" and (args.ignore_eos or args.min_new_tokens):
-        raise CommandError("--ignore-eos and --min-new-tokens continue documents: a T5 answers a prompt")
+    if kind == "t5" and args.ignore_eos:
+        raise CommandError("--ignore-eos continues documents: a T5 answers a prompt")
     tokenizer = load_checkpoint_tokenizer(folder)
     for sample in range(args.num_samples):
         if args.num_samples > 1:
@@ -113,7 +113,7 @@ def generate(args):
             sampling["seed"] = args.seed + sample
         began = time.perf_counter()
         if kind == "t5":
-            count = print_answer(model, tokenizer, prompt, args.max_new_tokens, sampling)
+            count = print_answer(model, tokenizer, prompt, args.max_new_tokens, sampling, args.min_new_tokens)
         else:
             count = print_sample(model, tokenizer, prompt, args.max_new_tokens, sampling,
                                  stop_at_end_of_text=not args.ignore_eos, min_new_tokens=args.min_new_tokens)

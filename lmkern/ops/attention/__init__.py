@@ -298,10 +298,11 @@ def scaled_dot_product_attention(
             place, a mask whose query stride is -1, and sum its gradient along the
             diagonals of dS in a deterministic pass of their own: unlike the same bias
             materialised as a (1, H, Lq, Lk) attn_mask, no (H, Lq, Lk) bias and no
-            (B, H, Lq, Lk) copy of it merged with the padding mask ever exist. The native
-            CPU kernels take it beside a mask that depends on the key only; Triton's, which
-            read one mask, materialise it beside an attn_mask (its gradient is still
-            summed in-kernel); native CUDA takes none ("auto" then picks Triton).
+            (B, H, Lq, Lk) copy of it merged with the padding mask ever exist. Beside a
+            mask that depends on the key only, both read it in place; the native CPU
+            kernels take no other mask beside it, Triton's materialise it with an
+            element-wise one (its gradient is still summed in-kernel); native CUDA takes
+            none ("auto" then picks Triton).
         backend: "torch", "triton", "native" or "auto"; see lmkern.backend.
 
     Under torch.autocast, query, key, value and a float mask are cast to the autocast dtype
@@ -344,8 +345,12 @@ def scaled_dot_product_attention(
     scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
     relative_bias = _check_relative_bias(relative_bias, query, heads, seqlen_q, seqlen_k)
     mask_grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
+    backward = torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in (query, key, value, mask, relative_bias)
+    )
     call = Call.of(query, head_dims=(query.shape[3], value.shape[3]), mask=mask, mask_grad=mask_grad,
-                   dropout_p=dropout_p, relative_bias=relative_bias is not None)
+                   dropout_p=dropout_p, relative_bias=relative_bias is not None, windowed=window_left >= 0,
+                   backward=backward)
     name = ATTENTION.resolve(call, backend, empty=0 in (batch, heads, seqlen_q, seqlen_k))
     q = _as_heads(query, batch, heads)
     k, v = _as_heads(key, batch, kv_heads), _as_heads(value, batch, kv_heads)

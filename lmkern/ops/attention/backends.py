@@ -1,7 +1,8 @@
 """The backends of lmkern.scaled_dot_product_attention (see lmkern.backend). Its calls carry
 head_dims (q's and v's), mask (4-D, broadcastable to (B, H, Lq, Lk), or None), mask_grad
-(whether the gradient of an additive mask is wanted), dropout_p and relative_bias (whether
-one is given)."""
+(whether the gradient of an additive mask is wanted), dropout_p, relative_bias (whether
+one is given), windowed (whether a sliding window bounds it) and backward (whether an
+input requires grad, with grad mode on)."""
 
 import torch
 
@@ -9,6 +10,9 @@ from lmkern.backend import Native, Op, Reference, Triton
 
 # The largest head dim of the Triton kernels, whose tiles hold whole rows of q, k and v.
 TRITON_MAX_HEAD_DIM = 256
+# Above it, the float32 backward's exact tiles fit the registers only without a mask read
+# per element, dropout or a window.
+TRITON_FP32_FULL_BWD_MAX_HEAD_DIM = 128
 # What the native CUDA kernels take (csrc/cuda/attention.cpp).
 NATIVE_CUDA_DTYPES = (torch.float16, torch.bfloat16)
 NATIVE_CUDA_HEAD_DIMS = (64, 128)
@@ -24,10 +28,26 @@ def is_key_padding_mask(mask):
     return mask.dtype == torch.bool and depends_on_key_only(mask)
 
 
+def varies_by_query(mask):
+    """Whether a 4-D mask's values depend on the query (the kernels then read it per element)."""
+    return mask.shape[2] != 1 and mask.stride(2) != 0
+
+
 def triton_limit(call):
-    """Head dims up to 256."""
-    if max(call.head_dims) > TRITON_MAX_HEAD_DIM:
-        return f"its kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {max(call.head_dims)}"
+    """Head dims up to 256; on CUDA, a float32 backward with a mask that varies by query (an
+    element-wise attn_mask, or relative_bias), dropout or a window up to
+    TRITON_FP32_FULL_BWD_MAX_HEAD_DIM. scripts/triton_check.py checks this against what the
+    kernels' pruners keep."""
+    head_dim = max(call.head_dims)
+    if head_dim > TRITON_MAX_HEAD_DIM:
+        return f"its kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {head_dim}"
+    per_element = call.relative_bias or (call.mask is not None and varies_by_query(call.mask))
+    extras = per_element or call.dropout_p > 0 or call.windowed
+    if (call.device_type == "cuda" and call.backward and call.dtype == torch.float32 and extras
+            and head_dim > TRITON_FP32_FULL_BWD_MAX_HEAD_DIM):
+        return (f"its float32 backward at head dims over {TRITON_FP32_FULL_BWD_MAX_HEAD_DIM} takes no element-wise "
+                f"attn_mask, relative_bias, dropout or window (no tile fits the registers beside them), got head "
+                f"dim {head_dim}")
     return None
 
 

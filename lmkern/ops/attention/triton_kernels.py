@@ -30,11 +30,12 @@ the tile gathers and adds them in a fixed order. One writer per element again, a
 (B, H, Lq, Lk) buffer; the price is the two matmuls of S and dP once more.
 
 A relative bias (H | 1, Lq + Lk - 1), whose row i is the slice starting at column
-Lq - 1 - i, is read as a full mask with query stride -1 (beside another mask, both are
-materialised into one: the kernels read one mask). Its gradient comes from the same
-third kernel, with a program per (key block, query block, head) of a (1, H | 1, Lq, Lk)
-mask; each sums its fp32 tile along the diagonals j - i (a gather that skews the tile)
-into a partial buffer, one writer per element, which the host sums in a fixed order.
+Lq - 1 - i, is read as a full mask with query stride -1; a mask beside it that depends on
+the key only (T5's encoder padding) is read as a key bias, a vector per key block (any
+other is materialised with the bias into one mask). The bias's gradient comes from the
+same third kernel, with a program per (key block, query block, head) of a (1, H | 1, Lq,
+Lk) mask; each sums its fp32 tile along the diagonals j - i (a gather that skews the
+tile) into a partial buffer, one writer per element, which the host sums in a fixed order.
 
 Dropout regenerates its mask from (seed, offset) with tl.rand, in forward and in backward;
 the offsets number the (B, H, Lq, Lk) probabilities in row-major order, as in
@@ -50,6 +51,7 @@ import triton.language as tl
 from lmkern.triton_support import interpreting
 from lmkern.ops.triton_tuning import autotune
 from lmkern.ops.attention import reference
+from lmkern.ops.attention.backends import depends_on_key_only
 from lmkern.ops.attention.reference import dropout_scale
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -62,6 +64,8 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)
 NO_MASK = tl.constexpr(0)
 KEY_MASK = tl.constexpr(1)
 FULL_MASK = tl.constexpr(2)
+# Columns after a key bias's last key, so that its key blocks load it without bounds checks.
+KEY_BIAS_PAD = tl.constexpr(128)
 
 
 def _configs(shapes):
@@ -203,7 +207,8 @@ def _mask_bwd_resources(config, args, target):
 # re-tune at every call, and lengths (and the causal shift and window) that only bound loops
 # and masks are not specialised on, so that they do not recompile either.
 ATTENTION_KEY = [
-    "seqlen_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "CAUSAL_SHIFTED", "WINDOWED", "MASK_KIND", "HAS_DROPOUT"
+    "seqlen_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "CAUSAL_SHIFTED", "WINDOWED", "MASK_KIND", "KEY_BIAS",
+    "HAS_DROPOUT",
 ]
 LENGTHS = ["seqlen_q", "seqlen_k", "causal_shift", "window_left", "seqlen_bucket"]
 
@@ -232,19 +237,21 @@ def _mask_scores(
     mask_ptr,  # the mask of this (batch, head): mask_ptr + i stride_mm + j stride_mn
     stride_mm,
     stride_mn,
+    key_bias_ptr,  # with KEY_BIAS, this batch's (Lk + KEY_BIAS_PAD,) fp32 additive key mask, 0 past Lk
     seqlen_q,
     seqlen_k,
     causal_shift,  # query i sees key j when j <= i + causal_shift
     window_left,  # and with WINDOWED when j >= i + causal_shift - window_left
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
+    KEY_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
     CHECK_KEYS: tl.constexpr,
 ):
-    """s with -inf where query `rows` may not see key `cols`, plus an additive mask (whose
-    values are in natural units). rows and cols broadcast to s's shape, so that one
-    function serves the forward's tiles and the backward's transposed ones."""
+    """s with -inf where query `rows` may not see key `cols`, plus an additive mask and with
+    KEY_BIAS a key bias (whose values are in natural units). rows and cols broadcast to s's
+    shape, so that one function serves the forward's tiles and the backward's transposed ones."""
     if MASK_KIND == KEY_MASK:
         values = tl.load(mask_ptr + cols * stride_mn, mask=cols < seqlen_k, other=0)
     if MASK_KIND == FULL_MASK:
@@ -255,6 +262,8 @@ def _mask_scores(
             s = tl.where(values != 0, s, float("-inf"))
         else:
             s = s + values.to(tl.float32) * LOG2E
+    if KEY_BIAS:
+        s = s + tl.load(key_bias_ptr + cols) * LOG2E
     # In int32 (lengths fit): 64-bit bounds made small tiles spill on sm_80.
     if CAUSAL:
         s = tl.where(cols.to(tl.int32) <= rows.to(tl.int32) + causal_shift, s, float("-inf"))
@@ -319,6 +328,7 @@ def _block_scores(
     mask_ptr,
     stride_mm,
     stride_mn,
+    key_bias_ptr,
     rows,  # (BLOCK_M,) query indices, int64
     cols,  # (BLOCK_N,) key indices, int64
     seqlen_q,
@@ -331,6 +341,7 @@ def _block_scores(
     CHECK_KEYS: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
+    KEY_BIAS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
@@ -346,8 +357,8 @@ def _block_scores(
     )
     s = tl.dot(q, k_t, input_precision="ieee") * qk_scale
     s = _mask_scores(
-        s, rows[:, None], cols[None, :], mask_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift, window_left,
-        MASK_KIND, MASK_IS_BOOL, CAUSAL, WINDOWED, CHECK_KEYS,
+        s, rows[:, None], cols[None, :], mask_ptr, stride_mm, stride_mn, key_bias_ptr, seqlen_q, seqlen_k, causal_shift,
+        window_left, MASK_KIND, MASK_IS_BOOL, KEY_BIAS, CAUSAL, WINDOWED, CHECK_KEYS,
     )
     return s, k_t
 
@@ -367,6 +378,7 @@ def _attend(
     mask_ptr,
     stride_mm,
     stride_mn,
+    key_bias_ptr,
     rows,  # (BLOCK_M,) query index of each row, int64
     seqlen_q,
     seqlen_k,  # keys at or past it are not read
@@ -384,6 +396,7 @@ def _attend(
     CHECK_KEYS: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
+    KEY_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -396,9 +409,9 @@ def _attend(
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # cols * stride may pass 2^31
         s, _ = _block_scores(
-            q, k_ptr, stride_kn, stride_kd, mask_ptr, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-            causal_shift, window_left, qk_scale, CAUSAL, WINDOWED, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL, BLOCK_D,
-            HEAD_DIM,
+            q, k_ptr, stride_kn, stride_kd, mask_ptr, stride_mm, stride_mn, key_bias_ptr, rows, cols, seqlen_q,
+            seqlen_k, causal_shift, window_left, qk_scale, CAUSAL, WINDOWED, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL,
+            KEY_BIAS, BLOCK_D, HEAD_DIM,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -424,6 +437,7 @@ def attention_fwd_kernel(
     k_ptr,  # (B, H_kv, Lk, D)
     v_ptr,  # (B, H_kv, Lk, Dv)
     mask_ptr,  # (B, H, Lq, Lk) bool (as uint8) or float, usually with 0 strides; unused without a mask
+    key_bias_ptr,  # (B, Lk + KEY_BIAS_PAD) fp32, an additive key mask beside a relative bias; unused without KEY_BIAS
     out_ptr,  # (B, H, Lq, Dv) out
     lse_ptr,  # (B, H, Lq) fp32 out, contiguous
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -447,6 +461,7 @@ def attention_fwd_kernel(
     WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
+    KEY_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -472,6 +487,7 @@ def attention_fwd_kernel(
     k_ptr += b * stride_kb + kv_head * stride_kh
     v_ptr += b * stride_vb + kv_head * stride_vh
     mask_ptr += b * stride_mb + h * stride_mh
+    key_bias_ptr += b * (seqlen_k + KEY_BIAS_PAD)
     dropout_rows = (b * heads + h) * seqlen_q + rows
 
     if not CAUSAL_SHIFTED:
@@ -485,16 +501,19 @@ def attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc, m_i, l_i = _attend(
         acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
-        rows, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed, dropout_rows, dropout_p, dropout_scale,
+        key_bias_ptr, rows, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed, dropout_rows, dropout_p,
+        dropout_scale,
         start, unchecked_stop,
-        False, WINDOWED, False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        False, WINDOWED, False, MASK_KIND, MASK_IS_BOOL, KEY_BIAS, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM,
+        HEAD_DIM_V,
     )
     acc, m_i, l_i = _attend(
         acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
-        rows, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed, dropout_rows, dropout_p, dropout_scale,
+        key_bias_ptr, rows, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed, dropout_rows, dropout_p,
+        dropout_scale,
         checked_start, stop,
-        IS_CAUSAL, WINDOWED, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM,
-        HEAD_DIM_V,
+        IS_CAUSAL, WINDOWED, True, MASK_KIND, MASK_IS_BOOL, KEY_BIAS, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
+        HEAD_DIM, HEAD_DIM_V,
     )
     # Rows that saw no key (l = 0) get out = 0 and lse = +inf.
     seen = l_i > 0
@@ -554,6 +573,7 @@ def _dkdv_blocks(
     mask_ptr,
     stride_mm,
     stride_mn,
+    key_bias_ptr,
     seqlen_q,
     seqlen_k,
     causal_shift,
@@ -569,6 +589,7 @@ def _dkdv_blocks(
     WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
+    KEY_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -602,8 +623,8 @@ def _dkdv_blocks(
         delta = tl.load(delta_ptr + rows, mask=rows_ok, other=0.0)
         s_t = tl.dot(k, q_t, input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M)
         s_t = _mask_scores(
-            s_t, rows[None, :], cols[:, None], mask_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
-            window_left, MASK_KIND, MASK_IS_BOOL, CAUSAL, WINDOWED, False,
+            s_t, rows[None, :], cols[:, None], mask_ptr, stride_mm, stride_mn, key_bias_ptr, seqlen_q, seqlen_k,
+            causal_shift, window_left, MASK_KIND, MASK_IS_BOOL, KEY_BIAS, CAUSAL, WINDOWED, False,
         )
         p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
         dp_t = tl.dot(v, tl.trans(grad_out), input_precision="ieee")
@@ -635,6 +656,7 @@ def _dq_blocks(
     mask_ptr,
     stride_mm,
     stride_mn,
+    key_bias_ptr,
     seqlen_q,
     seqlen_k,
     causal_shift,
@@ -651,6 +673,7 @@ def _dq_blocks(
     CHECK_KEYS: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
+    KEY_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -663,9 +686,9 @@ def _dq_blocks(
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)  # cols * stride may pass 2^31
         s, k_t = _block_scores(
-            q, k_ptr, stride_kn, stride_kd, mask_ptr, stride_mm, stride_mn, rows, cols, seqlen_q, seqlen_k,
-            causal_shift, window_left, qk_scale, CAUSAL, WINDOWED, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL, BLOCK_D,
-            HEAD_DIM,
+            q, k_ptr, stride_kn, stride_kd, mask_ptr, stride_mm, stride_mn, key_bias_ptr, rows, cols, seqlen_q,
+            seqlen_k, causal_shift, window_left, qk_scale, CAUSAL, WINDOWED, CHECK_KEYS, MASK_KIND, MASK_IS_BOOL,
+            KEY_BIAS, BLOCK_D, HEAD_DIM,
         )
         v_t = _load_tile(  # (BLOCK_DV, BLOCK_N)
             v_ptr + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
@@ -686,6 +709,7 @@ def attention_bwd_kernel(
     k_ptr,  # (B, H_kv, Lk, D)
     v_ptr,  # (B, H_kv, Lk, Dv)
     mask_ptr,  # as in attention_fwd_kernel
+    key_bias_ptr,
     grad_out_ptr,  # (B, H, Lq, Dv)
     lse_ptr,  # (B, H, Lq) fp32, contiguous
     delta_ptr,  # (B, H, Lq) fp32, contiguous
@@ -715,6 +739,7 @@ def attention_bwd_kernel(
     WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
+    KEY_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -747,6 +772,7 @@ def attention_bwd_kernel(
         )
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        key_bias_ptr += b * (seqlen_k + KEY_BIAS_PAD)
 
         # Causal: queries before start_n - causal_shift see none of these keys (their blocks
         # are skipped); from start_n + BLOCK_N - 1 - causal_shift on they see all of them (no
@@ -774,18 +800,19 @@ def attention_bwd_kernel(
             mask_head_ptr = mask_ptr + b * stride_mb + h * stride_mh
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
-                lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
-                window_left, qk_scale,
+                lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, key_bias_ptr, seqlen_q, seqlen_k,
+                causal_shift, window_left, qk_scale,
                 seed, row0, dropout_p, dropout_scale, start, checked_stop,
-                IS_CAUSAL, WINDOWED, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM,
-                HEAD_DIM_V,
+                IS_CAUSAL, WINDOWED, MASK_KIND, MASK_IS_BOOL, KEY_BIAS, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV,
+                HEAD_DIM, HEAD_DIM_V,
             )
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, cols, q_head_ptr, stride_qm, stride_qd, grad_out_head_ptr, stride_gm, stride_gd,
-                lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift,
-                window_left, qk_scale,
+                lse_ptr + row0, delta_ptr + row0, mask_head_ptr, stride_mm, stride_mn, key_bias_ptr, seqlen_q, seqlen_k,
+                causal_shift, window_left, qk_scale,
                 seed, row0, dropout_p, dropout_scale, tl.maximum(start, checked_stop), query_stop,
-                False, WINDOWED, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+                False, WINDOWED, MASK_KIND, MASK_IS_BOOL, KEY_BIAS, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_DIM,
+                HEAD_DIM_V,
             )
         kv_row0 = (b * kv_heads + kv_head) * seqlen_k
         tl.store(
@@ -821,25 +848,26 @@ def attention_bwd_kernel(
         k_ptr += b * stride_kb + kv_head * stride_kh
         v_ptr += b * stride_vb + kv_head * stride_vh
         mask_ptr += b * stride_mb + h * stride_mh
+        key_bias_ptr += b * (seqlen_k + KEY_BIAS_PAD)
         start, unchecked_stop, checked_start, stop = _key_blocks(
             start_m, seqlen_k, causal_shift, window_left, IS_CAUSAL, CAUSAL_SHIFTED, WINDOWED, BLOCK_M, BLOCK_N
         )
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         dq = _dq_blocks(
             dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
-            stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed, row0 + rows,
-            dropout_p, dropout_scale,
+            stride_mm, stride_mn, key_bias_ptr, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed,
+            row0 + rows, dropout_p, dropout_scale,
             start, unchecked_stop,
-            False, WINDOWED, False, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM,
-            HEAD_DIM_V,
+            False, WINDOWED, False, MASK_KIND, MASK_IS_BOOL, KEY_BIAS, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
+            HEAD_DIM, HEAD_DIM_V,
         )
         dq = _dq_blocks(
             dq, q, grad_out, lse, delta, rows, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, mask_ptr,
-            stride_mm, stride_mn, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed, row0 + rows,
-            dropout_p, dropout_scale,
+            stride_mm, stride_mn, key_bias_ptr, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, seed,
+            row0 + rows, dropout_p, dropout_scale,
             checked_start, stop,
-            IS_CAUSAL, WINDOWED, True, MASK_KIND, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM,
-            HEAD_DIM_V,
+            IS_CAUSAL, WINDOWED, True, MASK_KIND, MASK_IS_BOOL, KEY_BIAS, HAS_DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
+            HEAD_DIM, HEAD_DIM_V,
         )
         tl.store(
             dq_ptr + (row0 + rows[:, None]) * HEAD_DIM + offs_d[None, :],
@@ -884,6 +912,7 @@ def attention_bwd_mask_kernel(
     k_ptr,  # (B, H_kv, Lk, D)
     v_ptr,  # (B, H_kv, Lk, Dv)
     mask_ptr,  # the additive mask broadcast to (B, H, Lq, Lk), as in attention_fwd_kernel
+    key_bias_ptr,
     grad_out_ptr,  # (B, H, Lq, Dv)
     lse_ptr,  # (B, H, Lq) fp32, contiguous
     delta_ptr,  # (B, H, Lq) fp32, contiguous
@@ -913,6 +942,7 @@ def attention_bwd_mask_kernel(
     WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
+    KEY_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -953,6 +983,7 @@ def attention_bwd_mask_kernel(
             k_head_ptr = k_ptr + b * stride_kb + kv_head * stride_kh
             v_head_ptr = v_ptr + b * stride_vb + kv_head * stride_vh
             mask_head_ptr = mask_ptr + b * stride_mb + h * stride_mh
+            key_bias_batch_ptr = key_bias_ptr + b * (seqlen_k + KEY_BIAS_PAD)
             row0 = (b * heads + h) * seqlen_q
             for start_m in range(query_begin, query_end, BLOCK_M):
                 rows = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -976,9 +1007,9 @@ def attention_bwd_mask_kernel(
                 for start_n in range(tl.maximum(key_begin, start), tl.minimum(key_end, stop), BLOCK_N):
                     cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
                     s, _ = _block_scores(
-                        q, k_head_ptr, stride_kn, stride_kd, mask_head_ptr, stride_mm, stride_mn, rows, cols,
-                        seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, IS_CAUSAL, WINDOWED, True, MASK_KIND,
-                        MASK_IS_BOOL, BLOCK_D, HEAD_DIM,
+                        q, k_head_ptr, stride_kn, stride_kd, mask_head_ptr, stride_mm, stride_mn, key_bias_batch_ptr,
+                        rows, cols, seqlen_q, seqlen_k, causal_shift, window_left, qk_scale, IS_CAUSAL, WINDOWED, True,
+                        MASK_KIND, MASK_IS_BOOL, KEY_BIAS, BLOCK_D, HEAD_DIM,
                     )
                     v_t = _load_tile(  # (BLOCK_DV, BLOCK_N)
                         v_head_ptr + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
@@ -1017,32 +1048,45 @@ def _block_dim(head_dim):
 
 
 def _mask_args(mask, like, seqlen_k, relative_bias=None):
-    """(tensor, its 4 strides, MASK_KIND, whether boolean) for a 4-D mask, broadcast to
-    (B, H, Lq, Lk) (like: q), a relative bias, both, or None."""
+    """((mask tensor, key bias tensor), the mask's 4 strides, MASK_KIND, whether the mask is
+    boolean, KEY_BIAS) for a 4-D mask broadcast to (B, H, Lq, Lk) (like: q), a relative bias,
+    both, or None. Beside a relative bias (the mask the kernels read), a mask that depends on
+    the key only (T5's encoder padding) becomes the key bias, (B, Lk + KEY_BIAS_PAD) fp32,
+    contiguous and additive; any other is materialised with the bias into one mask
+    (B | 1, H | 1, Lq, Lk) (the bias's gradient is still summed along diagonals in-kernel)."""
+    key_bias = like
     if relative_bias is not None and mask is not None:
-        # The kernels read one mask: a relative bias beside a mask is materialised into it,
-        # (B | 1, H | 1, Lq, Lk) (its gradient is still summed along diagonals in-kernel).
-        bias = reference.relative_bias_mask(relative_bias, like.shape[2], seqlen_k)
-        mask = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
-        relative_bias = None
+        if depends_on_key_only(mask):
+            keys = mask.expand(like.shape[0], -1, -1, seqlen_k)[:, 0, 0]
+            shape = (like.shape[0], seqlen_k + KEY_BIAS_PAD.value)
+            key_bias = torch.zeros(shape, dtype=torch.float32, device=like.device)
+            if keys.is_floating_point():
+                key_bias[:, :seqlen_k] = keys
+            else:
+                key_bias[:, :seqlen_k].masked_fill_(~keys, float("-inf"))
+        else:
+            bias = reference.relative_bias_mask(relative_bias, like.shape[2], seqlen_k)
+            mask = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
+            relative_bias = None
+    has_key_bias = key_bias is not like
     if relative_bias is not None:
         # Query i reads the slice starting at column Lq - 1 - i: from column Lq - 1, query stride -1.
         head_stride = 0 if relative_bias.shape[0] == 1 else relative_bias.stride(0)
         strides = (0, head_stride, -relative_bias.stride(1), relative_bias.stride(1))
-        return relative_bias[:, like.shape[2] - 1:], strides, FULL_MASK.value, False
+        return (relative_bias[:, like.shape[2] - 1:], key_bias), strides, FULL_MASK.value, False, has_key_bias
     if mask is None:
-        return like, (0, 0, 0, 0), NO_MASK.value, False
+        return (like, key_bias), (0, 0, 0, 0), NO_MASK.value, False, False
     mask = mask.expand(*like.shape[:3], seqlen_k)
     kind = KEY_MASK.value if mask.stride(2) == 0 or mask.shape[2] == 1 else FULL_MASK.value
     is_bool = mask.dtype == torch.bool
-    return (mask.view(torch.uint8) if is_bool else mask), mask.stride(), kind, is_bool
+    return ((mask.view(torch.uint8) if is_bool else mask), key_bias), mask.stride(), kind, is_bool, False
 
 
 def _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p, window_left, relative_bias=None):
     """The launch arguments that the forward and both backward kernels share, after the pointers."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    mask, mask_strides, mask_kind, mask_is_bool = _mask_args(mask, q, seqlen_k, relative_bias)
+    masks, mask_strides, mask_kind, mask_is_bool, key_bias = _mask_args(mask, q, seqlen_k, relative_bias)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides)
     bucket = triton.next_power_of_2(max(seqlen_q, seqlen_k))
     windowed = window_left >= 0
@@ -1053,13 +1097,14 @@ def _common_args(q, k, v, mask, is_causal, causal_shift, dropout_p, window_left,
         WINDOWED=windowed,
         MASK_KIND=mask_kind,
         MASK_IS_BOOL=mask_is_bool,
+        KEY_BIAS=key_bias,
         HAS_DROPOUT=dropout_p > 0,
         HEAD_DIM=head_dim,
         HEAD_DIM_V=head_dim_v,
         BLOCK_D=_block_dim(head_dim),
         BLOCK_DV=_block_dim(head_dim_v),
     )
-    return mask, strides, sizes, constants
+    return masks, strides, sizes, constants
 
 
 def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed, window_left=-1, relative_bias=None):
@@ -1069,12 +1114,12 @@ def attention_fwd(q, k, v, mask, is_causal, causal_shift, scale, dropout_p, seed
     lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
-    mask, strides, sizes, constants = _common_args(
+    masks, strides, sizes, constants = _common_args(
         q, k, v, mask, is_causal, causal_shift, dropout_p, window_left, relative_bias
     )
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
     attention_fwd_kernel[grid](
-        q, k, v, mask, out, lse, *strides, *out.stride(), *sizes,
+        q, k, v, *masks, out, lse, *strides, *out.stride(), *sizes,
         scale * LOG2E.value, dropout_p, dropout_scale(dropout_p), seed, **constants,
     )
     return out, lse
@@ -1115,7 +1160,7 @@ def _backward(
     grad_bias = torch.zeros_like(relative_bias) if relative_bias_grad else None
     if seqlen_q == 0 or seqlen_k == 0 or head_dim == 0 or v.shape[3] == 0:
         return tuple(None if grad is None else grad.zero_() for grad in (grad_q, grad_k, grad_v, grad_mask, grad_bias))
-    full_mask, strides, sizes, constants = _common_args(
+    masks, strides, sizes, constants = _common_args(
         q, k, v, mask, is_causal, causal_shift, dropout_p, window_left, relative_bias
     )
     delta = torch.empty_like(lse)
@@ -1124,7 +1169,7 @@ def _backward(
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q,
         HEAD_DIM_V=constants["HEAD_DIM_V"], BLOCK_DV=constants["BLOCK_DV"], BLOCK_M=delta_rows,
     )
-    args = (q, k, v, full_mask, grad_out, lse, delta, grad_q, grad_k, grad_v)
+    args = (q, k, v, *masks, grad_out, lse, delta, grad_q, grad_k, grad_v)
     dropout = (dropout_p, dropout_scale(dropout_p), seed)
     strides = (*strides, *grad_out.stride())
     attention_bwd_kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), kv_heads, batch)](
@@ -1133,7 +1178,7 @@ def _backward(
     attention_bwd_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)](
         *args, *strides, *sizes, scale * LOG2E.value, scale, *dropout, DKDV=False, **constants
     )
-    launch = (q, k, v, full_mask, grad_out, lse, delta)
+    launch = (q, k, v, *masks, grad_out, lse, delta)
     if mask_grad:
         # One program per tile of the mask, gathering the batches and heads it broadcasts over.
         mask_batch, mask_heads, mask_queries, mask_keys = mask.shape

@@ -189,14 +189,14 @@ def attention_decode_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc, m_i, l_i = _attend(
-        acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, q_ptr, 0, 0,
+        acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, q_ptr, 0, 0, q_ptr,
         rows, seqlen_q, stop, causal_shift, window_left, qk_scale, 0, rows, 0.0, 1.0, start, unchecked_stop,
-        False, WINDOWED, False, NO_MASK, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        False, WINDOWED, False, NO_MASK, False, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
     )
     acc, m_i, l_i = _attend(
-        acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, q_ptr, 0, 0,
+        acc, m_i, l_i, q, k_ptr, stride_kn, stride_kd, v_ptr, stride_vn, stride_vd, q_ptr, 0, 0, q_ptr,
         rows, seqlen_q, stop, causal_shift, window_left, qk_scale, 0, rows, 0.0, 1.0, unchecked_stop, stop,
-        True, WINDOWED, True, NO_MASK, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
+        True, WINDOWED, True, NO_MASK, False, False, False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V,
     )
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]

@@ -6,6 +6,10 @@ build isolation pip would download a multi-GB CUDA torch just to build against i
 The CUDA kernels are built when a CUDA toolkit is found and the installed torch is a CUDA
 build (no GPU is needed to build them); LMKERN_BUILD_CUDA=0 or 1 forces either way.
 TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100/H200).
+
+Objects are compiled in build/temp by ninja, whichever command builds, so that a build
+recompiles only what changed: pip's editable install would otherwise start in a new
+temporary folder each time.
 """
 
 import glob
@@ -16,6 +20,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch
 
 NVCC_FLAGS = ["-O3", "-lineinfo"]
+BUILD_TEMP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "temp")
 
 
 def build_cuda() -> bool:
@@ -29,6 +34,15 @@ def build_cuda() -> bool:
             f"CUDA_HOME={CUDA_HOME}, torch {torch.__version__} (CUDA {torch.version.cuda})"
         )
     return possible if flag == "" else flag == "1"
+
+
+class IncrementalBuild(BuildExtension):
+    """torch's BuildExtension with its objects in BUILD_TEMP (ninja tracks their sources,
+    headers and flags, and rebuilds what they no longer match)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = BUILD_TEMP
 
 
 def extension():
@@ -72,7 +86,7 @@ setup(
     packages=packages(),
     package_dir=PACKAGE_DIRS,
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": IncrementalBuild},
     install_requires=[
         "torch>=2.8",
         "triton>=3.2; platform_system == 'Linux'",

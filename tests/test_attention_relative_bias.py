@@ -13,7 +13,7 @@ Shapes are small: the Triton interpreter runs them on CPU.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require
+from conftest import DEVICES, require
 from numerics import assert_close_to_truth, truth_dtype
 from op_check import at_thread_counts, outputs_and_grads
 
@@ -39,8 +39,8 @@ TRITON_CASES = {**CASES, "elementwise_mask": ((2, 2, 2, 33, 40, 16), "H", dict(f
 DTYPES = (torch.float32, torch.float16)
 
 
-def make_case(case, dtype=torch.float32):
-    """(q, k, v, relative_bias, keyword arguments) for a case."""
+def make_case(case, dtype=torch.float32, device="cpu"):
+    """(q, k, v, relative_bias, keyword arguments) for a case, on `device`."""
     (batch, heads, kv_heads, seqlen_q, seqlen_k, dim), bias_heads, kwargs = TRITON_CASES[case]
     kwargs = dict(kwargs)
     generator = torch.Generator().manual_seed(7)
@@ -56,7 +56,9 @@ def make_case(case, dtype=torch.float32):
         kwargs["attn_mask"] = torch.randn(batch, 1, 1, seqlen_k, generator=generator)
     elif fill == "element-wise":
         kwargs["attn_mask"] = torch.rand(batch, 1, seqlen_q, seqlen_k, generator=generator) > 0.3
-    return (*(x.to(dtype) for x in (q, k, v, bias)), kwargs)
+    if "attn_mask" in kwargs:
+        kwargs["attn_mask"] = kwargs["attn_mask"].to(device)
+    return (*(x.to(device, dtype) for x in (q, k, v, bias)), kwargs)
 
 
 def outputs_and_bias_grads(backend, q, k, v, bias, kwargs, dtype=None):
@@ -77,8 +79,8 @@ def outputs_and_bias_grads(backend, q, k, v, bias, kwargs, dtype=None):
     return results if results[-1] is not None else results[:-1]
 
 
-def assert_matches_reference(backend, case, dtype):
-    q, k, v, bias, kwargs = make_case(case, dtype)
+def assert_matches_reference(backend, case, dtype, device="cpu"):
+    q, k, v, bias, kwargs = make_case(case, dtype, device)
     actual = outputs_and_bias_grads(backend, q, k, v, bias, kwargs)
     truth = outputs_and_bias_grads("torch", q, k, v, bias, kwargs, truth_dtype(dtype))
     baseline = outputs_and_bias_grads("torch", q, k, v, bias, kwargs)
@@ -100,10 +102,12 @@ def test_native_matches_reference(dtype, case):
 
 
 @pytest.mark.parametrize("case", TRITON_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_triton_matches_reference(dtype, case):
-    require("triton", "cpu", dtype, "attention")
-    assert_matches_reference("triton", case, dtype)
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_matches_reference(device, dtype, case):
+    """On a GPU too (the GPU check's second command), in bf16 there: T5 trains in it."""
+    require("triton", device, dtype, "attention")
+    assert_matches_reference("triton", case, dtype, device)
 
 
 @pytest.mark.parametrize("case", ["shared_by_heads_lq_gt_lk", "key_padding"])

@@ -185,7 +185,12 @@ def generate(model, input_ids, max_new_tokens, **options):
     """The new tokens of new_tokens(model, input_ids, max_new_tokens, **options) as one
     (B, N) int64 tensor, without the prompts; N = max_new_tokens, or fewer when every
     sequence reached eos_token_id sooner."""
-    steps = list(new_tokens(model, input_ids, max_new_tokens, **options))
+    return stacked(new_tokens(model, input_ids, max_new_tokens, **options), input_ids)
+
+
+def stacked(steps, input_ids):
+    """Each step's (B,) int64 tokens as one (B, N) int64 tensor, N >= 0, for input_ids (B, T)."""
+    steps = list(steps)
     return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
 
 

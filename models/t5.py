@@ -479,7 +479,16 @@ class T5(torch.nn.Module):
             cross = self.decoder.cross_keys_values(encoder_out)
         return DecoderCache(self.config, encoder_out.shape[0], length, cross)
 
-    def generate(self, input_ids, max_new_tokens, *, attention_mask=None, use_cache=True, **options):
+    def new_tokens(self, input_ids, max_new_tokens, *, attention_mask=None, use_cache=True, **options):
+        """An iterator over generate's tokens as they come: each step's new token of every
+        input, (B,) int64 (the inputs are checked here, before the first step)."""
+        c = self.config
+        start = input_ids.new_full((input_ids.shape[0], 1), c.decoder_start_token_id)
+        decoding = EncodedDecoding(self, input_ids, self.padding(input_ids, attention_mask))
+        return generation.new_tokens(decoding, start, max_new_tokens, eos_token_id=c.eos_token_id,
+                                     pad_token_id=c.pad_token_id, use_cache=use_cache, **options)
+
+    def generate(self, input_ids, max_new_tokens, **options):
         """The decoder's output for each input, input_ids (B, L) int64, up to max_new_tokens
         tokens after decoder_start_token_id, greedily or by sampling, on the decoders' loop
         (models/generation.py's new_tokens).
@@ -487,7 +496,8 @@ class T5(torch.nn.Module):
         attention_mask: (B, L), nonzero on tokens and 0 on padding (either side); None: no padding.
         use_cache: run the encoder once and decode each new token over a DecoderCache (False
         recomputes the encoder output and every decoder position at every step, for testing).
-        options: do_sample, temperature, top_k, top_p, seed and min_new_tokens, as in new_tokens.
+        do_sample, temperature, top_k, top_p, seed, min_new_tokens: as in models/generation.py's
+        new_tokens.
         A sequence ends at eos_token_id and is padded with pad_token_id after it, as
         transformers does; the loop stops when every sequence has ended.
 
@@ -495,11 +505,7 @@ class T5(torch.nn.Module):
         returns it first): N = max_new_tokens, or fewer when every sequence ended sooner.
         The model is in eval mode meanwhile.
         """
-        c = self.config
-        start = input_ids.new_full((input_ids.shape[0], 1), c.decoder_start_token_id)
-        decoding = EncodedDecoding(self, input_ids, self.padding(input_ids, attention_mask))
-        return generation.generate(decoding, start, max_new_tokens, eos_token_id=c.eos_token_id,
-                                   pad_token_id=c.pad_token_id, use_cache=use_cache, **options)
+        return generation.stacked(self.new_tokens(input_ids, max_new_tokens, **options), input_ids)
 
     # -- Hugging Face interop (configs and checks: models/t5_hf.py) ------------------------------
 

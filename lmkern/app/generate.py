@@ -43,38 +43,47 @@ def print_sample(model, tokenizer, prompt, max_new_tokens, sampling, *, stop_at_
     to the end of the document (or, if not stop_at_end_of_text, across documents, each
     end-of-text shown as a document break); returns how many tokens it produced. A prompt
     that does not fit the context is cut from the left (fit_to_context)."""
-    from lmkern.models.generation import stream_text, stream_tokens
+    from lmkern.models.generation import stream_tokens
     from lmkern.models.tokenizer import END_OF_TEXT
 
     end_of_text = tokenizer.token_to_id(END_OF_TEXT)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [end_of_text]  # "" starts a document
     prompt_ids, max_new_tokens = fit_to_context(prompt_ids, max_new_tokens, model.config.context_length)
-    produced = []
-
-    def counted(tokens):
-        for token in tokens:
-            produced.append(token)
-            yield token
-
     print(prompt, end="", flush=True)
     tokens = stream_tokens(model, prompt_ids, max_new_tokens, eos_token_id=end_of_text if stop_at_end_of_text else None,
                            min_new_tokens=min_new_tokens, **sampling)
-    for piece in stream_text(tokenizer, counted(tokens), end_of_text if not stop_at_end_of_text else None):
-        print(piece, end="", flush=True)
-    print()
-    return len(produced)
+    return print_stream(tokenizer, tokens, end_of_text if not stop_at_end_of_text else None)
 
 
 def print_answer(model, tokenizer, prompt, max_new_tokens, sampling, min_new_tokens):
-    """Prints a T5's output for the prompt (tokenized with the tokenizer's </s> at its end),
-    up to its end of sequence (not before min_new_tokens); returns how many tokens it produced."""
+    """Prints a T5's answer to the prompt (its encoder's input, tokenized with the tokenizer's
+    </s> at its end) token by token as it is produced, up to its end of sequence (not before
+    min_new_tokens); returns how many tokens it produced."""
     import torch
 
     device = next(model.parameters()).device
     input_ids = torch.tensor([tokenizer.encode(prompt).ids], device=device)
-    tokens = model.generate(input_ids, max_new_tokens or 200, min_new_tokens=min_new_tokens, **sampling)[0].tolist()
-    print(tokenizer.decode(tokens))  # without the special tokens: </s>, padding
-    return len(tokens)
+    tokens = model.new_tokens(input_ids, max_new_tokens or 200, min_new_tokens=min_new_tokens, **sampling)
+    return print_stream(tokenizer, (int(token) for token in tokens))  # </s> and padding, special, are not shown
+
+
+def print_stream(tokenizer, token_ids, end_of_text_id=None):
+    """Prints the text of token ids (ints) piece by piece as they come (stream_text), then a
+    newline; returns how many there were."""
+    from lmkern.models.generation import stream_text
+
+    count = 0
+
+    def counted():
+        nonlocal count
+        for token_id in token_ids:
+            count += 1
+            yield token_id
+
+    for piece in stream_text(tokenizer, counted(), end_of_text_id):
+        print(piece, end="", flush=True)
+    print()
+    return count
 
 
 def read_prompt(args):
